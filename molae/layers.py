@@ -1,0 +1,453 @@
+"""MoE and MoLAE feed-forward layers (MOLAE.md §1-2).
+
+Shape legend (suffixes on tensor names, torchtitan style):
+  T tokens          K experts per token (top-k)     S = T*K routed (token, expert) slots
+  D hidden size n   F expert intermediate size m    L latent size d
+  E routed experts  G expert groups                 H shared-expert intermediate size
+
+An expert is a SwiGLU FFN: E_i(x) = W_down_i (silu(W_gate_i x) * (W_up_i x)).
+`Experts` stores all routed experts stacked as [E, ...] tensors. Each projection kind
+(gate, up, down) is either whole per expert or factorized through a shared latent per
+group of experts:
+
+  whole     gate_proj, up_proj [E, F, D]     down_proj [E, D, F]
+  latent    gate_B, up_B       [G, L, D]     gate_A, up_A [E, F, L]    W_i = A_i @ B_g
+            down_B             [G, D, L]     down_A       [E, L, F]    W_i = B_g @ A_i
+
+Group g holds experts [g*E/G, (g+1)*E/G). With no kind factorized, `Experts` is the
+standard MoE experts module. Its call signature, (hidden_states [T, D], top_k_index
+[T, K], top_k_weights [T, K]) -> [T, D], is that of transformers' MoE `experts`
+submodules, so a MoLAE `Experts` can replace one inside any Hugging Face MoE block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("gate", "up", "down")  # projection kinds of a SwiGLU expert
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class MoEConfig:
+    dim: int  # D: hidden size n
+    inter: int  # F: expert intermediate size m
+    n_experts: int  # E: routed experts
+    top_k: int  # K: experts per token
+    router: str = "softmax"  # "softmax", or "sigmoid" (DeepSeek-V3: bias only for choosing)
+    norm_topk_prob: bool = False  # renormalise the chosen experts' weights to sum to 1
+    routed_scale: float = 1.0  # DeepSeek-V3's routed_scaling_factor
+    shared_inter: int = 0  # H: intermediate size of the always-on shared expert (0: none)
+    shared_gate: bool = False  # Qwen2-MoE: scale the shared expert by sigmoid(x . w)
+
+    def __post_init__(self):
+        for name in ("dim", "inter", "n_experts", "top_k"):
+            _check_positive_int(name, getattr(self, name))
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k={self.top_k} is out of range: allowed 1 <= top_k <= n_experts={self.n_experts}")
+        if self.router not in ("softmax", "sigmoid"):
+            raise ValueError(f"router={self.router!r} is not known: allowed 'softmax' or 'sigmoid'")
+        if self.shared_inter < 0:
+            raise ValueError(f"shared_inter={self.shared_inter} is out of range: allowed >= 0 (0: no shared expert)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MoLAEConfig(MoEConfig):
+    groups: int = 1  # G: experts in a group share one latent projection per kind
+    latent_dim: int | dict[str, int] | None = None  # L per factorized kind; None: min(F, D) (paper: F)
+    projections: tuple[str, ...] = ("up", "gate")  # factorized kinds, any subset of KINDS
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_groups(self.groups, self.n_experts)
+        self.projections = check_projections(self.projections)
+        for kind, d in self.latent_dims().items():
+            check_latent_dim(d, self.n_experts // self.groups * self.inter, self.dim, name=f"latent_dim[{kind}]")
+
+    def latent_dims(self) -> dict[str, int]:
+        """L for each factorized kind, in KINDS order."""
+        return resolve_latent_dims(self.latent_dim, self.projections, self.inter, self.dim)
+
+    @classmethod
+    def from_moe(cls, cfg: MoEConfig, **latent) -> "MoLAEConfig":
+        return cls(**{**asdict(cfg), **latent})
+
+
+def resolve_latent_dims(latent_dim, projections, inter: int, dim: int) -> dict[str, int]:
+    """{kind: L} for the factorized kinds, in KINDS order, from an int, a dict or None.
+    None means the paper's d = m, capped at n: where m > n (Mixtral) n keeps every direction."""
+    projections = check_projections(projections)
+    if latent_dim is None:
+        latent_dim = min(inter, dim)
+    if isinstance(latent_dim, dict):
+        missing = [k for k in projections if k not in latent_dim]
+        if missing:
+            raise ValueError(f"latent_dim={latent_dim} has no entry for {missing}: give an int or one per projection")
+        return {k: latent_dim[k] for k in projections}
+    return {k: latent_dim for k in projections}
+
+
+def _check_positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} is out of range: allowed a positive integer")
+
+
+def check_groups(groups, n_experts):
+    if not isinstance(groups, int) or groups <= 0 or n_experts % groups:
+        divisors = [g for g in range(1, n_experts + 1) if n_experts % g == 0]
+        raise ValueError(f"groups={groups!r} does not divide n_experts={n_experts}: allowed {divisors}")
+
+
+def check_projections(projections) -> tuple[str, ...]:
+    if isinstance(projections, str):
+        projections = [p for p in projections.split(",") if p]
+    bad = [p for p in projections if p not in KINDS]
+    if bad or len(set(projections)) != len(projections):
+        raise ValueError(f"projections={list(projections)} is not valid: allowed distinct names from {list(KINDS)}")
+    return tuple(k for k in KINDS if k in projections)
+
+
+def check_latent_dim(d, rows, cols, name="latent_dim"):
+    hi = min(rows, cols)
+    if not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= hi:
+        raise ValueError(
+            f"{name}={d!r} is out of range: allowed 1 <= {name} <= min(experts_per_group*m, n) = "
+            f"min({rows}, {cols}) = {hi}"
+        )
+
+
+# Named layer shapes of real models (MOLAE.md §1; the models' config.json files).
+PRESETS: dict[str, MoEConfig] = {
+    "qwen1.5-moe-a2.7b": MoEConfig(2048, 1408, 60, 4, shared_inter=5632, shared_gate=True),
+    "qwen3-30b-a3b": MoEConfig(2048, 768, 128, 8, norm_topk_prob=True),
+    "mixtral-8x7b": MoEConfig(4096, 14336, 8, 2, norm_topk_prob=True),
+    "deepseek-v3": MoEConfig(
+        7168, 2048, 256, 8, router="sigmoid", norm_topk_prob=True, routed_scale=2.5, shared_inter=2048
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- parameter accounting
+
+
+def param_counts(cfg: MoEConfig) -> dict[str, int]:
+    """Exact parameter counts of `MoE(cfg)` / `MoLAE(cfg)`, from the config alone.
+
+    expert_specific: per-expert matrices (A's and whole W's); shared_proj: the groups'
+    latent projections (B's); routed = expert_specific + shared_proj, what replaces the
+    standard experts; router; shared_expert; total.
+    """
+    D, F_, E = cfg.dim, cfg.inter, cfg.n_experts
+    latent = cfg.latent_dims() if isinstance(cfg, MoLAEConfig) else {}
+    G = cfg.groups if isinstance(cfg, MoLAEConfig) else 1
+    expert_specific = sum(E * F_ * latent[k] if k in latent else E * F_ * D for k in KINDS)
+    shared_proj = sum(G * L * D for L in latent.values())
+    router = E * D
+    shared_expert = 3 * D * cfg.shared_inter + (D if cfg.shared_inter and cfg.shared_gate else 0)
+    routed = expert_specific + shared_proj
+    return dict(
+        total=routed + router + shared_expert,
+        routed=routed,
+        expert_specific=expert_specific,
+        shared_proj=shared_proj,
+        router=router,
+        shared_expert=shared_expert,
+    )
+
+
+# ----------------------------------------------------------------------------- grouped matmul
+
+
+def _grouped_mm_supported(x_SI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm kernel takes these operands (device, dtype, 16-byte strides)."""
+    if not hasattr(F, "grouped_mm") or x_SI.dtype != w_EOI.dtype:
+        return False
+    if x_SI.device.type == "cuda":
+        ok_dtype = x_SI.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_SI.device) >= (8, 0)
+    elif x_SI.device.type == "cpu":
+        ok_dtype = x_SI.dtype in (torch.float32, torch.bfloat16)
+    else:
+        ok_dtype = False
+    align = 16 // x_SI.element_size()
+    return (
+        ok_dtype
+        and w_EOI.shape[1] % align == 0
+        and w_EOI.shape[2] % align == 0
+        and x_SI.data_ptr() % 16 == 0
+        and w_EOI.data_ptr() % 16 == 0
+    )
+
+
+def grouped_linear(x_SI, w_EOI, expert_S, offs_E, use_grouped_mm: bool | None = None):
+    """y[s] = w[expert[s]] @ x[s] for rows sorted by expert.
+
+    x_SI [S, I] rows sorted by expert; w_EOI [E, O, I]; expert_S [S] sorted expert ids;
+    offs_E [E] int32 cumulative row counts (end of each expert's rows). Uses grouped_mm
+    where supported (no host sync), else a padded batched matmul.
+    """
+    if use_grouped_mm is None:
+        use_grouped_mm = _grouped_mm_supported(x_SI, w_EOI)
+    if use_grouped_mm:
+        return F.grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offs_E)
+    return _padded_bmm(x_SI, w_EOI, expert_S, offs_E)
+
+
+def _padded_bmm(x_SI, w_EOI, expert_S, offs_E):
+    """Batched fallback: scatter rows into [E, C, I] (C = most rows of one expert), one bmm."""
+    E, O, I = w_EOI.shape
+    S = x_SI.shape[0]
+    counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
+    C = int(counts_E.max()) if S else 0  # the one host sync of this path
+    pos_S = torch.arange(S, device=x_SI.device) - (offs_E - counts_E).long()[expert_S]
+    x_ECI = x_SI.new_zeros(E, C, I).index_put((expert_S, pos_S), x_SI)
+    y_ECO = torch.bmm(x_ECI, w_EOI.transpose(1, 2))
+    return y_ECO[expert_S, pos_S]
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+class Experts(nn.Module):
+    """Routed SwiGLU experts, stacked; kinds in `latent` factorized through per-group latents.
+
+    forward(hidden_states [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D].
+    `impl` picks the path: "fast" (sorted tokens, grouped GEMMs, latent combine) or
+    "reference" (a plain loop over experts with each expert's weights multiplied out).
+    """
+
+    def __init__(self, dim: int, inter: int, n_experts: int, latent: dict[str, int] | None = None, groups: int = 1):
+        super().__init__()
+        latent = dict(latent or {})
+        check_groups(groups, n_experts)
+        check_projections(list(latent))
+        for kind, d in latent.items():
+            check_latent_dim(d, n_experts // groups * inter, dim, name=f"latent_dim[{kind}]")
+        self.dim, self.inter, self.n_experts, self.groups = dim, inter, n_experts, groups
+        self.latent = {k: latent[k] for k in KINDS if k in latent}
+        self.impl = "fast"
+        D, F_, E, G = dim, inter, n_experts, groups
+        for kind in KINDS:
+            L = self.latent.get(kind)
+            if L is None:  # whole per-expert matrix
+                shape = (E, D, F_) if kind == "down" else (E, F_, D)
+                self.register_parameter(f"{kind}_proj", nn.Parameter(torch.empty(shape)))
+            elif kind == "down":  # W_i = B_g @ A_i
+                self.down_B = nn.Parameter(torch.empty(G, D, L))
+                self.down_A = nn.Parameter(torch.empty(E, L, F_))
+            else:  # W_i = A_i @ B_g
+                self.register_parameter(f"{kind}_B", nn.Parameter(torch.empty(G, L, D)))
+                self.register_parameter(f"{kind}_A", nn.Parameter(torch.empty(E, F_, L)))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Fan-in scaled normal init; a factorized W = A B gets the same output scale as a whole one."""
+        for p in self.parameters():
+            nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+
+    def extra_repr(self):
+        return f"dim={self.dim}, inter={self.inter}, n_experts={self.n_experts}, groups={self.groups}, latent={self.latent}"
+
+    def group_of(self, expert):
+        return expert // (self.n_experts // self.groups)
+
+    def expert_weight(self, kind: str, e: int) -> torch.Tensor:
+        """Expert e's whole [F, D] (gate, up) or [D, F] (down) matrix, multiplied out if factorized."""
+        if kind not in self.latent:
+            return getattr(self, f"{kind}_proj")[e]
+        A, B = getattr(self, f"{kind}_A")[e], getattr(self, f"{kind}_B")[self.group_of(e)]
+        return B @ A if kind == "down" else A @ B
+
+    def dense_weights(self) -> dict[str, torch.Tensor]:
+        """All experts' whole matrices, {kind: [E, F, D] or [E, D, F]}; for export and checks."""
+        G, Eg = self.groups, self.n_experts // self.groups
+        out = {}
+        for kind in KINDS:
+            if kind not in self.latent:
+                out[kind] = getattr(self, f"{kind}_proj")
+                continue
+            A, B = getattr(self, f"{kind}_A"), getattr(self, f"{kind}_B")
+            B_E = B.repeat_interleave(Eg, dim=0)  # [E, ...]: each expert's group projection
+            out[kind] = torch.bmm(B_E, A) if kind == "down" else torch.bmm(A, B_E)
+        return out
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if self.impl == "reference":
+            return self.forward_reference(hidden_states, top_k_index, top_k_weights)
+        return self.forward_fast(hidden_states, top_k_index, top_k_weights)
+
+    def forward_reference(self, x_TD, idx_TK, w_TK):
+        """Slow and obvious: for each expert, its tokens through its own multiplied-out SwiGLU."""
+        y_TD = torch.zeros_like(x_TD)
+        for e in range(self.n_experts):
+            tok, slot = torch.where(idx_TK == e)
+            if tok.numel() == 0:
+                continue
+            x = x_TD[tok]
+            h = F.silu(x @ self.expert_weight("gate", e).T) * (x @ self.expert_weight("up", e).T)
+            y = (h @ self.expert_weight("down", e).T) * w_TK[tok, slot, None].to(x.dtype)
+            y_TD = y_TD.index_add(0, tok, y)
+        return y_TD
+
+    def forward_fast(self, x_TD, idx_TK, w_TK, use_grouped_mm: bool | None = None):
+        """Shared projections once per token and group, per-expert GEMMs over tokens sorted by expert,
+        routed outputs combined in latent space before one B_down GEMM per group."""
+        T, K = idx_TK.shape
+        E, G, Eg = self.n_experts, self.groups, self.n_experts // self.groups
+        idx_S = idx_TK.reshape(-1)
+        expert_S, order_S = torch.sort(idx_S, stable=True)  # slots sorted by expert
+        tok_S = order_S // K
+        offs_E = torch.cumsum(torch.bincount(idx_S, minlength=E), 0).to(torch.int32)
+
+        def expert_input(kind):  # [S, L] latent (B_g x) or [S, D] hidden state, per sorted slot
+            if kind not in self.latent:
+                return x_TD[tok_S], getattr(self, f"{kind}_proj")
+            B_GLD = getattr(self, f"{kind}_B")
+            z_TGL = (x_TD @ B_GLD.reshape(G * B_GLD.shape[1], self.dim).T).view(T, G, -1)  # dense GEMM
+            return z_TGL[tok_S, expert_S // Eg], getattr(self, f"{kind}_A")
+
+        gate_SF = grouped_linear(*expert_input("gate"), expert_S, offs_E, use_grouped_mm)
+        up_SF = grouped_linear(*expert_input("up"), expert_S, offs_E, use_grouped_mm)
+        h_SF = F.silu(gate_SF) * up_SF
+
+        if "down" in self.latent:  # u_g = sum over the token's experts in g of w_i A_down_i h_i
+            u_SL = grouped_linear(h_SF, self.down_A, expert_S, offs_E, use_grouped_mm)
+        else:
+            u_SL = grouped_linear(h_SF, self.down_proj, expert_S, offs_E, use_grouped_mm)  # [S, D]
+        u_TKL = torch.empty_like(u_SL).index_copy(0, order_S, u_SL).view(T, K, -1)  # back to slot order
+        w_TK = w_TK.to(x_TD.dtype)
+        if "down" not in self.latent:
+            return torch.bmm(w_TK.unsqueeze(1), u_TKL).squeeze(1)  # [T, D]
+        # Routing weights spread over groups: M[t, g, k] = w[t, k] if expert idx[t, k] is in g.
+        M_TGK = F.one_hot(idx_TK // Eg, G).to(x_TD.dtype).transpose(1, 2) * w_TK.unsqueeze(1)
+        u_TGL = torch.bmm(M_TGK, u_TKL)
+        B_GDL = self.down_B
+        return u_TGL.reshape(T, -1) @ B_GDL.permute(0, 2, 1).reshape(-1, self.dim)  # sum_g B_g u_g
+
+
+# ----------------------------------------------------------------------------- router, shared expert, layers
+
+
+class Router(nn.Module):
+    """Top-k router. softmax: weights are the chosen softmax probabilities. sigmoid (DeepSeek-V3):
+    experts are chosen by sigmoid score + bias (a buffer, tuned outside autograd for load balance);
+    weights are the chosen scores, unbiased. Either way optionally renormalised, then scaled."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim))
+        nn.init.normal_(self.weight, std=cfg.dim**-0.5)
+        if cfg.router == "sigmoid":
+            self.register_buffer("bias", torch.zeros(cfg.n_experts))
+
+    def forward(self, x_TD):
+        """Returns weights [T, K] (float32), indices [T, K], auxiliary load-balancing loss (scalar)."""
+        cfg = self.cfg
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if cfg.router == "softmax":
+            probs_TE = logits_TE.softmax(-1)
+            w_TK, idx_TK = probs_TE.topk(cfg.top_k, dim=-1)
+        else:
+            scores_TE = logits_TE.sigmoid()
+            idx_TK = (scores_TE + self.bias).topk(cfg.top_k, dim=-1).indices
+            w_TK = scores_TE.gather(1, idx_TK)
+            probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+        if cfg.norm_topk_prob:
+            w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        return w_TK * cfg.routed_scale, idx_TK, load_balancing_loss(probs_TE, idx_TK)
+
+
+def load_balancing_loss(probs_TE, idx_TK):
+    """Switch-Transformer auxiliary loss E * sum_e f_e * P_e: f_e the share of routed slots
+    sent to expert e, P_e its mean router probability. 1.0 when perfectly balanced."""
+    E = probs_TE.shape[-1]
+    f_E = torch.bincount(idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype) / idx_TK.numel()
+    return E * (f_E * probs_TE.mean(0)).sum()
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU FFN (the shared expert)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Standard MoE FFN layer: router, stacked SwiGLU experts, optional shared expert.
+
+    forward(x [..., D]) -> (y [..., D], aux_loss). With a MoLAEConfig the experts are latent
+    (the `MoLAE` layer); everything else is identical, so the two compare token for token.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        latent, groups = (cfg.latent_dims(), cfg.groups) if isinstance(cfg, MoLAEConfig) else ({}, 1)
+        self.experts = Experts(cfg.dim, cfg.inter, cfg.n_experts, latent, groups)
+        self.shared = SwiGLU(cfg.dim, cfg.shared_inter) if cfg.shared_inter else None
+        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if cfg.shared_inter and cfg.shared_gate else None
+
+    @property
+    def impl(self):
+        return self.experts.impl
+
+    @impl.setter
+    def impl(self, value):
+        if value not in ("fast", "reference"):
+            raise ValueError(f"impl={value!r} is not known: allowed 'fast' or 'reference'")
+        self.experts.impl = value
+
+    def forward(self, x):
+        x_TD = x.reshape(-1, self.cfg.dim)
+        w_TK, idx_TK, aux_loss = self.router(x_TD)
+        y_TD = self.experts(x_TD, idx_TK, w_TK)
+        if self.shared is not None:
+            s_TD = self.shared(x_TD)
+            y_TD = y_TD + (torch.sigmoid(self.shared_gate(x_TD)) * s_TD if self.shared_gate is not None else s_TD)
+        return y_TD.view(x.shape), aux_loss
+
+
+class MoLAE(MoE):
+    """Mixture of Latent Experts layer (MOLAE.md §2): a `MoE` whose experts share latent projections."""
+
+    def __init__(self, cfg: MoLAEConfig):
+        if not isinstance(cfg, MoLAEConfig):
+            raise TypeError(f"MoLAE takes a MoLAEConfig, got {type(cfg).__name__}: use MoLAEConfig.from_moe(cfg)")
+        super().__init__(cfg)
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "KINDS",
+    "MoEConfig",
+    "MoLAEConfig",
+    "PRESETS",
+    "param_counts",
+    "grouped_linear",
+    "Experts",
+    "Router",
+    "SwiGLU",
+    "MoE",
+    "MoLAE",
+    "load_balancing_loss",
+    "n_params",
+]

@@ -1,0 +1,246 @@
+"""MoE and MoLAE layers: fast path against the reference loop (forward and backward),
+grouped matmul against a plain loop, routers, exact parameter accounting."""
+
+import copy
+
+import pytest
+import torch
+
+from molae.layers import (
+    PRESETS,
+    Experts,
+    MoE,
+    MoEConfig,
+    MoLAE,
+    MoLAEConfig,
+    _grouped_mm_supported,
+    grouped_linear,
+    load_balancing_loss,
+    n_params,
+    param_counts,
+)
+
+
+def fresh_seed():
+    return int(torch.randint(0, 2**31 - 1, ()).item())
+
+
+CASES = [  # (latent dims, groups)
+    ({}, 1),
+    ({"up": 16, "gate": 16}, 1),
+    ({"up": 8, "gate": 24}, 2),
+    ({"gate": 12, "up": 12, "down": 12}, 4),
+    ({"down": 16}, 1),
+    ({"up": 8, "down": 8}, 8),
+]
+
+
+def grads(module, x, y_grad, fn):
+    module.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    y = fn(x)
+    y.backward(y_grad)
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+def check_paths_agree(experts, x_TD, idx_TK, w_TK, rtol, atol, use_grouped_mm=None):
+    y_grad = torch.randn_like(x_TD)
+    ref = grads(experts, x_TD, y_grad, lambda x: experts.forward_reference(x, idx_TK, w_TK))
+    fast = grads(experts, x_TD, y_grad, lambda x: experts.forward_fast(x, idx_TK, w_TK, use_grouped_mm))
+    torch.testing.assert_close(fast[0], ref[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(fast[1], ref[1], rtol=rtol, atol=atol)
+    for name in ref[2]:
+        torch.testing.assert_close(fast[2][name], ref[2][name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def random_routing(T, E, K, gen, dtype):
+    idx_TK = torch.rand(T, E, generator=gen).argsort(-1)[:, :K]  # K distinct experts per token
+    w_TK = torch.rand(T, K, generator=gen, dtype=dtype)
+    return idx_TK, w_TK
+
+
+@pytest.mark.parametrize("latent,groups", CASES)
+def test_fast_path_matches_reference_float64(latent, groups):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    experts = Experts(32, 24, 8, latent, groups).double()
+    x = torch.randn(37, 32, generator=gen, dtype=torch.float64)
+    idx, w = random_routing(37, 8, 3, gen, torch.float64)
+    check_paths_agree(experts, x, idx, w, rtol=1e-10, atol=1e-10)  # float64: the padded-bmm fallback
+
+
+@pytest.mark.parametrize("latent,groups", CASES)
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_fast_path_matches_reference_float32(latent, groups, use_grouped_mm):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    experts = Experts(32, 24, 8, latent, groups)
+    x = torch.randn(50, 32, generator=gen)
+    idx, w = random_routing(50, 7, 2, gen, torch.float32)
+    idx[idx >= 5] += 1  # expert 5 receives no token
+    check_paths_agree(experts, x, idx, w, rtol=1e-4, atol=1e-5, use_grouped_mm=use_grouped_mm)
+
+
+def test_grouped_mm_is_taken_where_supported():
+    x = torch.randn(10, 32)
+    w = torch.randn(4, 24, 32)
+    assert _grouped_mm_supported(x, w)
+    assert not _grouped_mm_supported(x.double(), w.double())  # no float64 kernel
+    assert not _grouped_mm_supported(torch.randn(10, 30), torch.randn(4, 24, 30))  # 120-byte rows
+
+
+def test_grouped_linear_matches_a_loop_with_empty_experts():
+    gen = torch.Generator().manual_seed(fresh_seed())
+    E, S = 6, 40
+    expert_S = torch.sort(torch.randint(0, E, (S,), generator=gen)).values
+    expert_S[expert_S == 2] = 3  # expert 2 receives nothing
+    expert_S = torch.sort(expert_S).values
+    offs = torch.cumsum(torch.bincount(expert_S, minlength=E), 0).to(torch.int32)
+    x = torch.randn(S, 16, generator=gen)
+    w = torch.randn(E, 8, 16, generator=gen)
+    expected = torch.stack([w[e] @ x[s] for s, e in enumerate(expert_S.tolist())])
+    for use in (True, False):
+        torch.testing.assert_close(grouped_linear(x, w, expert_S, offs, use), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_moe_and_molae_layers_reference_vs_fast(router):
+    torch.manual_seed(fresh_seed())
+    cfg = MoLAEConfig(32, 16, 8, 2, router=router, norm_topk_prob=router == "sigmoid", routed_scale=1.5,
+                      shared_inter=24, shared_gate=True, groups=2, latent_dim=12, projections=("up", "gate", "down"))
+    for layer in (MoE(MoEConfig(**{k: v for k, v in cfg.to_dict().items()
+                                   if k not in ("groups", "latent_dim", "projections")})), MoLAE(cfg)):
+        layer = layer.double()
+        x = torch.randn(4, 9, 32, dtype=torch.float64)
+        y_fast, aux_fast = layer(x)
+        layer.impl = "reference"
+        y_ref, aux_ref = layer(x)
+        assert y_fast.shape == x.shape
+        torch.testing.assert_close(y_fast, y_ref)
+        torch.testing.assert_close(aux_fast, aux_ref)
+
+
+def test_same_router_weights_route_moe_and_molae_identically():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(32, 16, 8, 2, shared_inter=16))
+    molae = MoLAE(MoLAEConfig.from_moe(moe.cfg, latent_dim=8))
+    molae.router.load_state_dict(moe.router.state_dict())
+    x = torch.randn(64, 32)
+    w1, i1, _ = moe.router(x)
+    w2, i2, _ = molae.router(x)
+    assert torch.equal(i1, i2) and torch.equal(w1, w2)
+
+
+def test_routers():
+    torch.manual_seed(0)
+    x = torch.randn(100, 16)
+    soft = MoE(MoEConfig(16, 8, 6, 2, norm_topk_prob=True)).router
+    w, idx, _ = soft(x)
+    torch.testing.assert_close(w.sum(-1), torch.ones(100))
+    probs = torch.softmax(x @ soft.weight.T, -1)
+    assert torch.equal(idx, probs.topk(2, -1).indices)
+    sig = MoE(MoEConfig(16, 8, 6, 2, router="sigmoid", routed_scale=2.5)).router
+    sig.bias[3] = 100.0  # the bias chooses expert 3 for every token ...
+    w, idx, _ = sig(x)
+    assert (idx == 3).any(-1).all()
+    scores = torch.sigmoid(x @ sig.weight.T)  # ... but the weights stay the unbiased scores, scaled
+    torch.testing.assert_close(w, 2.5 * scores.gather(1, idx))
+
+
+def test_load_balancing_loss():
+    T, E, K = 64, 8, 2
+    probs = torch.full((T, E), 1 / E)
+    balanced = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], 1)
+    assert load_balancing_loss(probs, balanced).item() == pytest.approx(1.0)
+    peaked = torch.zeros(T, E)
+    peaked[:, :K] = 1 / K
+    collapsed = torch.tensor([[0, 1]]).expand(T, K)
+    assert load_balancing_loss(peaked, collapsed).item() == pytest.approx(E / K)
+
+
+CONFIGS = [
+    MoEConfig(32, 16, 8, 2),
+    MoEConfig(32, 16, 8, 2, shared_inter=24, shared_gate=True),
+    MoLAEConfig(32, 16, 8, 2, shared_inter=24),
+    MoLAEConfig(32, 16, 8, 2, groups=4, latent_dim=5, projections=("up", "gate", "down")),
+    MoLAEConfig(32, 16, 8, 2, groups=2, latent_dim={"up": 3, "down": 9}, projections="up,down"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + list(PRESETS.values()), ids=lambda c: type(c).__name__)
+def test_parameter_accounting_is_exact(cfg):
+    with torch.device("meta"):  # real shapes (DeepSeek-V3 too) without allocating them
+        layer = MoLAE(cfg) if isinstance(cfg, MoLAEConfig) else MoE(cfg)
+        molae = MoLAE(MoLAEConfig.from_moe(cfg, groups=4, projections=("gate", "up", "down"))) \
+            if not isinstance(cfg, MoLAEConfig) else layer
+    for lay in (layer, molae):
+        counts = param_counts(lay.cfg)
+        assert counts["total"] == n_params(lay)
+        assert counts["routed"] == n_params(lay.experts)
+        assert counts["shared_proj"] == sum(p.numel() for n, p in lay.experts.named_parameters() if n.endswith("_B"))
+        assert counts["router"] == n_params(lay.router)
+        assert counts["shared_expert"] == (n_params(lay.shared) if lay.shared else 0) + (
+            n_params(lay.shared_gate) if lay.shared_gate else 0)
+
+
+def test_expert_parameter_savings_at_real_shapes():
+    """MOLAE.md §2: about 70% of expert parameters saved at DeepSeek-V3 shapes (d = m, all three
+    projections), about 30% for Qwen1.5-MoE-A2.7B."""
+    def saving(name):
+        cfg = PRESETS[name]
+        latent = MoLAEConfig.from_moe(cfg, projections=("up", "gate", "down"))
+        return 1 - param_counts(latent)["routed"] / param_counts(cfg)["routed"]
+    assert 0.69 < saving("deepseek-v3") < 0.72
+    assert 0.28 < saving("qwen1.5-moe-a2.7b") < 0.32
+
+
+def test_invalid_configs():
+    with pytest.raises(ValueError, match=r"groups=3 does not divide n_experts=8"):
+        MoLAEConfig(32, 16, 8, 2, groups=3)
+    with pytest.raises(ValueError, match=r"latent_dim\[gate\]=40 is out of range: .* = 32"):
+        MoLAEConfig(32, 16, 8, 2, latent_dim=40)
+    with pytest.raises(ValueError, match=r"latent_dim\[gate\]=0 is out of range"):
+        MoLAEConfig(32, 16, 8, 2, latent_dim=0)
+    with pytest.raises(ValueError, match=r"top_k=9 is out of range"):
+        MoEConfig(32, 16, 8, 9)
+    with pytest.raises(ValueError, match=r"router='relu' is not known"):
+        MoEConfig(32, 16, 8, 2, router="relu")
+    with pytest.raises(ValueError, match=r"impl='turbo' is not known"):
+        MoE(MoEConfig(32, 16, 8, 2)).impl = "turbo"
+    with pytest.raises(TypeError, match=r"MoLAE takes a MoLAEConfig"):
+        MoLAE(MoEConfig(32, 16, 8, 2))
+
+
+def test_dense_weights_multiply_the_factors_out():
+    experts = Experts(16, 8, 4, {"gate": 5, "down": 6}, groups=2).double()
+    dense = experts.dense_weights()
+    for kind in ("gate", "up", "down"):
+        for e in range(4):
+            torch.testing.assert_close(dense[kind][e], experts.expert_weight(kind, e))
+    torch.testing.assert_close(dense["gate"][3], experts.gate_A[3] @ experts.gate_B[1])
+    torch.testing.assert_close(dense["down"][0], experts.down_B[0] @ experts.down_A[0])
+
+
+def test_training_reduces_loss_on_both_paths():
+    """Both paths are differentiable end to end: Adam steps fit a teacher layer's outputs."""
+    torch.manual_seed(fresh_seed())
+    cfg = MoLAEConfig(32, 16, 8, 2, groups=2, latent_dim=8, projections=("up", "gate", "down"))
+    teacher, student = MoLAE(cfg), MoLAE(cfg)
+    student.router.load_state_dict(teacher.router.state_dict())
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        target = teacher(x)[0]
+    for impl in ("fast", "reference"):
+        model = copy.deepcopy(student)
+        model.impl = impl
+        opt = torch.optim.Adam(model.experts.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(40):
+            loss = (model(x)[0] - target).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.5 * losses[0], (impl, losses)
