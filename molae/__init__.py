@@ -19,3 +19,7 @@ __all__ = [
     "latent_experts",
     "convert_moe",
 ]
+
+from .models import register_all as _register_all
+
+_register_all()  # molae_<family> model types for AutoConfig / AutoModelForCausalLM

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,36 @@ def cmd_demo(args):
     run_demo(cfg, out=args.out, overwrite=args.overwrite)
 
 
+def cmd_convert(args):
+    from .convert import ConvertOptions, convert_checkpoint, format_summary
+
+    opts = ConvertOptions(latent_dim=args.latent_dim, rank_ratio=args.rank_ratio, groups=args.groups,
+                          projections=tuple(p for p in args.projections.split(",") if p), layers=args.layers,
+                          dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size)
+    summary = convert_checkpoint(args.src, args.out, opts, report=args.report, resume=args.resume,
+                                 overwrite=args.overwrite)
+    print(format_summary(summary))
+    print(f"wrote {args.out}" + (f" and {args.report}" if args.report else ""))
+
+
+def cmd_decompress(args):
+    from .convert import decompress_checkpoint
+
+    info = decompress_checkpoint(args.src, args.out, dtype=args.dtype, device=args.device,
+                                 max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite)
+    print(f"multiplied out {info['layers_decompressed']} MoLAE layers; wrote {args.out}")
+
+
+def cmd_bench_convert(args):
+    from .bench import BENCH_MODELS, bench_convert, write_convert_results
+
+    extra = ["--latent-dim", str(args.latent_dim)] if args.latent_dim else []
+    for model in args.model:
+        result = bench_convert(args.workdir, model, BENCH_MODELS[model], args.device, extra)
+        write_convert_results(result, args.results, args.commit)
+        print(json.dumps({k: result[k] for k in ("model", "device", "wall_s", "peak_rss_gb", "layer_seconds")}))
+
+
 def positive_int(text):
     value = int(text)
     if value <= 0:
@@ -21,8 +52,15 @@ def positive_int(text):
     return value
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (and a pointer to --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="molae", description="Mixture of Latent Experts (MoLAE) tools.")
+    parser = Parser(prog="molae", description="Mixture of Latent Experts (MoLAE) tools.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a tiny MoE on the Python standard library, convert it, compare",
@@ -37,6 +75,54 @@ def build_parser() -> argparse.ArgumentParser:
                       help="directory for the trained model, results.json, results.md and a plot")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     demo.set_defaults(func=cmd_demo)
+
+    conv = sub.add_parser("convert", help="convert a Hugging Face MoE checkpoint to MoLAE (streaming)",
+                          description="Convert a Hugging Face MoE checkpoint (local directory or hub id) into a "
+                                      "MoLAE checkpoint loadable with AutoModelForCausalLM after `import molae`. "
+                                      "Reads one layer at a time; the output appears only when complete.")
+    conv.add_argument("src", help="source checkpoint: a local directory or a hub id")
+    conv.add_argument("--out", required=True, type=Path, help="destination directory (must not exist)")
+    conv.add_argument("--latent-dim", type=positive_int, default=None,
+                      help="latent size d for every factorized projection (default: m, capped at n)")
+    conv.add_argument("--rank-ratio", type=float, default=None,
+                      help="step 1: keep ceil(R*min(m, n)) of each expert matrix's rank first (0 < R <= 1)")
+    conv.add_argument("--groups", type=positive_int, default=1, help="expert groups G sharing a latent (default 1)")
+    conv.add_argument("--projections", default="up,gate", help="factorized projections: up,gate[,down] (default up,gate)")
+    conv.add_argument("--layers", default=None, help="MoE layers to convert: all (default), or e.g. 0-3,7,20-")
+    conv.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda")
+    conv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                      help="dtype of the new expert tensors (default auto: the source's); others are copied as they are")
+    conv.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 2GB (default), 500MB")
+    conv.add_argument("--report", type=Path, default=None, help="write the per-layer report as JSON here")
+    conv.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same --out")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    conv.set_defaults(func=cmd_convert)
+
+    dec = sub.add_parser("decompress", help="multiply a MoLAE checkpoint out into the original architecture",
+                         description="Write a checkpoint of the base architecture (experts as A @ B, in the "
+                                     "source's on-disk layout) that any engine serving the base model can load.")
+    dec.add_argument("src", help="a MoLAE checkpoint written by molae convert")
+    dec.add_argument("--out", required=True, type=Path, help="destination directory (must not exist)")
+    dec.add_argument("--device", default="cpu", help="where the products run: cpu (default) or cuda")
+    dec.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                     help="dtype of the expert weights written (default auto: the factors' dtype)")
+    dec.add_argument("--max-shard-size", default="2GB", help="output shard size (default 2GB)")
+    dec.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    dec.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    dec.set_defaults(func=cmd_decompress)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bc = bench.add_parser("convert", help="convert synthetic checkpoints of real models' shapes; time and memory",
+                          description="Generate a checkpoint with a real model's exact shapes (random values) and "
+                                      "time `molae convert` on it (wall time, peak host RSS, seconds per layer).")
+    bc.add_argument("--model", action="append", required=True, choices=["qwen1.5-moe-a2.7b", "deepseek-v3-layer"],
+                    help="which checkpoint (repeatable)")
+    bc.add_argument("--workdir", type=Path, required=True, help="scratch directory for the checkpoints")
+    bc.add_argument("--device", default="cuda", help="device for the SVDs (default cuda)")
+    bc.add_argument("--latent-dim", type=positive_int, default=None, help="passed to molae convert")
+    bc.add_argument("--results", type=Path, default=Path("results"), help="where convert-*.json and convert.md go")
+    bc.add_argument("--commit", default="unknown", help="the git commit being measured, recorded in the results")
+    bc.set_defaults(func=cmd_bench_convert)
     return parser
 
 
@@ -44,7 +130,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, OSError) as e:
         print(f"molae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

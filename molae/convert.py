@@ -1,105 +1,398 @@
-"""Converting Hugging Face MoE models in memory: swap each MoE block's `experts` submodule.
+"""`molae convert` and `molae decompress`: Hugging Face MoE checkpoints to MoLAE and back, streaming.
 
-transformers 5.x gives every MoE family (qwen2_moe, qwen3_moe, mixtral, olmoe, deepseek_v2/v3,
-...) an `experts` submodule called as experts(hidden_states [T, D], top_k_index [T, K],
-top_k_weights [T, K]) -> [T, D], holding stacked weights
-
-    gate_up_proj [E, 2F, D]   (gate rows first, then up: `gate, up = out.chunk(2, -1)`)
-    down_proj    [E, D, F]
-
-`molae.layers.Experts` has the same call signature, so replacing the submodule leaves each
-family's router and shared-expert code untouched.
+On-disk expert layouts (S: the source's experts prefix, e.g. `model.layers.3.mlp.experts`):
+  per_expert   S.{e}.gate_proj.weight [m, n], S.{e}.up_proj.weight, S.{e}.down_proj.weight [n, m]
+               (Mixtral/PhiMoE name them w1 = gate, w3 = up, w2 = down); the hub's layout and
+               what `save_pretrained` writes
+  fused        S.gate_up_proj [E, 2m, n] (gate rows first), S.down_proj [E, n, m]; what
+               `save_pretrained(save_original_format=False)` writes
+A converted layer is written as the tensors of `molae.layers.Experts` under the same prefix:
+S.{gate,up}_A [E, m, d], S.{gate,up}_B [G, d, n], S.down_A [E, d, m], S.down_B [G, n, d], and
+S.{kind}_proj for kinds kept whole. Every other tensor is copied bit for bit under its own
+name; transformers applies the family's own renames when the `molae_<family>` model loads.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import torch
-from torch import nn
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
-from .factorize import latent_experts
-from .layers import KINDS, Experts, check_projections, resolve_latent_dims
+from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, check_destination, check_disk_space,
+                         copy_aux_files, parse_size, publish, removed_on_error, resolve, temp_dir_for)
+from .factorize import factorize_experts
+from .layers import KINDS, check_groups, check_latent_dim, check_projections, multiply_out, resolve_latent_dims
+from .models import SUPPORTED, layer_index
 
-
-def is_hf_experts(module: nn.Module) -> bool:
-    """A transformers stacked-experts module (fused gate_up_proj [E, 2F, D], down_proj [E, D, F])."""
-    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3
-
-
-def find_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every experts submodule, HF's or already ours, in model order."""
-    return [(n, m) for n, m in model.named_modules() if is_hf_experts(m) or isinstance(m, Experts)]
-
-
-def hf_expert_weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    """{gate, up: [E, F, D], down: [E, D, F]} views of a transformers experts module's weights."""
-    name = type(module).__name__
-    if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
-        raise ValueError(f"{name} stores transposed or biased experts: not a SwiGLU layout molae converts")
-    if not getattr(module, "is_concatenated", True) or not getattr(module, "has_gate", True):
-        raise ValueError(f"{name} stores interleaved or ungated experts: not a SwiGLU layout molae converts")
-    act = getattr(module, "act_fn", None)
-    probe = torch.linspace(-4, 4, 9)
-    if act is not None and not torch.allclose(act(probe), torch.nn.functional.silu(probe)):
-        raise ValueError(f"{name} uses activation {type(act).__name__}: molae's experts are SwiGLU (SiLU)")
-    gate_up, down = module.gate_up_proj, module.down_proj
-    E, F2, D = gate_up.shape
-    if F2 % 2 or tuple(down.shape) != (E, D, F2 // 2):
-        raise ValueError(f"{name}: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} "
-                         "are not [E, 2F, D] and [E, D, F]")
-    F_ = F2 // 2
-    return {"gate": gate_up[:, :F_], "up": gate_up[:, F_:], "down": down}
+PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<name>gate_proj|up_proj|down_proj|w1|w2|w3)"
+                        r"\.weight$")
+FUSED = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<name>gate_up_proj|down_proj)$")
+KIND_OF = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def standard_experts(module: nn.Module) -> Experts:
-    """Our standard (unfactorized) `Experts` holding a transformers experts module's weights."""
-    w = hf_expert_weights(module)
-    E, F_, D = w["gate"].shape
-    experts = Experts(D, F_, E).to(device=w["gate"].device, dtype=w["gate"].dtype)
-    with torch.no_grad():
+@dataclass
+class ExpertGroup:
+    """The routed experts of one layer as stored in the source checkpoint."""
+
+    prefix: str
+    layer: int
+    layout: str  # "per_expert" or "fused"
+    n_experts: int
+    inter: int  # m
+    dim: int  # n
+    keys: list[str]
+    names: dict[str, str]  # kind -> per-expert tensor name (gate_proj / w1, ...); empty when fused
+
+    def read(self, ckpt: SourceCheckpoint) -> dict[str, torch.Tensor]:
+        """{gate, up: [E, m, n], down: [E, n, m]} in the source dtype, on the CPU."""
+        tensors = ckpt.read(self.keys)
+        if self.layout == "fused":
+            gate_up = tensors[f"{self.prefix}.gate_up_proj"]
+            return {"gate": gate_up[:, :self.inter], "up": gate_up[:, self.inter:],
+                    "down": tensors[f"{self.prefix}.down_proj"]}
+        out = {}
+        for kind in KINDS:  # pop as we stack: about one layer's experts in memory, not two
+            out[kind] = torch.stack([tensors.pop(f"{self.prefix}.{e}.{self.names[kind]}.weight")
+                                     for e in range(self.n_experts)])
+        return out
+
+    def write(self, writer: ShardWriter, dense: dict[str, torch.Tensor]):
+        """Write whole expert weights back in this group's source layout."""
+        if self.layout == "fused":
+            writer.add(f"{self.prefix}.gate_up_proj", torch.cat([dense["gate"], dense["up"]], dim=1))
+            writer.add(f"{self.prefix}.down_proj", dense["down"])
+            return
         for kind in KINDS:
-            getattr(experts, f"{kind}_proj").copy_(w[kind])
-    return experts
+            for e in range(self.n_experts):
+                writer.add(f"{self.prefix}.{e}.{self.names[kind]}.weight", dense[kind][e])
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+def find_expert_groups(ckpt: SourceCheckpoint) -> dict[str, ExpertGroup]:
+    """Group the source's expert tensors by experts prefix, checking each group is complete."""
+    found: dict[str, dict] = {}
+    for key in ckpt.keys():
+        if m := PER_EXPERT.match(key):
+            g = found.setdefault(m["prefix"], dict(layout="per_expert", keys=[], names={}, experts=set()))
+            g["names"][KIND_OF[m["name"]]] = m["name"]
+            g["experts"].add(int(m["e"]))
+        elif m := FUSED.match(key):
+            g = found.setdefault(m["prefix"], dict(layout="fused", keys=[], names={}, experts=set()))
+        else:
+            continue
+        if g["layout"] != ("per_expert" if PER_EXPERT.match(key) else "fused"):
+            raise CheckpointError(f"{m['prefix']} mixes per-expert and fused tensors: the checkpoint is inconsistent")
+        g["keys"].append(key)
+    groups = {}
+    for prefix, g in found.items():
+        layer = layer_index(prefix + ".")
+        if layer is None:
+            raise CheckpointError(f"experts at {prefix} are in no `layers.N` module: not a decoder MoE molae knows")
+        if g["layout"] == "fused":
+            gu, down = ckpt.shape(f"{prefix}.gate_up_proj"), ckpt.shape(f"{prefix}.down_proj")
+            E, m, n = gu[0], gu[1] // 2, gu[2]
+            if len(gu) != 3 or gu[1] % 2 or tuple(down) != (E, n, m):
+                raise CheckpointError(f"{prefix}: gate_up_proj {gu} and down_proj {down} are not [E, 2m, n], [E, n, m]")
+        else:
+            E = len(g["experts"])
+            if g["experts"] != set(range(E)) or len(g["keys"]) != 3 * E or set(g["names"]) != set(KINDS):
+                raise CheckpointError(f"{prefix}: expected gate, up and down weights for experts 0..{E - 1}, "
+                                      f"found {len(g['keys'])} tensors: the checkpoint is incomplete")
+            m, n = ckpt.shape(f"{prefix}.0.{g['names']['gate']}.weight")
+        groups[prefix] = ExpertGroup(prefix, layer, g["layout"], E, m, n, sorted(g["keys"]), g["names"])
+    if len({g.layer for g in groups.values()}) != len(groups):
+        raise CheckpointError("two experts modules in one decoder layer: not a layout molae converts")
+    return groups
 
 
-@torch.no_grad()
-def to_molae(model: nn.Module, latent_dim=None, groups: int = 1, projections=("up", "gate"),
-             rank_ratio: float | None = None, *, dtype=None, progress=None) -> list[dict]:
-    """Replace, in place, every experts submodule of `model` by a MoLAE `Experts`.
-
-    latent_dim: int, {kind: int}, or None (d = m). Returns the report rows of
-    `factorize_experts`, each with the submodule's name. `progress` wraps the module list
-    (e.g. tqdm) when given.
-    """
-    projections = check_projections(projections)
-    todo = find_experts(model)
-    if not todo:
-        raise ValueError(f"{type(model).__name__} has no MoE experts submodules to convert")
-    rows = []
-    for name, module in progress(todo) if progress else todo:
-        weights = module.dense_weights() if isinstance(module, Experts) else hf_expert_weights(module)
-        _, F_, D = weights["gate"].shape
-        latent = resolve_latent_dims(latent_dim, projections, F_, D)
-        experts, report = latent_experts(weights, latent, groups, rank_ratio, dtype=dtype)
-        experts.impl = getattr(module, "impl", "fast")
-        _set_submodule(model, name, experts)
-        rows += [dict(module=name, **r) for r in report]
-    return rows
+def parse_layers(spec: str | None, available: list[int]) -> list[int]:
+    """'all' (or None), or a comma list of indices and ranges ('0-3,7,20-'), among `available`."""
+    if spec is None or spec.strip() == "all":
+        return sorted(available)
+    chosen = set()
+    try:
+        for part in spec.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            a = int(lo)
+            b = (int(hi) if hi else max(available)) if sep else a
+            chosen.update(range(a, b + 1))
+    except ValueError:
+        raise ValueError(f"--layers {spec!r} is not understood: write e.g. all, 0-3,7 or 12-") from None
+    outside = sorted(chosen - set(available))
+    if outside or not chosen:
+        raise ValueError(f"--layers {spec!r} names layers without MoE experts ({outside}): the MoE layers are "
+                         f"{_ranges(sorted(available))}")
+    return sorted(chosen)
 
 
-def use_standard_experts(model: nn.Module) -> int:
-    """Replace, in place, every transformers experts submodule by our standard `Experts`
-    (same weights, our fast path). Returns how many were replaced."""
-    todo = [(n, m) for n, m in find_experts(model) if not isinstance(m, Experts)]
-    for name, module in todo:
-        _set_submodule(model, name, standard_experts(module))
-    return len(todo)
+def _ranges(xs: list[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(xs):
+        start = x if start is None else start
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)
 
 
-__all__ = ["is_hf_experts", "find_experts", "hf_expert_weights", "standard_experts", "to_molae",
-           "use_standard_experts"]
+def _units(ckpt: SourceCheckpoint, groups: dict[str, ExpertGroup]) -> list[tuple[str, list[str], ExpertGroup | None]]:
+    """(unit id, tensors copied as they are, experts group or None): one unit per layer, then the rest."""
+    expert_keys = {k for g in groups.values() for k in g.keys}
+    by_layer: dict[int, list[str]] = {}
+    rest = []
+    for k in ckpt.keys():
+        if k in expert_keys:
+            continue
+        i = layer_index(k)
+        (rest if i is None else by_layer.setdefault(i, [])).append(k)
+    group_of = {g.layer: g for g in groups.values()}
+    layers = sorted(set(by_layer) | set(group_of))
+    return [(f"layer.{i}", by_layer.get(i, []), group_of.get(i)) for i in layers] + [("rest", rest, None)]
+
+
+def _check_family(ckpt: SourceCheckpoint, groups) -> str:
+    model_type = ckpt.config.get("model_type")
+    if model_type in SUPPORTED:
+        if not groups:
+            raise CheckpointError(f"{ckpt.path} ({model_type}) has no MoE expert weights to convert")
+        return model_type
+    if groups or any("expert" in k for k in ckpt.keys()) or any("expert" in k for k in ckpt.config):
+        raise CheckpointError(f"model type {model_type!r} is not supported: supported families are "
+                              f"{', '.join(SUPPORTED)}")
+    raise CheckpointError(f"{ckpt.path} is a dense {model_type} model with no MoE experts: "
+                          f"molae converts MoE models ({', '.join(SUPPORTED)})")
+
+
+def _is_embedding(key: str) -> bool:
+    return "embed_tokens." in key or key.startswith("lm_head.")
+
+
+@dataclass
+class ConvertOptions:
+    latent_dim: int | None = None  # None: m (capped at n)
+    rank_ratio: float | None = None
+    groups: int = 1
+    projections: tuple[str, ...] = ("up", "gate")
+    layers: str | None = None  # None/"all" or a spec like "0-3,7"
+    dtype: str = "auto"
+    device: str = "cpu"
+    max_shard_size: str = "2GB"
+
+
+def _plan(ckpt, groups, opts: ConvertOptions) -> dict[str, dict]:
+    """{layer: {"latent": {kind: d}, "groups": G}} for the layers to convert; every argument checked
+    against every layer before anything is written."""
+    check_projections(opts.projections)
+    if opts.rank_ratio is not None and not (0 < opts.rank_ratio <= 1):
+        raise ValueError(f"--rank-ratio {opts.rank_ratio} is out of range: allowed 0 < rank_ratio <= 1")
+    if opts.dtype not in ("auto", *DTYPES):
+        raise ValueError(f"--dtype {opts.dtype} is not known: allowed auto, {', '.join(DTYPES)}")
+    by_layer = {g.layer: g for g in groups.values()}
+    plan = {}
+    for i in parse_layers(opts.layers, sorted(by_layer)):
+        g = by_layer[i]
+        try:
+            check_groups(opts.groups, g.n_experts)
+        except ValueError as e:
+            raise ValueError(f"--groups: {e}") from None
+        latent = resolve_latent_dims(opts.latent_dim, opts.projections, g.inter, g.dim)
+        for kind, d in latent.items():
+            try:
+                check_latent_dim(d, g.n_experts // opts.groups * g.inter, g.dim, name="latent_dim")
+            except ValueError as e:
+                raise ValueError(f"--latent-dim for layer {i}: {e}") from None
+        plan[str(i)] = dict(latent=latent, groups=opts.groups)
+    return plan
+
+
+def convert_checkpoint(src, dst, opts: ConvertOptions, report: Path | None = None, resume=False,
+                       overwrite=False) -> dict:
+    """Convert the MoE checkpoint at `src` (directory or hub id) into a MoLAE checkpoint at `dst`."""
+    dst = Path(dst)
+    check_destination(dst, overwrite)
+    ckpt = SourceCheckpoint(resolve(src))
+    groups = find_expert_groups(ckpt)
+    base_type = _check_family(ckpt, groups)
+    plan = _plan(ckpt, groups, opts)
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    check_disk_space(dst, ckpt.disk_bytes() + 2**20)
+    options = dict(asdict(opts), src=str(ckpt.path), projections=list(opts.projections))
+    options.pop("device")  # a run may resume on another device
+    writer = ShardWriter(temp_dir_for(dst), options, parse_size(opts.max_shard_size), resume=resume)
+    with removed_on_error(writer.tmp):
+        return _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, report, overwrite)
+
+
+def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, report, overwrite) -> dict:
+    units = _units(ckpt, groups)
+    for unit, copied, group in tqdm(units, desc="convert", unit="layer"):
+        if unit in writer.done:
+            continue
+        t0 = time.perf_counter()
+        for k, t in ckpt.read(copied).items():
+            writer.add(k, t)
+        rows = []
+        if group is not None and str(group.layer) in plan:
+            rows = _convert_group(ckpt, group, plan[str(group.layer)], opts, device, writer)
+        elif group is not None:
+            for k, t in ckpt.read(group.keys).items():  # a layer left out by --layers: as it is
+                writer.add(k, t)
+        for r in rows:
+            r["unit_seconds"] = time.perf_counter() - t0  # read + factorize + hand to the writer
+        writer.end_unit(unit, rows)
+    weight_map = writer.finish()
+    tmp = writer.tmp
+    molae = dict(version=1, base_model_type=base_type, layers=plan, options=dict(
+        latent_dim=opts.latent_dim, rank_ratio=opts.rank_ratio, groups=opts.groups,
+        projections=list(check_projections(opts.projections))),
+        source_layout={str(g.layer): dict(layout=g.layout, names=g.names) for g in groups.values()})
+    config = dict(ckpt.config, model_type=f"molae_{base_type}", molae=molae,
+                  architectures=[f"Molae{a}" for a in ckpt.config.get("architectures", [])])
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_aux_files(ckpt.path, tmp)
+    rows = [r for unit, *_ in units for r in writer.done.get(unit, [])]
+    summary = _summary(ckpt, groups, plan, rows, weight_map, tmp)
+    if report is not None:
+        _write_json_atomically(Path(report), summary)
+    publish(tmp, dst, overwrite)
+    return summary
+
+
+def _convert_group(ckpt, group: ExpertGroup, spec: dict, opts: ConvertOptions, device, writer) -> list[dict]:
+    weights = group.read(ckpt)
+    out_dtype = weights["gate"].dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
+    weights = {k: w.to(device) for k, w in weights.items()}
+    try:
+        params, report = factorize_experts(weights, spec["latent"], spec["groups"], opts.rank_ratio)
+    except ValueError as e:
+        raise ValueError(f"layer {group.layer} ({group.prefix}): {e}") from None
+    for name, t in params.items():
+        writer.add(f"{group.prefix}.{name}", t.to(out_dtype))
+    return [dict(layer=group.layer, **r) for r in report]
+
+
+def _summary(ckpt, groups, plan, rows, weight_map, tmp: Path) -> dict:
+    expert_keys = {k for g in groups.values() for k in g.keys}
+    before = dict(total=0, expert=0, non_embedding=0)
+    for k in ckpt.keys():
+        n = ckpt.numel(k)
+        before["total"] += n
+        before["expert"] += n if k in expert_keys else 0
+        before["non_embedding"] += 0 if _is_embedding(k) else n
+    after = dict(total=0, expert=0, non_embedding=0)
+    prefixes = tuple(g.prefix + "." for g in groups.values())
+    files = sorted(set(weight_map.values()))
+    for file in files:
+        with safe_open(tmp / file, framework="pt") as f:
+            for k in f.keys():
+                n = math.prod(f.get_slice(k).get_shape())
+                after["total"] += n
+                after["expert"] += n if k.startswith(prefixes) else 0
+                after["non_embedding"] += 0 if _is_embedding(k) else n
+    before["bytes_on_disk"] = ckpt.disk_bytes()
+    after["bytes_on_disk"] = sum((tmp / f).stat().st_size for f in files)
+    return dict(layers_converted=len(plan), layers=rows, before=before, after=after)
+
+
+def _write_json_atomically(path: Path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".partial")
+    part.write_text(json.dumps(data, indent=2) + "\n")
+    part.replace(path)
+
+
+def format_summary(summary: dict) -> str:
+    """A short table: per projection kind over the converted layers, then the totals."""
+    lines = [f"converted {summary['layers_converted']} MoE layers", "",
+             "| projection | latent d | rel. Frobenius error (mean / max) | energy kept (mean / min) |",
+             "|---|---|---|---|"]
+    for kind in KINDS:
+        rs = [r for r in summary["layers"] if r["kind"] == kind and r["latent_dim"]]
+        if rs:
+            ds = sorted({r["latent_dim"] for r in rs})
+            err = [r["rel_error"] for r in rs]
+            en = [r["energy_kept"] for r in rs]
+            lines.append(f"| {kind} | {','.join(map(str, ds))} | {sum(err) / len(err):.4f} / {max(err):.4f} | "
+                         f"{sum(en) / len(en):.4f} / {min(en):.4f} |")
+    lines += ["", "| | before | after | change |", "|---|---:|---:|---:|"]
+    b, a = summary["before"], summary["after"]
+    for key, label in (("total", "total parameters"), ("expert", "routed-expert parameters"),
+                       ("non_embedding", "non-embedding parameters"), ("bytes_on_disk", "bytes on disk")):
+        lines.append(f"| {label} | {b[key]:,} | {a[key]:,} | {100 * (a[key] - b[key]) / max(b[key], 1):+.1f}% |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- decompress
+
+
+def decompress_checkpoint(src, dst, dtype: str = "auto", device: str = "cpu", max_shard_size: str = "2GB",
+                          resume=False, overwrite=False) -> dict:
+    """Multiply a MoLAE checkpoint's factors out into a checkpoint of the original architecture,
+    experts written in the layout the original had."""
+    dst = Path(dst)
+    check_destination(dst, overwrite)
+    ckpt = SourceCheckpoint(resolve(src))
+    molae = ckpt.config.get("molae")
+    if not isinstance(molae, dict) or "layers" not in molae:
+        raise CheckpointError(f"{ckpt.path} is not a MoLAE checkpoint (its config.json has no molae section): "
+                              "decompress takes the output of molae convert")
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"--dtype {dtype} is not known: allowed auto, {', '.join(DTYPES)}")
+    check_disk_space(dst, 4 * ckpt.disk_bytes())
+    layouts = molae["source_layout"]
+    latent_prefix = {}
+    for k in ckpt.keys():  # the converted layers' experts prefixes
+        if re.search(r"\.experts\.(gate|up|down)_(A|B|proj)$", k) and str(layer_index(k)) in molae["layers"]:
+            latent_prefix[layer_index(k)] = k.rsplit(".", 1)[0]
+    writer = ShardWriter(temp_dir_for(dst), dict(src=str(ckpt.path), dtype=dtype, op="decompress"),
+                         parse_size(max_shard_size), resume=resume)
+    with removed_on_error(writer.tmp):
+        _decompress_units(ckpt, molae, latent_prefix, dtype, device, writer)
+        config = {k: v for k, v in ckpt.config.items() if k != "molae"}
+        config["model_type"] = molae["base_model_type"]
+        config["architectures"] = [a.removeprefix("Molae") for a in config.get("architectures", [])]
+        (writer.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_aux_files(ckpt.path, writer.tmp)
+        publish(writer.tmp, dst, overwrite)
+    return dict(layers_decompressed=len(latent_prefix))
+
+
+def _decompress_units(ckpt, molae, latent_prefix, dtype, device, writer):
+    by_unit: dict[str, list[str]] = {}
+    for k in ckpt.keys():
+        i = layer_index(k)
+        by_unit.setdefault("rest" if i is None else f"layer.{i}", []).append(k)
+    for unit, keys in tqdm(sorted(by_unit.items(), key=lambda u: _unit_order(u[0])), desc="decompress",
+                           unit="layer"):
+        if unit in writer.done:
+            continue
+        i = None if unit == "rest" else int(unit.split(".")[1])
+        prefix = latent_prefix.get(i)
+        factor_keys = [k for k in keys if prefix and k.startswith(prefix + ".")]
+        for k, t in ckpt.read([k for k in keys if k not in factor_keys]).items():
+            writer.add(k, t)
+        if prefix:
+            tensors = {k[len(prefix) + 1:]: t.to(device) for k, t in ckpt.read(factor_keys).items()}
+            dense = multiply_out({k: t.float() for k, t in tensors.items()})
+            out_dtype = next(iter(tensors.values())).dtype if dtype == "auto" else DTYPES[dtype]
+            src = molae["source_layout"][str(i)]
+            E, m, n = dense["gate"].shape
+            ExpertGroup(prefix, i, src["layout"], E, m, n, [], src["names"]).write(
+                writer, {k: v.to(out_dtype) for k, v in dense.items()})
+        writer.end_unit(unit, None)
+    writer.finish()
+
+
+def _unit_order(unit: str):
+    return (1, 0) if unit == "rest" else (0, int(unit.split(".")[1]))
+
+

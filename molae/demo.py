@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .convert import find_experts, to_molae
+from .models import find_experts, to_molae
 from .data import byte_tokenizer, eval_windows, load_stdlib_corpus, random_batch
 
 

@@ -268,16 +268,7 @@ class Experts(nn.Module):
 
     def dense_weights(self) -> dict[str, torch.Tensor]:
         """All experts' whole matrices, {kind: [E, F, D] or [E, D, F]}; for export and checks."""
-        G, Eg = self.groups, self.n_experts // self.groups
-        out = {}
-        for kind in KINDS:
-            if kind not in self.latent:
-                out[kind] = getattr(self, f"{kind}_proj")
-                continue
-            A, B = getattr(self, f"{kind}_A"), getattr(self, f"{kind}_B")
-            B_E = B.repeat_interleave(Eg, dim=0)  # [E, ...]: each expert's group projection
-            out[kind] = torch.bmm(B_E, A) if kind == "down" else torch.bmm(A, B_E)
-        return out
+        return multiply_out(dict(self.named_parameters()))
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if self.impl == "reference":
@@ -331,6 +322,20 @@ class Experts(nn.Module):
         u_TGL = torch.bmm(M_TGK, u_TKL)
         B_GDL = self.down_B
         return u_TGL.reshape(T, -1) @ B_GDL.permute(0, 2, 1).reshape(-1, self.dim)  # sum_g B_g u_g
+
+
+def multiply_out(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole expert matrices {gate, up: [E, F, D], down: [E, D, F]} from `Experts` tensors by name
+    ({kind}_proj as they are; W_i = A_i @ B_g or, for down, B_g @ A_i)."""
+    out = {}
+    for kind in KINDS:
+        if f"{kind}_proj" in params:
+            out[kind] = params[f"{kind}_proj"]
+            continue
+        A, B = params[f"{kind}_A"], params[f"{kind}_B"]
+        B_E = B.repeat_interleave(A.shape[0] // B.shape[0], dim=0)  # [E, ...]: each expert's group projection
+        out[kind] = torch.bmm(B_E, A) if kind == "down" else torch.bmm(A, B_E)
+    return out
 
 
 # ----------------------------------------------------------------------------- router, shared expert, layers
@@ -449,5 +454,6 @@ __all__ = [
     "MoE",
     "MoLAE",
     "load_balancing_loss",
+    "multiply_out",
     "n_params",
 ]

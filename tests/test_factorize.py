@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from molae.factorize import convert_moe, factorize_experts, factorize_kind, rank_reduce, shared_latent
+from molae.factorize import convert_moe, factorize_experts, factorize_kind, rank_reduce, right_singular, shared_latent
 from molae.layers import MoE, MoEConfig
 
 
@@ -24,12 +24,13 @@ def stacked_error(W, A, B) -> float:
     return (W - A @ B).square().sum().sqrt().item()
 
 
+@pytest.mark.parametrize("method", ["svd", "gram"])
 @pytest.mark.parametrize("E,m,n", [(4, 6, 20), (8, 5, 12), (3, 16, 10)])
-def test_step2_error_equals_tail_singular_values(E, m, n):
+def test_step2_error_equals_tail_singular_values(E, m, n, method):
     seed = fresh_seed()
     W = torch.randn(E, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     for d in range(1, min(E * m, n) + 1):
-        A, B = shared_latent(W, d)
+        A, B = shared_latent(W, d, method=method)
         assert A.shape == (E, m, d) and B.shape == (d, n)
         assert math.isclose(stacked_error(W, A, B), stacked_tail(W.numpy(), d), rel_tol=1e-9, abs_tol=1e-10), (
             seed, d)
@@ -67,6 +68,20 @@ def test_shared_row_space_factorizes_exactly(dtype, tol):
     # one fewer latent dimension cannot be exact
     A1, B1 = shared_latent(W, d - 1)
     assert stacked_error(W, A1, B1) / W.norm().item() > 1e-3, seed
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_gram_and_svd_find_the_same_factorization(dtype, tol):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    M = (torch.randn(400, 24, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, 24, dtype=torch.float64)
+         ).to(dtype)  # distinct singular values, so the subspaces are well defined
+    S1, V1 = right_singular(M, "svd")
+    S2, V2 = right_singular(M, "gram")
+    assert right_singular(M, "auto")[0].shape == S2.shape  # tall: auto picks gram
+    torch.testing.assert_close(S2, S1, rtol=tol, atol=tol * S1[0].item())
+    for d in (1, 5, 12):  # the same projector onto the top-d right singular subspace
+        torch.testing.assert_close(V2[:d].T @ V2[:d], V1[:d].T @ V1[:d], rtol=0, atol=tol * 10)
 
 
 def test_error_falls_monotonically_with_d():

@@ -1,0 +1,285 @@
+"""Streaming sharded safetensors checkpoints: read a few tensors at a time, write shards as we go.
+
+Reading opens a shard only while its tensors for the current unit of work are read, so the
+pages it maps are released before the next unit (peak host memory stays near one layer).
+Writing goes to a temporary directory beside the destination; shards are flushed at unit
+boundaries (a unit is one decoder layer, or the remaining top-level tensors) and a
+`progress.json` records which units are safely on disk, so an interrupted run resumes from
+the last flushed unit. The destination appears only when everything is written (rename).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# files of a checkpoint directory that are not copied beside the new weights
+NOT_COPIED = {"config.json", INDEX, "progress.json"}
+NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written as asked; the message says what to do."""
+
+
+class ResumableError(CheckpointError):
+    """A failure that --resume can continue from once its cause is fixed (e.g. a full disk)."""
+
+
+def resolve(src: str | Path) -> Path:
+    """A local checkpoint directory, or a hub id downloaded to the local cache."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{src} is a file: pass the checkpoint directory (config.json and *.safetensors)")
+    text = str(src)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"{src} does not exist: pass a checkpoint directory or a hub id (org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                            "*.jinja", "*.tiktoken"]))
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise CheckpointError(f"{src} is not a local directory and could not be downloaded from the hub "
+                              f"({type(e).__name__}): pass a local checkpoint directory") from e
+
+
+class SourceCheckpoint:
+    """config.json and the tensors of a (possibly sharded) safetensors checkpoint directory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg} is not valid JSON ({e}): restore the file") from e
+        if (path / INDEX).is_file():
+            self.weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        elif (path / SINGLE).is_file():
+            self.weight_map = {k: SINGLE for k in self._keys_of(SINGLE)}
+        else:
+            raise CheckpointError(f"{path} has no {SINGLE} or {INDEX}: molae reads safetensors checkpoints")
+        self.files = sorted(set(self.weight_map.values()))
+        missing = [f for f in self.files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{path} lacks shard(s) {missing} named in its index: download them again")
+        self._meta = {}
+        for f in self.files:  # read every header now: a corrupt or truncated shard fails before any work
+            self._meta.update(self._header(f))
+        absent = set(self.weight_map) - set(self._meta)
+        if absent:
+            raise CheckpointError(f"{path}: {len(absent)} tensors of the index are in no shard "
+                                  f"(e.g. {sorted(absent)[0]}): the checkpoint is incomplete")
+
+    def _open(self, file):
+        try:
+            return safe_open(self.path / file, framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.path / file} is truncated or corrupt ({e}): download it again") from e
+
+    def _keys_of(self, file):
+        with self._open(file) as f:
+            return list(f.keys())
+
+    def _header(self, file) -> dict:
+        out = {}
+        with self._open(file) as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        return out
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, key) -> tuple[int, ...]:
+        return self._meta[key][0]
+
+    def numel(self, key) -> int:
+        n = 1
+        for s in self.shape(key):
+            n *= s
+        return n
+
+    def disk_bytes(self) -> int:
+        return sum((self.path / f).stat().st_size for f in self.files)
+
+    def read(self, keys) -> dict[str, torch.Tensor]:
+        """The tensors of `keys`, opening each shard once and closing it afterwards."""
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.weight_map[k], []).append(k)
+        out = {}
+        for file, ks in by_file.items():
+            with self._open(file) as f:
+                for k in ks:
+                    try:
+                        out[k] = f.get_tensor(k)
+                    except (SafetensorError, OSError, RuntimeError) as e:
+                        raise CheckpointError(f"{self.path / file}: tensor {k} cannot be read ({e}): "
+                                              "the shard is corrupt; download it again") from e
+        return out
+
+
+def copy_aux_files(src: Path, dst: Path):
+    """Tokenizer, generation config, chat template and other small files beside the weights."""
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.name not in NOT_COPIED and not p.name.endswith(NOT_COPIED_SUFFIXES):
+            shutil.copy2(p, dst / p.name)
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '1.5GiB' or an int of bytes."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for u, mult in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * mult)
+            except ValueError:
+                break
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"size {text!r} is not understood: write e.g. 2GB, 500MB or a number of bytes")
+
+
+@dataclass
+class ShardWriter:
+    """Collects output tensors, flushes shards at unit boundaries, records progress for --resume."""
+
+    tmp: Path
+    options: dict  # what the run was asked to do; a resumed run must ask the same
+    max_shard_bytes: int
+    resume: bool = False
+    done: dict = field(default_factory=dict)  # unit id -> info recorded when the unit finished
+    shards: list = field(default_factory=list)  # [{"file", "keys"}]
+    _buffer: dict = field(default_factory=dict)
+    _pending: dict = field(default_factory=dict)
+    _units_ended: int = 0
+
+    def __post_init__(self):
+        progress = self.tmp / "progress.json"
+        if self.resume and progress.is_file():
+            state = json.loads(progress.read_text())
+            if state["options"] != self.options:
+                raise CheckpointError(f"the unfinished run in {self.tmp} was started with other options "
+                                      f"({state['options']}): rerun without --resume to start again")
+            self.done, self.shards = state["done"], state["shards"]
+            for s in self.shards:
+                if not (self.tmp / s["file"]).is_file():
+                    raise CheckpointError(f"{self.tmp / s['file']} is missing: rerun without --resume")
+            return
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self._save_progress()
+
+    def _save_progress(self):
+        state = dict(options=self.options, done=self.done, shards=self.shards)
+        part = self.tmp / "progress.json.partial"
+        part.write_text(json.dumps(state))
+        os.replace(part, self.tmp / "progress.json")
+
+    def add(self, key: str, tensor: torch.Tensor):
+        self._buffer[key] = tensor.detach().to("cpu").contiguous()
+
+    def end_unit(self, unit: str, info):
+        self._pending[unit] = info
+        if sum(t.numel() * t.element_size() for t in self._buffer.values()) >= self.max_shard_bytes:
+            self.flush()
+        self._units_ended += 1
+        kill_after = os.environ.get("_MOLAE_TEST_KILL_AFTER_UNITS")  # tests: a real SIGKILL mid-run
+        if kill_after and self._units_ended == int(kill_after):
+            os.kill(os.getpid(), 9)
+
+    def flush(self):
+        if not self._buffer and not self._pending:
+            return
+        name = f"shard-{len(self.shards) + 1:05d}.safetensors"
+        if self._buffer:
+            part = self.tmp / (name + ".partial")
+            try:
+                save_file(self._buffer, str(part), metadata={"format": "pt"})
+            except OSError as e:
+                if e.errno == errno.ENOSPC or "No space" in str(e):
+                    raise ResumableError(f"no space left on the device of {self.tmp}: free space, then rerun "
+                                         "with --resume") from e
+                raise
+            os.replace(part, self.tmp / name)
+            self.shards.append(dict(file=name, keys=sorted(self._buffer)))
+        self.done.update(self._pending)
+        self._buffer, self._pending = {}, {}
+        self._save_progress()
+
+    def finish(self) -> dict[str, str]:
+        """Flush, give the shards their final names, write the index; returns the weight map."""
+        self.flush()
+        n = len(self.shards)
+        weight_map, total = {}, 0
+        for i, s in enumerate(self.shards, 1):
+            final = SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp / s["file"], self.tmp / final)
+            total += (self.tmp / final).stat().st_size
+            weight_map.update({k: final for k in s["keys"]})
+        if n > 1:
+            index = dict(metadata=dict(total_size=total), weight_map=dict(sorted(weight_map.items())))
+            (self.tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (self.tmp / "progress.json").unlink()
+        return weight_map
+
+
+def temp_dir_for(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}.molae-partial"
+
+
+def check_destination(dst: Path, overwrite: bool):
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} exists: choose another --out or pass --overwrite")
+
+
+def check_disk_space(dst: Path, needed: int):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dst.parent).free
+    if free < needed:
+        raise CheckpointError(f"not enough disk space at {dst.parent}: need about {needed / 1e9:.1f} GB, "
+                              f"{free / 1e9:.1f} GB free; free space or choose another --out")
+
+
+@contextmanager
+def removed_on_error(tmp: Path):
+    """Delete the partial output when the run fails for good; keep it for --resume when the run
+    is interrupted or fails in a way --resume can continue from."""
+    try:
+        yield
+    except (ResumableError, KeyboardInterrupt):
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish(tmp: Path, dst: Path, overwrite: bool):
+    """Move the finished temporary directory to dst (replacing it only with overwrite)."""
+    if dst.exists():
+        if not overwrite:
+            raise CheckpointError(f"{dst} exists: choose another --out or pass --overwrite")
+        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    os.replace(tmp, dst)

@@ -1,0 +1,38 @@
+"""The conversion benchmark's pieces at tiny shapes: synthetic checkpoints load strictly with
+transformers, and a measured conversion writes its JSON and markdown."""
+
+import json
+
+import molae  # noqa: F401
+from molae.bench import DEEPSEEK_V3_LAYER, QWEN15_MOE_A27B, bench_convert, synthetic_checkpoint, write_convert_results
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=4,
+            moe_intermediate_size=16)
+TINY_QWEN = dict(QWEN15_MOE_A27B, **TINY, shared_expert_intermediate_size=24, num_experts=8, num_hidden_layers=2)
+TINY_DSV3 = dict(DEEPSEEK_V3_LAYER, **TINY, n_routed_experts=16, n_group=4, topk_group=2, q_lora_rank=16,
+                 kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+
+
+def test_synthetic_checkpoints_have_the_real_layout(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    for name, cfg in (("qwen", TINY_QWEN), ("dsv3", TINY_DSV3)):
+        info = synthetic_checkpoint(cfg, tmp_path / name, shard_size="20KB")
+        assert info["shards"] > 1 and len(list((tmp_path / name).glob("model-*-of-*.safetensors"))) == info["shards"]
+        _, loading = AutoModelForCausalLM.from_pretrained(tmp_path / name, output_loading_info=True)
+        assert not any(loading.values()), loading  # no missing, unexpected or mismatched keys
+        keys = json.loads((tmp_path / name / "model.safetensors.index.json").read_text())["weight_map"]
+        assert any(k.endswith(".mlp.experts.7.gate_proj.weight") for k in keys)  # the hub's per-expert names
+
+
+def test_bench_convert_measures_and_records(tmp_path):
+    result = bench_convert(tmp_path / "work", "tiny-qwen", TINY_QWEN, "cpu", ["--latent-dim", "8"])
+    assert result["wall_s"] > 0 and 0.05 < result["peak_rss_gb"] < 24
+    assert result["layers_converted"] == 2 and len(result["layer_seconds"]) >= 1
+    assert result["after"]["expert"] < result["before"]["expert"]
+    assert not any((tmp_path / "work").iterdir())  # scratch checkpoints removed
+    write_convert_results(result, tmp_path / "results", commit="abc1234")
+    saved = json.loads((tmp_path / "results" / "convert-tiny-qwen.json").read_text())
+    assert saved["commit"] == "abc1234" and saved["wall_s"] == result["wall_s"]
+    md = (tmp_path / "results" / "convert.md").read_text()
+    assert "## tiny-qwen" in md and f"{result['wall_s']:.1f} s" in md and "`abc1234`" in md
