@@ -111,7 +111,7 @@ def bench_convert(workdir: Path, which: str, config: dict, device: str, convert_
            "--report", str(report), *convert_args]
     measured = run_measured(cmd)
     summary = json.loads(report.read_text())
-    layer_s = sorted({r["unit_seconds"] for r in summary["layers"]})
+    layer_s = [r["unit_seconds"] for r in summary["layers"] if r["kind"] == "gate"]  # one row per layer
     result = dict(model=which, config=config, device=device_name(device), torch=torch.__version__,
                   date=date.today().isoformat(), command=" ".join(["molae", *cmd[3:]]), source=made,
                   **measured, before=summary["before"], after=summary["after"],

@@ -246,8 +246,9 @@ def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, rep
         elif group is not None:
             for k, t in ckpt.read(group.keys).items():  # a layer left out by --layers: as it is
                 writer.add(k, t)
+        seconds = time.perf_counter() - t0  # read + factorize + hand to the writer
         for r in rows:
-            r["unit_seconds"] = time.perf_counter() - t0  # read + factorize + hand to the writer
+            r["unit_seconds"] = seconds
         writer.end_unit(unit, rows)
     weight_map = writer.finish()
     tmp = writer.tmp
