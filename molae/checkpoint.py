@@ -120,6 +120,15 @@ class SourceCheckpoint:
     def disk_bytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in self.files)
 
+    def read_slice(self, key: str, index: tuple) -> torch.Tensor:
+        """Part of one tensor (e.g. index (slice(None), slice(0, m))), reading only that part."""
+        with self._open(self.weight_map[key]) as f:
+            try:
+                return f.get_slice(key)[index]
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{self.path / self.weight_map[key]}: tensor {key} cannot be read ({e}): "
+                                      "the shard is corrupt; download it again") from e
+
     def read(self, keys) -> dict[str, torch.Tensor]:
         """The tensors of `keys`, opening each shard once and closing it afterwards."""
         by_file: dict[str, list[str]] = {}
@@ -211,23 +220,33 @@ class ShardWriter:
             os.kill(os.getpid(), 9)
 
     def flush(self):
-        if not self._buffer and not self._pending:
-            return
-        name = f"shard-{len(self.shards) + 1:05d}.safetensors"
-        if self._buffer:
-            part = self.tmp / (name + ".partial")
-            try:
-                save_file(self._buffer, str(part), metadata={"format": "pt"})
-            except OSError as e:
-                if e.errno == errno.ENOSPC or "No space" in str(e):
-                    raise ResumableError(f"no space left on the device of {self.tmp}: free space, then rerun "
-                                         "with --resume") from e
-                raise
-            os.replace(part, self.tmp / name)
-            self.shards.append(dict(file=name, keys=sorted(self._buffer)))
+        """Write the buffer as shards of at most max_shard_bytes (a larger tensor gets a shard of its
+        own), then record the ended units as done: one progress update for all of them."""
+        while self._buffer:
+            chunk, size = {}, 0
+            for k in list(self._buffer):
+                t = self._buffer[k]
+                if chunk and size + t.numel() * t.element_size() > self.max_shard_bytes:
+                    break
+                chunk[k] = self._buffer.pop(k)
+                size += t.numel() * t.element_size()
+            self._write_shard(chunk)
         self.done.update(self._pending)
-        self._buffer, self._pending = {}, {}
+        self._pending = {}
         self._save_progress()
+
+    def _write_shard(self, tensors: dict):
+        name = f"shard-{len(self.shards) + 1:05d}.safetensors"
+        part = self.tmp / (name + ".partial")
+        try:
+            save_file(tensors, str(part), metadata={"format": "pt"})
+        except OSError as e:
+            if e.errno == errno.ENOSPC or "No space" in str(e):
+                raise ResumableError(f"no space left on the device of {self.tmp}: free space, then rerun "
+                                     "with --resume") from e
+            raise
+        os.replace(part, self.tmp / name)
+        self.shards.append(dict(file=name, keys=sorted(tensors)))
 
     def finish(self) -> dict[str, str]:
         """Flush, give the shards their final names, write the index; returns the weight map."""

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, check_destination, check_disk_space,
                          copy_aux_files, parse_size, publish, removed_on_error, resolve, temp_dir_for)
-from .factorize import factorize_experts
+from .factorize import factorize_projection
 from .layers import KINDS, check_groups, check_latent_dim, check_projections, multiply_out, resolve_latent_dims
 from .models import SUPPORTED, layer_index
 
@@ -51,17 +51,23 @@ class ExpertGroup:
     keys: list[str]
     names: dict[str, str]  # kind -> per-expert tensor name (gate_proj / w1, ...); empty when fused
 
-    def read(self, ckpt: SourceCheckpoint) -> dict[str, torch.Tensor]:
-        """{gate, up: [E, m, n], down: [E, n, m]} in the source dtype, on the CPU."""
-        tensors = ckpt.read(self.keys)
+    def read_kind(self, ckpt: SourceCheckpoint, kind: str, chunk: int = 16) -> torch.Tensor:
+        """One projection kind of all experts, [E, m, n] (gate, up) or [E, n, m] (down), in the source
+        dtype on the CPU; read a few experts at a time so that little more than the result is held."""
         if self.layout == "fused":
-            gate_up = tensors[f"{self.prefix}.gate_up_proj"]
-            return {"gate": gate_up[:, :self.inter], "up": gate_up[:, self.inter:],
-                    "down": tensors[f"{self.prefix}.down_proj"]}
-        out = {}
-        for kind in KINDS:  # pop as we stack: about one layer's experts in memory, not two
-            out[kind] = torch.stack([tensors.pop(f"{self.prefix}.{e}.{self.names[kind]}.weight")
-                                     for e in range(self.n_experts)])
+            if kind == "down":
+                return ckpt.read_slice(f"{self.prefix}.down_proj", (slice(None),))
+            rows = slice(0, self.inter) if kind == "gate" else slice(self.inter, 2 * self.inter)
+            return ckpt.read_slice(f"{self.prefix}.gate_up_proj", (slice(None), rows))
+        keys = [f"{self.prefix}.{e}.{self.names[kind]}.weight" for e in range(self.n_experts)]
+        out = None
+        for i in range(0, self.n_experts, chunk):
+            part = ckpt.read(keys[i:i + chunk])
+            for e in range(i, min(i + chunk, self.n_experts)):
+                t = part.pop(keys[e])
+                if out is None:
+                    out = torch.empty((self.n_experts, *t.shape), dtype=t.dtype)
+                out[e] = t
         return out
 
     def write(self, writer: ShardWriter, dense: dict[str, torch.Tensor]):
@@ -269,16 +275,22 @@ def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, rep
 
 
 def _convert_group(ckpt, group: ExpertGroup, spec: dict, opts: ConvertOptions, device, writer) -> list[dict]:
-    weights = group.read(ckpt)
-    out_dtype = weights["gate"].dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
-    weights = {k: w.to(device) for k, w in weights.items()}
-    try:
-        params, report = factorize_experts(weights, spec["latent"], spec["groups"], opts.rank_ratio)
-    except ValueError as e:
-        raise ValueError(f"layer {group.layer} ({group.prefix}): {e}") from None
-    for name, t in params.items():
-        writer.add(f"{group.prefix}.{name}", t.to(out_dtype))
-    return [dict(layer=group.layer, **r) for r in report]
+    """One layer's experts, one projection kind at a time: read, factorize on `device`, hand over."""
+    rows = []
+    for kind in KINDS:
+        W = group.read_kind(ckpt, kind)
+        out_dtype = W.dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
+        if kind in spec["latent"]:  # a kind kept whole needs no trip to the device
+            W = W.to(device)
+        try:
+            params, row = factorize_projection(W, kind, spec["latent"].get(kind), spec["groups"], opts.rank_ratio)
+        except ValueError as e:
+            raise ValueError(f"layer {group.layer} ({group.prefix}): {e}") from None
+        del W
+        for name, t in params.items():
+            writer.add(f"{group.prefix}.{name}", t.to(out_dtype))
+        rows.append(dict(layer=group.layer, **row))
+    return rows
 
 
 def _summary(ckpt, groups, plan, rows, weight_map, tmp: Path) -> dict:

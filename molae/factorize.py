@@ -112,6 +112,39 @@ def factorize_kind(W, kind: str, d: int, rank_ratio=None, *, dtype=None):
     return shared_latent_svd(W, d, rank_ratio, dtype=dtype)
 
 
+def factorize_projection(W: torch.Tensor, kind: str, d: int | None, groups: int = 1,
+                         rank_ratio: float | None = None, *, dtype=None):
+    """One projection kind of all experts, W [E, F, D] (gate, up) or [E, D, F] (down), factorized
+    per group with latent size d (None: kept whole). Returns (params, row): `Experts` parameter
+    name -> tensor (W's dtype), and the report row (see `factorize_experts`)."""
+    E = W.shape[0]
+    check_groups(groups, E)
+    before = W.numel()
+    if d is None:
+        return {f"{kind}_proj": W}, dict(kind=kind, latent_dim=None, groups=groups, rel_error=0.0, energy_kept=1.0,
+                                         params_before=before, params_after=before)
+    Eg = E // groups
+    rows, cols = (W.shape[2], W.shape[1]) if kind == "down" else (W.shape[1], W.shape[2])
+    check_latent_dim(d, Eg * rows, cols, name=f"latent_dim[{kind}]")
+    As, Bs, err2, kept2, total2 = [], [], 0.0, 0.0, 0.0
+    for g in range(groups):
+        W_g = W[g * Eg:(g + 1) * Eg]
+        A, B, S = factorize_kind(W_g, kind, d, rank_ratio, dtype=dtype)
+        for i in range(0, Eg, 8):  # the error against the originals, a few experts at a time
+            W_c = W_g[i:i + 8].to(A.dtype)
+            W_hat = B @ A[i:i + 8] if kind == "down" else A[i:i + 8] @ B
+            err2 += (W_c - W_hat).square().sum().item()
+            total2 += W_c.square().sum().item()
+        kept2 += S[:d].double().square().sum().item()
+        As.append(A.to(W.dtype))
+        Bs.append(B.to(W.dtype))
+    params = {f"{kind}_A": torch.cat(As), f"{kind}_B": torch.stack(Bs)}
+    total2 = max(total2, torch.finfo(torch.float64).tiny)
+    return params, dict(kind=kind, latent_dim=d, groups=groups, rel_error=math.sqrt(err2 / total2),
+                        energy_kept=kept2 / total2, params_before=before,
+                        params_after=sum(t.numel() for t in params.values()))
+
+
 def factorize_experts(weights: dict[str, torch.Tensor], latent: dict[str, int], groups: int = 1,
                       rank_ratio: float | None = None, *, dtype=None):
     """Factorize stacked expert weights {kind: [E, F, D] (gate, up) or [E, D, F] (down)}.
@@ -124,39 +157,14 @@ def factorize_experts(weights: dict[str, torch.Tensor], latent: dict[str, int], 
     E, F_, D = weights["gate"].shape
     check_groups(groups, E)
     latent = {k: latent[k] for k in check_projections(list(latent))}
-    Eg = E // groups
     params, report = {}, []
     for kind in KINDS:
-        W = weights[kind]
         expected = (E, D, F_) if kind == "down" else (E, F_, D)
-        if tuple(W.shape) != expected:
-            raise ValueError(f"weights[{kind!r}] has shape {tuple(W.shape)}: expected {expected}")
-        before = W.numel()
-        if kind not in latent:
-            params[f"{kind}_proj"] = W
-            report.append(dict(kind=kind, latent_dim=None, groups=groups, rel_error=0.0, energy_kept=1.0,
-                               params_before=before, params_after=before))
-            continue
-        d = latent[kind]
-        check_latent_dim(d, Eg * F_, D, name=f"latent_dim[{kind}]")
-        As, Bs, err2, kept2, total2 = [], [], 0.0, 0.0, 0.0
-        for g in range(groups):
-            W_g = W[g * Eg:(g + 1) * Eg]
-            A, B, S = factorize_kind(W_g, kind, d, rank_ratio, dtype=dtype)
-            for i in range(0, Eg, 8):  # the error against the originals, a few experts at a time
-                W_c = W_g[i:i + 8].to(A.dtype)
-                W_hat = B @ A[i:i + 8] if kind == "down" else A[i:i + 8] @ B
-                err2 += (W_c - W_hat).square().sum().item()
-                total2 += W_c.square().sum().item()
-            kept2 += S[:d].double().square().sum().item()
-            As.append(A.to(W.dtype))
-            Bs.append(B.to(W.dtype))
-        params[f"{kind}_A"] = torch.cat(As)
-        params[f"{kind}_B"] = torch.stack(Bs)
-        after = params[f"{kind}_A"].numel() + params[f"{kind}_B"].numel()
-        total2 = max(total2, torch.finfo(torch.float64).tiny)
-        report.append(dict(kind=kind, latent_dim=d, groups=groups, rel_error=math.sqrt(err2 / total2),
-                           energy_kept=kept2 / total2, params_before=before, params_after=after))
+        if tuple(weights[kind].shape) != expected:
+            raise ValueError(f"weights[{kind!r}] has shape {tuple(weights[kind].shape)}: expected {expected}")
+        p, row = factorize_projection(weights[kind], kind, latent.get(kind), groups, rank_ratio, dtype=dtype)
+        params.update(p)
+        report.append(row)
     return params, report
 
 
@@ -201,6 +209,7 @@ __all__ = [
     "shared_latent_svd",
     "right_singular",
     "factorize_kind",
+    "factorize_projection",
     "factorize_experts",
     "latent_experts",
     "convert_moe",
