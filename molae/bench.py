@@ -111,7 +111,7 @@ def bench_convert(workdir: Path, which: str, config: dict, device: str, convert_
            "--report", str(report), *convert_args]
     measured = run_measured(cmd)
     summary = json.loads(report.read_text())
-    layer_s = [r["unit_seconds"] for r in summary["layers"] if r["kind"] == "gate"]  # one row per layer
+    layer_s = [r.get("unit_seconds") for r in summary["layers"] if r["kind"] == "gate"]  # one row per layer
     result = dict(model=which, config=config, device=device_name(device), torch=torch.__version__,
                   date=date.today().isoformat(), command=" ".join(["molae", *cmd[3:]]), source=made,
                   **measured, before=summary["before"], after=summary["after"],
@@ -157,7 +157,7 @@ def write_convert_results(result: dict, results: Path, commit: str):
         if r["model"] == "deepseek-v3-layer":
             per_layer = max(r["layer_seconds"])
             lines += ["", f"Extrapolated to DeepSeek-V3's 58 MoE layers: 58 x {per_layer:.1f} s = "
-                          f"{58 * per_layer / 60:.1f} min of per-layer work (reading, factorizing, writing), "
+                          f"{58 * per_layer / 60:.1f} min of per-layer work (reading, factorizing and writing its shards), "
                           "plus start-up and the dense layers."]
         lines.append("")
     (results / "convert.md").write_text("\n".join(lines))

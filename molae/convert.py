@@ -252,10 +252,10 @@ def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, rep
         elif group is not None:
             for k, t in ckpt.read(group.keys).items():  # a layer left out by --layers: as it is
                 writer.add(k, t)
-        seconds = time.perf_counter() - t0  # read + factorize + hand to the writer
-        for r in rows:
-            r["unit_seconds"] = seconds
         writer.end_unit(unit, rows)
+        seconds = time.perf_counter() - t0  # read, factorize and write (when the shard filled)
+        for r in rows:  # the same dicts the writer holds: the report gets them
+            r["unit_seconds"] = seconds
     weight_map = writer.finish()
     tmp = writer.tmp
     molae = dict(version=1, base_model_type=base_type, layers=plan, options=dict(
