@@ -86,15 +86,17 @@ def find_expert_groups(ckpt: SourceCheckpoint) -> dict[str, ExpertGroup]:
     found: dict[str, dict] = {}
     for key in ckpt.keys():
         if m := PER_EXPERT.match(key):
-            g = found.setdefault(m["prefix"], dict(layout="per_expert", keys=[], names={}, experts=set()))
-            g["names"][KIND_OF[m["name"]]] = m["name"]
-            g["experts"].add(int(m["e"]))
+            layout = "per_expert"
         elif m := FUSED.match(key):
-            g = found.setdefault(m["prefix"], dict(layout="fused", keys=[], names={}, experts=set()))
+            layout = "fused"
         else:
             continue
-        if g["layout"] != ("per_expert" if PER_EXPERT.match(key) else "fused"):
+        g = found.setdefault(m["prefix"], dict(layout=layout, keys=[], names={}, experts=set()))
+        if g["layout"] != layout:
             raise CheckpointError(f"{m['prefix']} mixes per-expert and fused tensors: the checkpoint is inconsistent")
+        if layout == "per_expert":
+            g["names"][KIND_OF[m["name"]]] = m["name"]
+            g["experts"].add(int(m["e"]))
         g["keys"].append(key)
     groups = {}
     for prefix, g in found.items():
@@ -116,6 +118,13 @@ def find_expert_groups(ckpt: SourceCheckpoint) -> dict[str, ExpertGroup]:
     if len({g.layer for g in groups.values()}) != len(groups):
         raise CheckpointError("two experts modules in one decoder layer: not a layout molae converts")
     return groups
+
+
+def copy_tensors(ckpt: SourceCheckpoint, keys: list[str], writer: ShardWriter, chunk: int = 64):
+    """Hand tensors to the writer exactly as stored, reading a few at a time."""
+    for i in range(0, len(keys), chunk):
+        for k, t in ckpt.read(keys[i:i + chunk]).items():
+            writer.add(k, t)
 
 
 def parse_layers(spec: str | None, available: list[int]) -> list[int]:
@@ -244,14 +253,12 @@ def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, rep
         if unit in writer.done:
             continue
         t0 = time.perf_counter()
-        for k, t in ckpt.read(copied).items():
-            writer.add(k, t)
+        copy_tensors(ckpt, copied, writer)
         rows = []
         if group is not None and str(group.layer) in plan:
             rows = _convert_group(ckpt, group, plan[str(group.layer)], opts, device, writer)
         elif group is not None:
-            for k, t in ckpt.read(group.keys).items():  # a layer left out by --layers: as it is
-                writer.add(k, t)
+            copy_tensors(ckpt, group.keys, writer)  # a layer left out by --layers: as it is
         writer.end_unit(unit, rows)
         seconds = time.perf_counter() - t0  # read, factorize and write (when the shard filled)
         for r in rows:  # the same dicts the writer holds: the report gets them
@@ -391,8 +398,7 @@ def _decompress_units(ckpt, molae, latent_prefix, dtype, device, writer):
         i = None if unit == "rest" else int(unit.split(".")[1])
         prefix = latent_prefix.get(i)
         factor_keys = [k for k in keys if prefix and k.startswith(prefix + ".")]
-        for k, t in ckpt.read([k for k in keys if k not in factor_keys]).items():
-            writer.add(k, t)
+        copy_tensors(ckpt, [k for k in keys if k not in factor_keys], writer)
         if prefix:
             tensors = {k[len(prefix) + 1:]: t.to(device) for k, t in ckpt.read(factor_keys).items()}
             dense = multiply_out({k: t.float() for k, t in tensors.items()})
