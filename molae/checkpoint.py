@@ -265,6 +265,15 @@ class ShardWriter:
         return weight_map
 
 
+def write_json_atomically(path: Path, data):
+    """JSON written beside `path` and renamed onto it: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".partial")
+    part.write_text(json.dumps(data, indent=2) + "\n")
+    part.replace(path)
+
+
 def temp_dir_for(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.molae-partial"
 

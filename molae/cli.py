@@ -45,6 +45,24 @@ def cmd_bench_convert(args):
         print(json.dumps({k: result[k] for k in ("model", "device", "wall_s", "peak_rss_gb", "layer_seconds")}))
 
 
+def cmd_eval(args):
+    from .checkpoint import write_json_atomically
+    from .evaluate import efficiency, eval_text, format_eval, load, read_text
+    from .models import find_experts
+
+    if not args.text:
+        raise ValueError("nothing to evaluate: pass --text FILE (e.g. ../shared/data/wikitext-2/test.txt)")
+    for path in args.text:  # bad text files fail before the model is loaded
+        read_text(path)
+    model, tokenizer = load(args.model, args.device, args.dtype)
+    result = dict(model=args.model, texts=[eval_text(model, tokenizer, path, args.context, args.stride,
+                                                     args.batch_size) for path in args.text])
+    result["efficiency"] = efficiency(model) if find_experts(model) else None
+    print(format_eval(result))
+    if args.json:
+        write_json_atomically(args.json, result)
+
+
 def positive_int(text):
     value = int(text)
     if value <= 0:
@@ -110,6 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     dec.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     dec.set_defaults(func=cmd_decompress)
+
+    ev = sub.add_parser("eval", help="perplexity on text files and an efficiency report",
+                        description="Perplexity (sliding windows), bits per byte and, for MoE/MoLAE models, "
+                                    "parameters, FLOPs and all-to-all bytes per token.")
+    ev.add_argument("model", help="a model directory or hub id (MoE or MoLAE)")
+    ev.add_argument("--text", type=Path, action="append", help="UTF-8 text file to score (repeatable)")
+    ev.add_argument("--context", type=positive_int, default=None,
+                    help="window length in tokens (default: the model's, at most 4096)")
+    ev.add_argument("--stride", type=positive_int, default=None,
+                    help="tokens scored per window, at most context-1 (default context-1)")
+    ev.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
+    ev.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                    help="weights dtype (default auto: as saved)")
+    ev.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
+    ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bc = bench.add_parser("convert", help="convert synthetic checkpoints of real models' shapes; time and memory",

@@ -26,10 +26,11 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, check_destination, check_disk_space,
-                         copy_aux_files, parse_size, publish, removed_on_error, resolve, temp_dir_for)
+                         copy_aux_files, parse_size, publish, removed_on_error, resolve, temp_dir_for,
+                         write_json_atomically)
 from .factorize import factorize_projection
 from .layers import KINDS, check_groups, check_latent_dim, check_projections, multiply_out, resolve_latent_dims
-from .models import SUPPORTED, layer_index
+from .models import SUPPORTED, is_embedding, layer_index
 
 PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<name>gate_proj|up_proj|down_proj|w1|w2|w3)"
                         r"\.weight$")
@@ -185,10 +186,6 @@ def _check_family(ckpt: SourceCheckpoint, groups) -> str:
                           f"molae converts MoE models ({', '.join(SUPPORTED)})")
 
 
-def _is_embedding(key: str) -> bool:
-    return "embed_tokens." in key or key.startswith("lm_head.")
-
-
 @dataclass
 class ConvertOptions:
     latent_dim: int | None = None  # None: m (capped at n)
@@ -276,7 +273,7 @@ def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, rep
     rows = [r for unit, *_ in units for r in writer.done.get(unit, [])]
     summary = _summary(ckpt, groups, plan, rows, weight_map, tmp)
     if report is not None:
-        _write_json_atomically(Path(report), summary)
+        write_json_atomically(Path(report), summary)
     publish(tmp, dst, overwrite)
     return summary
 
@@ -307,7 +304,7 @@ def _summary(ckpt, groups, plan, rows, weight_map, tmp: Path) -> dict:
         n = ckpt.numel(k)
         before["total"] += n
         before["expert"] += n if k in expert_keys else 0
-        before["non_embedding"] += 0 if _is_embedding(k) else n
+        before["non_embedding"] += 0 if is_embedding(k) else n
     after = dict(total=0, expert=0, non_embedding=0)
     prefixes = tuple(g.prefix + "." for g in groups.values())
     files = sorted(set(weight_map.values()))
@@ -317,17 +314,10 @@ def _summary(ckpt, groups, plan, rows, weight_map, tmp: Path) -> dict:
                 n = math.prod(f.get_slice(k).get_shape())
                 after["total"] += n
                 after["expert"] += n if k.startswith(prefixes) else 0
-                after["non_embedding"] += 0 if _is_embedding(k) else n
+                after["non_embedding"] += 0 if is_embedding(k) else n
     before["bytes_on_disk"] = ckpt.disk_bytes()
     after["bytes_on_disk"] = sum((tmp / f).stat().st_size for f in files)
     return dict(layers_converted=len(plan), layers=rows, before=before, after=after)
-
-
-def _write_json_atomically(path: Path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".partial")
-    part.write_text(json.dumps(data, indent=2) + "\n")
-    part.replace(path)
 
 
 def format_summary(summary: dict) -> str:

@@ -113,6 +113,11 @@ SUPPORTED = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deeps
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+def is_embedding(name: str) -> bool:
+    """The token embedding or the output projection (excluded from non-embedding counts)."""
+    return "embed_tokens." in name or name.startswith("lm_head.")
+
+
 def layer_index(name: str) -> int | None:
     """The decoder-layer index in a parameter or module name (`model.layers.3.mlp...` -> 3)."""
     m = _LAYER.search(name)
@@ -179,4 +184,4 @@ def register_all():
 
 
 __all__ = ["is_hf_experts", "find_experts", "hf_expert_weights", "standard_experts", "to_molae",
-           "use_standard_experts", "SUPPORTED", "layer_index", "install_experts", "register_family", "register_all"]
+           "use_standard_experts", "SUPPORTED", "is_embedding", "layer_index", "install_experts", "register_family", "register_all"]

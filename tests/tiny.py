@@ -30,10 +30,10 @@ FAMILIES = {
 }
 
 
-def tiny_model(family, seed=0, dtype=torch.float64):
+def tiny_model(family, seed=0, dtype=torch.float64, **overrides):
     """A tiny model with every weight drawn at random (HF zero-initialises some MoE weights)."""
     cfg_name, model_name, extra = FAMILIES[family]
-    cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra})
+    cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg).to(dtype).eval()
     with torch.no_grad():

@@ -1,0 +1,184 @@
+"""`molae eval`: perplexity on text files and an efficiency report, for MoE and MoLAE models alike.
+
+Perplexity uses sliding windows of `context` tokens that advance by `stride` (<= context - 1):
+window k scores the tokens [end_{k-1}, end_k) given everything in [end_k - context, end_k),
+so every token but the first is scored exactly once, with at least context - stride tokens
+of left context (all of them when the text fits one window: then perplexity is exactly
+exp(mean NLL of tokens 2..T)). Bits per byte = scored NLL in bits / UTF-8 bytes of the text.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .layers import Experts
+from .models import find_experts, hf_expert_weights, is_embedding
+
+
+def read_text(path: Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--text {path} does not exist: pass a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {path} is not UTF-8 (byte {e.start}): convert it to UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"--text {path} is empty: pass a file with text in it")
+    return text
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, score_from, end) per window: tokens [score_from, end) scored with [begin, end) as input."""
+    if not 1 <= stride < context:
+        raise ValueError(f"stride={stride} is out of range: allowed 1 <= stride <= context - 1 = {context - 1}")
+    out, prev_end = [], 1  # token 0 has no left context: never scored
+    while prev_end < n_tokens:
+        end = min(n_tokens, prev_end + stride) if out else min(n_tokens, context)
+        out.append((max(0, end - context), prev_end, end))
+        prev_end = end
+    return out
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None, batch_size: int = 8,
+               progress: bool = True) -> dict:
+    """Sliding-window NLL of a 1-D token tensor. Returns tokens scored, total and mean NLL (nats), perplexity."""
+    stride = stride or context - 1
+    device = next(model.parameters()).device
+    wins = windows(len(ids), context, stride)
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(wins), batch_size), desc="perplexity", unit="batch", disable=not progress):
+        batch = wins[i:i + batch_size]
+        width = max(end - begin for begin, _, end in batch)
+        x = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for j, (begin, _, end) in enumerate(batch):  # right-padded; padding is never scored
+            x[j, :end - begin] = ids[begin:end]
+            mask[j, :end - begin] = 1
+        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        logp = F.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, x[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)  # nll[j, p] of token p + 1
+        for j, (begin, score_from, end) in enumerate(batch):
+            scored = nll[j, score_from - begin - 1:end - begin - 1]
+            total += scored.double().sum().item()
+            count += scored.numel()
+    return dict(tokens=count, nll_sum=total, mean_nll=total / count, perplexity=math.exp(total / count))
+
+
+def eval_text(model, tokenizer, path: Path, context: int | None = None, stride: int | None = None,
+              batch_size: int = 8) -> dict:
+    text = read_text(path)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if len(ids) < 2:
+        raise ValueError(f"--text {path} has {len(ids)} token: need at least 2 to score one")
+    context = context or model_context(model)
+    out = perplexity(model, ids, context, stride, batch_size)
+    n_bytes = len(text.encode("utf-8"))
+    return dict(file=str(path), bytes=n_bytes, context=context, stride=stride or context - 1, **out,
+                bits_per_byte=out["nll_sum"] / math.log(2) / n_bytes)
+
+
+def model_context(model) -> int:
+    n = getattr(model.config, "max_position_embeddings", None)
+    return int(min(n, 4096)) if n else 2048
+
+
+# ----------------------------------------------------------------------------- efficiency
+
+
+def experts_shapes(module) -> dict:
+    """E, m, n, groups and latent sizes of an experts module, HF's or ours."""
+    if isinstance(module, Experts):
+        return dict(E=module.n_experts, m=module.inter, n=module.dim, groups=module.groups, latent=module.latent)
+    E, m, n = hf_expert_weights(module)["gate"].shape
+    return dict(E=E, m=m, n=n, groups=1, latent={})
+
+
+def efficiency(model, dtype_bytes: int | None = None) -> dict:
+    """Parameters, weight bytes, FLOPs per token and expert-parallel all-to-all bytes per token.
+
+    FLOPs per token count matrix multiplies (2 per multiply-add) of the forward pass: every
+    non-expert weight matrix once, and per MoE layer MOLAE.md §2's expert terms: standard
+    2*3*n*m*k; latent 2*n*d*t per factorized kind (shared projections, t = min(k, G) groups
+    touched, an upper bound) + 2*m*d*k per factorized kind + 2*n*m*k per whole kind.
+    Attention scores (which grow with context) are left out. All-to-all bytes per token:
+    dispatch sends each token's input to its k experts (the hidden state n, or the gate and
+    up latents when both are factorized), combine returns n (or d_down when down is factorized).
+    """
+    k = getattr(model.config, "num_experts_per_tok", None)
+    experts = find_experts(model)
+    if k is None or not experts:
+        raise ValueError(f"{type(model).__name__} has no MoE experts: the efficiency report is for MoE models")
+    params = dict(model.named_parameters())
+    expert_names = {f"{name}.{p}" for name, m in experts for p, _ in m.named_parameters()}
+    total = sum(p.numel() for p in params.values())
+    routed = sum(params[n].numel() for n in expert_names)
+    embedding = sum(p.numel() for n, p in params.items() if is_embedding(n))
+    el = dtype_bytes or next(iter(params.values())).element_size()
+    flops = 2 * sum(p.numel() for n, p in params.items() if n not in expert_names and p.dim() == 2
+                    and "embed_tokens" not in n)
+    active_routed, dispatch, combine, dispatch_std, combine_std = 0, 0, 0, 0, 0
+    for _, m in experts:
+        s = experts_shapes(m)
+        E, F_, D, G, lat = s["E"], s["m"], s["n"], s["groups"], s["latent"]
+        t = min(k, G)
+        for kind in ("gate", "up", "down"):
+            if kind in lat:
+                flops += 2 * D * lat[kind] * t + 2 * F_ * lat[kind] * k
+                active_routed += t * D * lat[kind] + k * F_ * lat[kind]
+            else:
+                flops += 2 * D * F_ * k
+                active_routed += k * D * F_
+        both = "gate" in lat and "up" in lat
+        dispatch += k * ((lat["gate"] + lat["up"]) if both else D)
+        combine += k * (lat["down"] if "down" in lat else D)
+        dispatch_std += k * D
+        combine_std += k * D
+    return dict(total_params=total, routed_expert_params=routed, non_embedding_params=total - embedding,
+                active_params=total - routed + active_routed, weight_bytes=total * el,
+                flops_per_token=flops, all_to_all_bytes_per_token=dict(
+                    dispatch=dispatch * el, combine=combine * el,
+                    standard_dispatch=dispatch_std * el, standard_combine=combine_std * el))
+
+
+def load(model_path: str, device: str = "cpu", dtype: str = "auto"):
+    """A causal LM (MoE or MoLAE) and its tokenizer, from a directory or hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import resolve
+
+    path = resolve(model_path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{model_path} is not a model: no config.json in {path}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{model_path} cannot be loaded as a causal LM with its tokenizer ({first})") from None
+    return model.to(device).eval(), tokenizer
+
+
+def format_eval(result: dict) -> str:
+    lines = ["| text | tokens | bytes | mean NLL | perplexity | bits/byte |", "|---|---:|---:|---:|---:|---:|"]
+    for r in result["texts"]:
+        lines.append(f"| {r['file']} | {r['tokens']:,} | {r['bytes']:,} | {r['mean_nll']:.4f} | "
+                     f"{r['perplexity']:.3f} | {r['bits_per_byte']:.4f} |")
+    e = result.get("efficiency")
+    if e:
+        a2a = e["all_to_all_bytes_per_token"]
+        lines += ["", "| parameters: total | active | routed experts | non-embedding | weight bytes | "
+                      "GFLOP/token | all-to-all bytes/token (dispatch + combine; standard layout) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| {e['total_params']:,} | {e['active_params']:,} | {e['routed_expert_params']:,} | "
+                  f"{e['non_embedding_params']:,} | {e['weight_bytes']:,} | {e['flops_per_token'] / 1e9:.4f} | "
+                  f"{a2a['dispatch']:,} + {a2a['combine']:,}; {a2a['standard_dispatch']:,} + "
+                  f"{a2a['standard_combine']:,} |"]
+    return "\n".join(lines)
