@@ -47,17 +47,25 @@ def cmd_bench_convert(args):
 
 def cmd_eval(args):
     from .checkpoint import write_json_atomically
-    from .evaluate import efficiency, eval_text, format_eval, load, read_text
+    from .evaluate import efficiency, eval_text, format_eval, load, measure_speed, read_text
     from .models import find_experts
 
-    if not args.text:
-        raise ValueError("nothing to evaluate: pass --text FILE (e.g. ../shared/data/wikitext-2/test.txt)")
-    for path in args.text:  # bad text files fail before the model is loaded
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    if not args.text and not tasks:
+        raise ValueError("nothing to evaluate: pass --text FILE (e.g. ../shared/data/wikitext-2/test.txt) "
+                         "and/or --tasks LIST")
+    for path in args.text or []:  # bad text files fail before the model is loaded
         read_text(path)
     model, tokenizer = load(args.model, args.device, args.dtype)
     result = dict(model=args.model, texts=[eval_text(model, tokenizer, path, args.context, args.stride,
-                                                     args.batch_size) for path in args.text])
+                                                     args.batch_size) for path in args.text or []])
+    if tasks:
+        from .tasks import run_tasks
+
+        result["tasks"] = run_tasks(model, tokenizer, tasks, args.data_dir, args.limit, args.batch_size,
+                                    args.num_fewshot, args.device)
     result["efficiency"] = efficiency(model) if find_experts(model) else None
+    result["speed"] = measure_speed(model) or None
     print(format_eval(result))
     if args.json:
         write_json_atomically(args.json, result)
@@ -138,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="window length in tokens (default: the model's, at most 4096)")
     ev.add_argument("--stride", type=positive_int, default=None,
                     help="tokens scored per window, at most context-1 (default context-1)")
-    ev.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
+    ev.add_argument("--tasks", default=None,
+                    help="comma list of lm-eval tasks; offline: gsm8k_local, gsm8k_mc_local (with --data-dir)")
+    ev.add_argument("--data-dir", type=Path, default=None, help="local data for the offline tasks (DIR/gsm8k/*.jsonl)")
+    ev.add_argument("--limit", type=positive_int, default=None, help="at most N examples per task")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
+    ev.add_argument("--batch-size", type=positive_int, default=8, help="windows / requests per forward pass (default 8)")
     ev.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ev.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                     help="weights dtype (default auto: as saved)")

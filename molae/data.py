@@ -93,7 +93,8 @@ def eval_windows(data: np.ndarray, seq: int, max_windows: int) -> torch.Tensor:
 
 
 def byte_tokenizer():
-    """A transformers fast tokenizer whose ids are the UTF-8 byte values (vocabulary 256)."""
+    """A transformers fast tokenizer whose ids are the UTF-8 byte values (vocabulary 256). The NUL
+    byte (id 0), absent from text, doubles as end-of-text (tools such as lm-eval need one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -102,4 +103,4 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=bytes_to_unicode()[0])

@@ -59,7 +59,8 @@ def build_model(cfg: DemoConfig):
         num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, intermediate_size=4 * cfg.hidden,
         moe_intermediate_size=cfg.moe_inter, shared_expert_intermediate_size=cfg.shared_inter,
         num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, norm_topk_prob=False,
-        max_position_embeddings=cfg.seq_len, output_router_logits=True, router_aux_loss_coef=0.01,
+        max_position_embeddings=4 * cfg.seq_len,  # trained on seq_len; room for lm-eval's generation tasks
+        output_router_logits=True, router_aux_loss_coef=0.01,
         tie_word_embeddings=False,
     )
     return Qwen2MoeForCausalLM(hf_cfg)
@@ -94,6 +95,7 @@ def train(model, data, cfg: DemoConfig) -> list[float]:
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+    model.config.output_router_logits = False  # the aux loss is for training only
     return losses
 
 

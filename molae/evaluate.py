@@ -148,6 +148,37 @@ def efficiency(model, dtype_bytes: int | None = None) -> dict:
                     standard_dispatch=dispatch_std * el, standard_combine=combine_std * el))
 
 
+@torch.no_grad()
+def measure_speed(model, prompt_tokens: int = 512, new_tokens: int = 64, repeats: int = 5) -> dict:
+    """On a GPU: peak memory, prefill tokens/s (one forward over a prompt) and decode tokens/s
+    (greedy generation with the KV cache), medians over repeats after a warm-up."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return {}
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt_tokens), device=device)
+    torch.cuda.reset_peak_memory_stats(device)
+
+    def timed(fn):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
+        return sorted(times)[len(times) // 2]
+
+    prefill = timed(lambda: model(input_ids=ids))
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    decode = timed(lambda: model.generate(ids[:, :16], **gen))
+    return dict(device=torch.cuda.get_device_name(device), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                prefill_tokens_per_s=prompt_tokens / prefill, decode_tokens_per_s=new_tokens / decode,
+                peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9)
+
+
 def load(model_path: str, device: str = "cpu", dtype: str = "auto"):
     """A causal LM (MoE or MoLAE) and its tokenizer, from a directory or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -163,14 +194,22 @@ def load(model_path: str, device: str = "cpu", dtype: str = "auto"):
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{model_path} cannot be loaded as a causal LM with its tokenizer ({first})") from None
+    model.config.output_router_logits = False  # a training setting; evaluation needs no aux loss
     return model.to(device).eval(), tokenizer
 
 
 def format_eval(result: dict) -> str:
     lines = ["| text | tokens | bytes | mean NLL | perplexity | bits/byte |", "|---|---:|---:|---:|---:|---:|"]
-    for r in result["texts"]:
+    for r in result.get("texts") or []:
         lines.append(f"| {r['file']} | {r['tokens']:,} | {r['bytes']:,} | {r['mean_nll']:.4f} | "
                      f"{r['perplexity']:.3f} | {r['bits_per_byte']:.4f} |")
+    for task, metrics in (result.get("tasks") or {}).items():
+        lines += ["", f"{task}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())]
+    sp = result.get("speed")
+    if sp:
+        lines += ["", f"{sp['device']}: prefill {sp['prefill_tokens_per_s']:,.0f} tokens/s ({sp['prompt_tokens']}-token "
+                      f"prompt), decode {sp['decode_tokens_per_s']:,.1f} tokens/s, peak memory "
+                      f"{sp['peak_memory_gb']:.2f} GB"]
     e = result.get("efficiency")
     if e:
         a2a = e["all_to_all_bytes_per_token"]
