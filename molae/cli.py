@@ -71,6 +71,15 @@ def cmd_eval(args):
         write_json_atomically(args.json, result)
 
 
+def cmd_analyze(args):
+    from .analyze import analyze_checkpoint, format_analysis
+
+    result = analyze_checkpoint(args.model, args.out, args.projections.split(","), args.layers, args.device)
+    print(format_analysis(result))
+    if args.out:
+        print(f"wrote analysis.json, energy_vs_d.png, groups.png and ranks.png under {args.out}")
+
+
 def positive_int(text):
     value = int(text)
     if value <= 0:
@@ -157,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights dtype (default auto: as saved)")
     ev.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
     ev.set_defaults(func=cmd_eval)
+
+    an = sub.add_parser("analyze", help="redundancy in a MoE checkpoint's experts: spectra, ranks, shared latents",
+                        description="Per MoE layer and projection: expert spectra and effective ranks, energy kept by "
+                                    "a shared latent as a function of d (several G), and overlap of experts' row "
+                                    "spaces. Streams the weights; JSON and plots with --out.")
+    an.add_argument("model", help="a MoE checkpoint directory or hub id")
+    an.add_argument("--out", type=Path, default=None, help="write analysis.json and PNG plots here")
+    an.add_argument("--projections", default="gate,up,down", help="kinds to analyze (default gate,up,down)")
+    an.add_argument("--layers", default=None, help="MoE layers: all (default), or e.g. 0-3,7")
+    an.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    an.set_defaults(func=cmd_analyze)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bc = bench.add_parser("convert", help="convert synthetic checkpoints of real models' shapes; time and memory",
