@@ -51,3 +51,18 @@ def test_factorization_runs_on_the_gpu_in_float32():
     err = ((W.double().cpu() - A.double().cpu() @ B.double().cpu()).norm() / W.double().norm().cpu()).item()
     best = ((W.double().cpu() - A64 @ B64).norm() / W.double().norm().cpu()).item()
     assert best <= err < best + 5e-3  # optimal up to bf16 rounding of the returned factors
+
+
+def test_eval_speed_and_analyze_on_the_gpu():
+    from molae.analyze import analyze_projection
+    from molae.evaluate import efficiency, measure_speed
+    from tiny import tiny_model
+
+    model = tiny_model("qwen2_moe", dtype=torch.bfloat16, vocab_size=256, max_position_embeddings=1024).cuda()
+    speed = measure_speed(model, prompt_tokens=256, new_tokens=16, repeats=3)
+    assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+    assert 0 < speed["peak_memory_gb"] < 80 and "H" in speed["device"] or "NVIDIA" in speed["device"]
+    assert efficiency(model)["weight_bytes"] == 2 * sum(p.numel() for p in model.parameters())
+    W = torch.randn(8, 64, 256, device="cuda")
+    r = analyze_projection(W)
+    assert r["d_for_energy"]["1"]["99"] <= 256 and r["stacked_energy"]["1"]["energy"][-1] == pytest.approx(1)
