@@ -30,7 +30,8 @@ CURVE_POINTS = 64
 
 def rank_at(energy_cum: torch.Tensor, level: float) -> int:
     """Smallest r with cumulative energy share >= level (energy_cum: cumulative shares, ascending)."""
-    return int(torch.searchsorted(energy_cum, torch.tensor(level, dtype=energy_cum.dtype) - 1e-12).item()) + 1
+    query = torch.tensor(level - 1e-12, dtype=energy_cum.dtype, device=energy_cum.device)
+    return int(torch.searchsorted(energy_cum, query).item()) + 1
 
 
 def cumulative_share(S: torch.Tensor) -> torch.Tensor:
