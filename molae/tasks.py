@@ -96,7 +96,7 @@ def run_tasks(model, tokenizer, names: list[str], data_dir: Path | None = None, 
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}: use lm-eval task names (`lm_eval ls tasks`) or the local "
                              f"tasks {', '.join(LOCAL_TASKS)}")
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, backend="causal")
         try:
             out = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
                                   num_fewshot=num_fewshot, log_samples=False)
