@@ -77,10 +77,14 @@ def analyze_projection(W_EMN: torch.Tensor) -> dict:
         curves[str(G)] = dict(d=idx, energy=[share[d - 1].item() for d in idx])
         d_at[str(G)] = {f"{int(lv * 100)}": rank_at(share, lv) for lv in LEVELS}
     S_all = torch.stack(S_list)
+    S_norm = S_all / S_all[:, :1].clamp_min(1e-300)  # each expert's spectrum over its largest value
+    k = S_all.shape[1]
+    idx = sorted({min(k, max(1, round(x))) for x in torch.linspace(1, k, CURVE_POINTS).tolist()})
     return dict(
         experts=E, m=M, n=N,
         expert_rank={f"{int(lv * 100)}": dict(mean=sum(r) / E, min=min(r), max=max(r)) for lv, r in ranks.items()},
-        mean_spectrum=(S_all / S_all[:, :1].clamp_min(1e-300)).mean(0).tolist(),
+        expert_spectra=dict(index=idx, values=S_norm[:, [j - 1 for j in idx]].tolist(), largest=S_all[:, 0].tolist()),
+        mean_spectrum=S_norm.mean(0).tolist(),
         overlap=overlap / pairs if pairs else None, overlap_random=baseline / pairs if pairs else None,
         stacked_energy=curves, d_for_energy=d_at)
 
@@ -129,8 +133,9 @@ def format_analysis(result: dict) -> str:
 
 
 def plot_analysis(result: dict, out: Path):
-    """energy_vs_d.png (G = 1, one line per layer, a panel per kind), groups.png (G for the middle
-    layer), ranks.png (expert ranks and shared d per layer, and overlap against random)."""
+    """energy_vs_d.png (G = 1, one line per layer, a panel per kind), spectra.png (experts' singular
+    values), groups.png (G for the middle layer), ranks.png (expert ranks and shared d per layer,
+    and overlap against random)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,6 +158,22 @@ def plot_analysis(result: dict, out: Path):
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "energy_vs_d.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for li, layer in enumerate(layers):
+            sp = result["layers"][layer][kind]["expert_spectra"]
+            vals = torch.tensor(sp["values"])
+            color = cmap(li / max(1, len(layers) - 1))
+            ax.plot(sp["index"], vals.mean(0), color=color, label=f"layer {layer}" if li in (0, len(layers) - 1) else None)
+            ax.fill_between(sp["index"], vals.min(0).values, vals.max(0).values, color=color, alpha=0.12)
+        ax.set(title=f"{kind}: experts' singular values", xlabel="index j (band: min-max over experts)",
+               ylabel="sigma_j / sigma_1", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "spectra.png", dpi=110)
     plt.close(fig)
 
     mid = layers[len(layers) // 2]

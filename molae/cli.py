@@ -77,7 +77,7 @@ def cmd_analyze(args):
     result = analyze_checkpoint(args.model, args.out, args.projections.split(","), args.layers, args.device)
     print(format_analysis(result))
     if args.out:
-        print(f"wrote analysis.json, energy_vs_d.png, groups.png and ranks.png under {args.out}")
+        print(f"wrote analysis.json, energy_vs_d.png, spectra.png, groups.png and ranks.png under {args.out}")
 
 
 def positive_int(text):

@@ -24,6 +24,11 @@ def test_figures_match_numpy():
             e = np.linalg.svd(w, compute_uv=False) ** 2
             ranks.append(int(np.searchsorted(np.cumsum(e) / e.sum(), int(level) / 100 - 1e-12) + 1))
         assert r["expert_rank"][level] == dict(mean=sum(ranks) / E, min=min(ranks), max=max(ranks))
+    spectra = r["expert_spectra"]  # each expert's spectrum, normalized, at sampled indices
+    for i, w in enumerate(Wn):
+        s = np.linalg.svd(w, compute_uv=False)
+        np.testing.assert_allclose(spectra["values"][i], [s[j - 1] / s[0] for j in spectra["index"]], rtol=1e-9)
+        assert spectra["largest"][i] == pytest.approx(s[0], rel=1e-9)
     for G in (1, 2, 8):  # energy kept by the shared latent, per group
         kept = None
         for g in range(G):
@@ -61,7 +66,7 @@ def test_analyze_cli(tmp_path, capsys):
     assert list(res["layers"]) == ["2"] and list(res["layers"]["2"]) == ["up", "down"]
     assert res["layers"]["2"]["down"]["m"] == 16 and res["layers"]["2"]["down"]["n"] == 32  # down transposed
     assert "| 2 | down | 8 x 16 x 32 |" in out.out
-    for png in ("energy_vs_d.png", "groups.png", "ranks.png"):
+    for png in ("energy_vs_d.png", "spectra.png", "groups.png", "ranks.png"):
         assert (tmp_path / "a" / png).read_bytes()[:4] == b"\x89PNG"
     assert main(["convert", str(tmp_path / "m"), "--out", str(tmp_path / "l"), "--latent-dim", "8"]) == 0
     capsys.readouterr()
