@@ -94,6 +94,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def add_checkpoint_output(p: argparse.ArgumentParser):
+    """The options of the streaming checkpoint writer that convert and decompress share."""
+    p.add_argument("--out", required=True, type=Path, help="destination directory (must not exist)")
+    p.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 2GB (default), 500MB")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="molae", description="Mixture of Latent Experts (MoLAE) tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "MoLAE checkpoint loadable with AutoModelForCausalLM after `import molae`. "
                                       "Reads one layer at a time; the output appears only when complete.")
     conv.add_argument("src", help="source checkpoint: a local directory or a hub id")
-    conv.add_argument("--out", required=True, type=Path, help="destination directory (must not exist)")
+    add_checkpoint_output(conv)
     conv.add_argument("--latent-dim", type=positive_int, default=None,
                       help="latent size d for every factorized projection (default: m, capped at n)")
     conv.add_argument("--rank-ratio", type=float, default=None,
@@ -127,23 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda")
     conv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                       help="dtype of the new expert tensors (default auto: the source's); others are copied as they are")
-    conv.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 2GB (default), 500MB")
     conv.add_argument("--report", type=Path, default=None, help="write the per-layer report as JSON here")
-    conv.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same --out")
-    conv.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     conv.set_defaults(func=cmd_convert)
 
     dec = sub.add_parser("decompress", help="multiply a MoLAE checkpoint out into the original architecture",
                          description="Write a checkpoint of the base architecture (experts as A @ B, in the "
                                      "source's on-disk layout) that any engine serving the base model can load.")
     dec.add_argument("src", help="a MoLAE checkpoint written by molae convert")
-    dec.add_argument("--out", required=True, type=Path, help="destination directory (must not exist)")
+    add_checkpoint_output(dec)
     dec.add_argument("--device", default="cpu", help="where the products run: cpu (default) or cuda")
     dec.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                      help="dtype of the expert weights written (default auto: the factors' dtype)")
-    dec.add_argument("--max-shard-size", default="2GB", help="output shard size (default 2GB)")
-    dec.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
-    dec.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     dec.set_defaults(func=cmd_decompress)
 
     ev = sub.add_parser("eval", help="perplexity on text files and an efficiency report",
