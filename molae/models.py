@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .factorize import latent_experts
-from .layers import KINDS, Experts, check_projections, resolve_latent_dims
+from .layers import Experts, check_projections, resolve_latent_dims
 
 
 def is_hf_experts(module: nn.Module) -> bool:
@@ -59,13 +59,8 @@ def hf_expert_weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def standard_experts(module: nn.Module) -> Experts:
     """Our standard (unfactorized) `Experts` holding a transformers experts module's weights."""
-    w = hf_expert_weights(module)
-    E, F_, D = w["gate"].shape
-    experts = Experts(D, F_, E).to(device=w["gate"].device, dtype=w["gate"].dtype)
     with torch.no_grad():
-        for kind in KINDS:
-            getattr(experts, f"{kind}_proj").copy_(w[kind])
-    return experts
+        return latent_experts(hf_expert_weights(module), {})[0]  # no kind factorized: the weights as they are
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module):
