@@ -377,12 +377,7 @@ def decompress_checkpoint(src, dst, dtype: str = "auto", device: str = "cpu", ma
 
 
 def _decompress_units(ckpt, molae, latent_prefix, dtype, device, writer):
-    by_unit: dict[str, list[str]] = {}
-    for k in ckpt.keys():
-        i = layer_index(k)
-        by_unit.setdefault("rest" if i is None else f"layer.{i}", []).append(k)
-    for unit, keys in tqdm(sorted(by_unit.items(), key=lambda u: _unit_order(u[0])), desc="decompress",
-                           unit="layer"):
+    for unit, keys, _ in tqdm(_units(ckpt, {}), desc="decompress", unit="layer"):  # every key: no source groups
         if unit in writer.done:
             continue
         i = None if unit == "rest" else int(unit.split(".")[1])
@@ -401,7 +396,5 @@ def _decompress_units(ckpt, molae, latent_prefix, dtype, device, writer):
     writer.finish()
 
 
-def _unit_order(unit: str):
-    return (1, 0) if unit == "rest" else (0, int(unit.split(".")[1]))
 
 
