@@ -224,6 +224,16 @@ def _plan(ckpt, groups, opts: ConvertOptions) -> dict[str, dict]:
     return plan
 
 
+def check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
 def convert_checkpoint(src, dst, opts: ConvertOptions, report: Path | None = None, resume=False,
                        overwrite=False) -> dict:
     """Convert the MoE checkpoint at `src` (directory or hub id) into a MoLAE checkpoint at `dst`."""
@@ -233,9 +243,7 @@ def convert_checkpoint(src, dst, opts: ConvertOptions, report: Path | None = Non
     groups = find_expert_groups(ckpt)
     base_type = _check_family(ckpt, groups)
     plan = _plan(ckpt, groups, opts)
-    device = torch.device(opts.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    device = check_device(opts.device)
     check_disk_space(dst, ckpt.disk_bytes() + 2**20)
     options = dict(asdict(opts), src=str(ckpt.path), projections=list(opts.projections))
     options.pop("device")  # a run may resume on another device
@@ -357,6 +365,7 @@ def decompress_checkpoint(src, dst, dtype: str = "auto", device: str = "cpu", ma
                               "decompress takes the output of molae convert")
     if dtype not in ("auto", *DTYPES):
         raise ValueError(f"--dtype {dtype} is not known: allowed auto, {', '.join(DTYPES)}")
+    device = check_device(device)
     check_disk_space(dst, 4 * ckpt.disk_bytes())
     layouts = molae["source_layout"]
     latent_prefix = {}

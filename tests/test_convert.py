@@ -288,6 +288,15 @@ def test_existing_destination_needs_overwrite(mixtral_src, tmp_path, run):
     assert not (tmp_path / "o" / "mine.txt").exists() and (tmp_path / "o" / "config.json").is_file()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU exists")
+def test_device_without_a_gpu(mixtral_src, tmp_path, run):
+    one_line_error(run("convert", mixtral_src, "--out", tmp_path / "o", "--device", "cuda"), "no CUDA GPU")
+    run("convert", mixtral_src, "--out", tmp_path / "l", "--latent-dim", "8")
+    one_line_error(run("decompress", tmp_path / "l", "--out", tmp_path / "p", "--device", "cuda"), "no CUDA GPU")
+    one_line_error(run("decompress", tmp_path / "l", "--out", tmp_path / "p", "--device", "tpu9"), "is not a device")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
+
+
 def test_decompress_refuses_a_plain_checkpoint(mixtral_src, tmp_path, run):
     one_line_error(run("decompress", mixtral_src, "--out", tmp_path / "o"), "is not a MoLAE checkpoint")
 
