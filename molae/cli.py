@@ -15,6 +15,23 @@ def cmd_demo(args):
     run_demo(cfg, out=args.out, overwrite=args.overwrite)
 
 
+def cmd_data_prepare(args):
+    from .data import prepare
+
+    m = prepare(args.sources, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                patterns=tuple(args.pattern or ["*.py"]), text_field=args.text_field,
+                tokenizer_bytes=args.tokenizer_bytes, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    print(f"{args.out}: train {m['tokens']['train']:,} tokens ({m['files']['train']} files, {m['bytes']['train']:,} "
+          f"bytes), validation {m['tokens']['val']:,} tokens ({m['files']['val']} files); vocabulary "
+          f"{m['vocab_size']}; file list sha256 {m['file_list_sha256'][:16]}; {m['seconds']} s")
+
+
+def cmd_train(args):
+    from .train import cmd_train as run
+
+    run(args)
+
+
 def cmd_convert(args):
     from .convert import ConvertOptions, convert_checkpoint, format_summary
 
@@ -119,6 +136,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     demo.set_defaults(func=cmd_demo)
 
+    data = sub.add_parser("data", help="training data").add_subparsers(dest="data", required=True)
+    prep = data.add_parser("prepare", help="collect text, split by package, train a BPE tokenizer, tokenize",
+                           description="Collect files (default *.py; .txt and .jsonl too) from files and directories, "
+                                       "split them by package into train/validation (a recorded crc32 rule), train a "
+                                       "byte-level BPE tokenizer on the training split only, and write memory-mappable "
+                                       "token arrays and a manifest.")
+    prep.add_argument("sources", nargs="+", help="files and directories to collect from")
+    prep.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
+    prep.add_argument("--vocab-size", type=positive_int, default=16384, help="BPE vocabulary size (default 16384)")
+    prep.add_argument("--val-fraction", type=float, default=0.05,
+                      help="share of split keys (packages) held out for validation (default 0.05)")
+    prep.add_argument("--pattern", action="append", help="file pattern in directories, repeatable (default *.py)")
+    prep.add_argument("--text-field", default="text", help="the text field of .jsonl records (default text)")
+    prep.add_argument("--tokenizer-bytes", type=int, default=64 * 2**20,
+                      help="train the tokenizer on this many bytes of training text (default 64 MiB; 0 = all)")
+    prep.add_argument("--tokenizer", type=Path, default=None,
+                      help="use this saved tokenizer directory instead of training one")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    from .train import add_train_args
+
+    tr = sub.add_parser("train", help="pretrain an MoE / MoLAE / LatentMoE model (torchrun -m molae.train for FSDP2)",
+                        description="Train a transformers MoE family (qwen2_moe, mixtral, deepseek_v3, ...) with "
+                                    "standard, MoLAE or LatentMoE experts on a prepared data directory. bf16 autocast, "
+                                    "AdamW, warmup + cosine, clipping, accumulation, router balancing, atomic "
+                                    "checkpoints (--resume). Several GPUs: torchrun --nproc-per-node K -m molae.train.")
+    add_train_args(tr)
+    tr.set_defaults(func=cmd_train)
+
     conv = sub.add_parser("convert", help="convert a Hugging Face MoE checkpoint to MoLAE (streaming)",
                           description="Convert a Hugging Face MoE checkpoint (local directory or hub id) into a "
                                       "MoLAE checkpoint loadable with AutoModelForCausalLM after `import molae`. "
@@ -195,17 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(func, args, name: str | None = None) -> int:
+    """Run one subcommand's function: bad input is one line on stderr and exit status 2."""
+    name = name or f"molae {args.command}"
     try:
-        args.func(args)
+        func(args)
     except (ValueError, FileExistsError, FileNotFoundError, OSError) as e:
-        print(f"molae {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"molae {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

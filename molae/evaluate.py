@@ -117,7 +117,8 @@ def efficiency(model, dtype_bytes: int | None = None) -> dict:
     if k is None or not experts:
         raise ValueError(f"{type(model).__name__} has no MoE experts: the efficiency report is for MoE models")
     params = dict(model.named_parameters())
-    expert_names = {f"{name}.{p}" for name, m in experts for p, _ in m.named_parameters()}
+    expert_names = {f"{name}.{p}" for name, m in experts for p, _ in m.named_parameters()
+                    if p not in getattr(m, "shared_params", ())}  # LatentMoE's projections are dense
     total = sum(p.numel() for p in params.values())
     routed = sum(params[n].numel() for n in expert_names)
     embedding = sum(p.numel() for n, p in params.items() if is_embedding(n))

@@ -224,6 +224,8 @@ class Experts(nn.Module):
     "reference" (a plain loop over experts with each expert's weights multiplied out).
     """
 
+    shared_params: tuple[str, ...] = ()  # parameters that are not per-expert (LatentMoE's projections)
+
     def __init__(self, dim: int, inter: int, n_experts: int, latent: dict[str, int] | None = None, groups: int = 1):
         super().__init__()
         latent = dict(latent or {})
@@ -248,10 +250,24 @@ class Experts(nn.Module):
                 self.register_parameter(f"{kind}_A", nn.Parameter(torch.empty(E, F_, L)))
         self.reset_parameters()
 
-    def reset_parameters(self):
-        """Fan-in scaled normal init; a factorized W = A B gets the same output scale as a whole one."""
-        for p in self.parameters():
-            nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+    def reset_parameters(self, std: float | None = None):
+        """Normal init. std=None: each tensor fan-in scaled (std = in_features**-0.5), so a factorized
+        W = A B has the same output scale as a whole one. std=s (training from scratch, like HF's
+        initializer_range): whole matrices N(0, s^2); a factorized kind's first-applied factor
+        N(0, 1/in) and its second N(0, s^2 in / L), so the product's entries have variance s^2."""
+        for name, p in self.named_parameters():
+            kind, _, part = name.partition("_")
+            if kind not in KINDS:
+                continue
+            if std is None:
+                nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+            elif part == "proj":
+                nn.init.normal_(p, std=std)
+            else:
+                first = "B" if kind != "down" else "A"  # gate/up: x -> B_g x -> A_i (.); down: h -> A_i h -> B_g (.)
+                fan_in = self.dim if kind != "down" else self.inter
+                L = self.latent[kind]
+                nn.init.normal_(p, std=fan_in**-0.5 if part == first else std * (fan_in / L) ** 0.5)
 
     def extra_repr(self):
         return f"dim={self.dim}, inter={self.inter}, n_experts={self.n_experts}, groups={self.groups}, latent={self.latent}"
@@ -293,6 +309,7 @@ class Experts(nn.Module):
         routed outputs combined in latent space before one B_down GEMM per group."""
         T, K = idx_TK.shape
         E, G, Eg = self.n_experts, self.groups, self.n_experts // self.groups
+        x_TD, param = _autocast(x_TD, self)
         idx_S = idx_TK.reshape(-1)
         expert_S, order_S = torch.sort(idx_S, stable=True)  # slots sorted by expert
         tok_S = order_S // K
@@ -300,19 +317,19 @@ class Experts(nn.Module):
 
         def expert_input(kind):  # [S, L] latent (B_g x) or [S, D] hidden state, per sorted slot
             if kind not in self.latent:
-                return x_TD[tok_S], getattr(self, f"{kind}_proj")
-            B_GLD = getattr(self, f"{kind}_B")
+                return x_TD[tok_S], param(f"{kind}_proj")
+            B_GLD = param(f"{kind}_B")
             z_TGL = (x_TD @ B_GLD.reshape(G * B_GLD.shape[1], self.dim).T).view(T, G, -1)  # dense GEMM
-            return z_TGL[tok_S, expert_S // Eg], getattr(self, f"{kind}_A")
+            return z_TGL[tok_S, expert_S // Eg], param(f"{kind}_A")
 
         gate_SF = grouped_linear(*expert_input("gate"), expert_S, offs_E, use_grouped_mm)
         up_SF = grouped_linear(*expert_input("up"), expert_S, offs_E, use_grouped_mm)
         h_SF = F.silu(gate_SF) * up_SF
 
         if "down" in self.latent:  # u_g = sum over the token's experts in g of w_i A_down_i h_i
-            u_SL = grouped_linear(h_SF, self.down_A, expert_S, offs_E, use_grouped_mm)
+            u_SL = grouped_linear(h_SF, param("down_A"), expert_S, offs_E, use_grouped_mm)
         else:
-            u_SL = grouped_linear(h_SF, self.down_proj, expert_S, offs_E, use_grouped_mm)  # [S, D]
+            u_SL = grouped_linear(h_SF, param("down_proj"), expert_S, offs_E, use_grouped_mm)  # [S, D]
         u_TKL = torch.empty_like(u_SL).index_copy(0, order_S, u_SL).view(T, K, -1)  # back to slot order
         w_TK = w_TK.to(x_TD.dtype)
         if "down" not in self.latent:
@@ -320,8 +337,53 @@ class Experts(nn.Module):
         # Routing weights spread over groups: M[t, g, k] = w[t, k] if expert idx[t, k] is in g.
         M_TGK = F.one_hot(idx_TK // Eg, G).to(x_TD.dtype).transpose(1, 2) * w_TK.unsqueeze(1)
         u_TGL = torch.bmm(M_TGK, u_TKL)
-        B_GDL = self.down_B
+        B_GDL = param("down_B")
         return u_TGL.reshape(T, -1) @ B_GDL.permute(0, 2, 1).reshape(-1, self.dim)  # sum_g B_g u_g
+
+
+def _autocast(x: torch.Tensor, module: nn.Module):
+    """(x, param getter) in autocast's dtype when autocast is on for x's device, else as they are.
+    grouped_mm is not an autocast op: without this, fp32 master weights would miss the bf16 kernel."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, lambda name: getattr(module, name)
+    dt = torch.get_autocast_dtype(dev)
+    return x.to(dt), lambda name: getattr(module, name).to(dt)
+
+
+class LatentMoEExperts(Experts):
+    """LatentMoE's routed path (NVIDIA, arXiv 2601.18089; MOLAE.md §5), same call signature as `Experts`.
+
+    Each token is projected once D -> Lm by a shared `proj_in` [Lm, D] (the router still reads
+    the full hidden state), the routed experts are standard SwiGLU experts on width Lm (this
+    module's own gate/up/down_proj, [E, F, Lm] and [E, Lm, F]), and the routing-weighted sum is
+    projected back Lm -> D by a shared `proj_out` [D, Lm]. Both projections are linear, so
+    sum_k w_k out(E_k(in x)) = out(sum_k w_k E_k(in x)).
+    """
+
+    shared_params = ("proj_in", "proj_out")
+
+    def __init__(self, dim: int, inter: int, n_experts: int, latent_moe_dim: int):
+        check_latent_dim(latent_moe_dim, dim, dim, name="latent_moe_dim")
+        super().__init__(latent_moe_dim, inter, n_experts)
+        self.model_dim = dim
+        self.proj_in = nn.Parameter(torch.empty(latent_moe_dim, dim))
+        self.proj_out = nn.Parameter(torch.empty(dim, latent_moe_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None):
+        super().reset_parameters(std)
+        if hasattr(self, "proj_in"):
+            nn.init.normal_(self.proj_in, std=std or self.model_dim**-0.5)
+            nn.init.normal_(self.proj_out, std=std or self.dim**-0.5)
+
+    def extra_repr(self):
+        return f"model_dim={self.model_dim}, " + super().extra_repr()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        z_TL = hidden_states @ self.proj_in.to(hidden_states.dtype).T
+        y_TL = super().forward(z_TL, top_k_index, top_k_weights)
+        return y_TL @ self.proj_out.to(y_TL.dtype).T
 
 
 def multiply_out(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -449,6 +511,7 @@ __all__ = [
     "param_counts",
     "grouped_linear",
     "Experts",
+    "LatentMoEExperts",
     "Router",
     "SwiGLU",
     "MoE",

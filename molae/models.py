@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .factorize import latent_experts
-from .layers import Experts, check_projections, resolve_latent_dims
+from .layers import Experts, LatentMoEExperts, check_projections, resolve_latent_dims
 
 
 def is_hf_experts(module: nn.Module) -> bool:
@@ -83,6 +83,8 @@ def to_molae(model: nn.Module, latent_dim=None, groups: int = 1, projections=("u
         raise ValueError(f"{type(model).__name__} has no MoE experts submodules to convert")
     rows = []
     for name, module in progress(todo) if progress else todo:
+        if isinstance(module, LatentMoEExperts):
+            raise ValueError(f"{name} is a LatentMoE routed path: molae converts standard MoE experts only")
         weights = module.dense_weights() if isinstance(module, Experts) else hf_expert_weights(module)
         _, F_, D = weights["gate"].shape
         latent = resolve_latent_dims(latent_dim, projections, F_, D)
@@ -120,16 +122,21 @@ def layer_index(name: str) -> int | None:
 
 
 def install_experts(model: nn.Module, layers: dict) -> int:
-    """Replace the experts of each layer listed in `layers` ({"3": {"latent": {kind: d}, "groups": G}})
-    by an empty MoLAE `Experts` of the same shapes (weights come from a checkpoint or training)."""
+    """Replace the experts of each layer listed in `layers` by an empty module of the same shapes
+    (weights come from a checkpoint or training): {"3": {"latent": {kind: d}, "groups": G}} a MoLAE
+    `Experts` ({} latent: our standard experts), {"3": {"latent_moe": l}} LatentMoE's routed path."""
     done = set()
     for name, module in find_experts(model):
         spec = layers.get(str(layer_index(name)))
-        if spec is None or isinstance(module, Experts):
+        if spec is None or not is_hf_experts(module):
             continue
         E, F2, D = module.gate_up_proj.shape
         ref = module.gate_up_proj
-        experts = Experts(D, F2 // 2, E, spec["latent"], spec["groups"]).to(device=ref.device, dtype=ref.dtype)
+        if "latent_moe" in spec:
+            experts = LatentMoEExperts(D, F2 // 2, E, spec["latent_moe"])
+        else:
+            experts = Experts(D, F2 // 2, E, spec["latent"], spec["groups"])
+        experts = experts.to(device=ref.device, dtype=ref.dtype)
         _set_submodule(model, name, experts)
         done.add(str(layer_index(name)))
     missing = set(layers) - done

@@ -1,0 +1,750 @@
+"""`molae train`: pretrain transformers MoE models and their MoLAE / LatentMoE variants.
+
+    molae train --config NAME|FILE --data DIR --out DIR [--resume] [--steps N ...] [--set key=value ...]
+    torchrun --nproc-per-node K -m molae.train --config NAME --data DIR --out DIR     # FSDP2, K processes
+
+A run is a `TrainConfig`: a transformers family and its config kwargs (`model`), an optional
+`molae` section (what replaces each MoE layer's experts), and the optimisation settings. The
+model is the family's own causal-LM class with its `experts` submodules swapped (models.py):
+our standard `Experts` for a plain MoE run, MoLAE `Experts` or LatentMoE's routed path
+otherwise; routers, shared experts and attention stay the family's code. So a model trained
+here saves, converts, loads, evaluates and decompresses with the same code as a hub checkpoint.
+
+Data: batches are a pure function of (seed, step, micro-batch index) (data.TokenData), so the
+data position is the step. Global micro-batch j = micro * world + rank: one process with
+grad_accum 2 sees the same tokens as two processes with grad_accum 1.
+
+OUT holds: train_config.json, log.jsonl (one record per log step and per evaluation),
+checkpoint.pt (model, optimizer, scheduler, step, RNG; replaced atomically every ckpt_every
+steps), tb/ (TensorBoard, where installed), and at the end model/ (save_pretrained: the
+family's own type for a standard MoE, `molae_<family>` otherwise, with the data's tokenizer)
+and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import write_json_atomically
+from .data import TokenData
+from .layers import Experts, LatentMoEExperts, check_projections, resolve_latent_dims
+from .models import SUPPORTED, find_experts, is_embedding, layer_index
+
+
+@dataclass
+class TrainConfig:
+    name: str = "custom"
+    family: str = "qwen2_moe"  # a transformers MoE model_type (models.SUPPORTED)
+    model: dict = field(default_factory=dict)  # the family's config kwargs; vocab_size comes from the data
+    # None: standard MoE. {"latent_dim": int | {kind: int} | None, "groups": G, "projections": [...]}: MoLAE.
+    # {"latent_moe_dim": l}: LatentMoE's routed path (give num_experts / top-k scaled in `model`).
+    molae: dict | None = None
+    seq_len: int = 512
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01  # softmax routers: Switch load-balancing loss (the family's own)
+    bias_update_speed: float = 1e-3  # sigmoid routers with a correction bias (DeepSeek-V3): loss-free balancing
+    init_std: float = 0.02
+    seed: int = 0
+    dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 (no autocast) on CPU
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 250
+    eval_tokens: int = 2**18
+    ckpt_every: int = 250
+    time_budget_s: float | None = None  # set `steps` from the step time measured during warmup
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum  # per process
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _qwen2_moe(hidden, layers, heads, experts, top_k, inter, shared, **kw):
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                intermediate_size=4 * hidden, moe_intermediate_size=inter, shared_expert_intermediate_size=shared,
+                num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=False, tie_word_embeddings=False, **kw)
+
+
+def _mixtral(hidden, layers, heads, kv_heads, experts, top_k, inter, **kw):
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=top_k,
+                tie_word_embeddings=False, **kw)
+
+
+def _deepseek_v3(hidden, layers, heads, experts, top_k, inter, shared, dense_inter, **kw):
+    # MLA sized for a small model; sigmoid router with a correction bias; first layer dense.
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                intermediate_size=dense_inter, moe_intermediate_size=inter, n_routed_experts=experts,
+                n_shared_experts=shared, num_experts_per_tok=top_k, first_k_dense_replace=1, n_group=1, topk_group=1,
+                routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=None, kv_lora_rank=hidden // 4,
+                qk_rope_head_dim=32, qk_nope_head_dim=hidden // heads - 32, v_head_dim=hidden // heads, tie_word_embeddings=False, **kw)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # `molae demo`: a tiny Qwen2-MoE on bytes, a few minutes on 2 CPU cores.
+    "demo": TrainConfig(name="demo", family="qwen2_moe", model=_qwen2_moe(128, 4, 4, 16, 2, 64, 128),
+                        seq_len=256, batch_size=16, steps=600, lr=3e-3, warmup=30, log_every=50, eval_every=600,
+                        eval_tokens=96 * 256, ckpt_every=600),
+    # Reference models ([4], results/reference_models.md), each about 7 minutes on an H100 (--time-budget 420).
+    # n ~ m: fine-grained routed experts plus a shared expert (Qwen1.5-MoE-A2.7B: m/n = 0.69, 60 experts, top-4).
+    "ref-qwen2-moe": TrainConfig(name="ref-qwen2-moe", family="qwen2_moe",
+                                 model=_qwen2_moe(512, 8, 8, 24, 4, 384, 768), seq_len=1024, batch_size=32,
+                                 steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500),
+    # 8 experts, top-2, no shared expert, m = 2.5 n (Mixtral-8x7B: m = 3.5 n), grouped-query attention.
+    "ref-mixtral": TrainConfig(name="ref-mixtral", family="mixtral",
+                               model=_mixtral(512, 6, 8, 4, 8, 2, 1280), seq_len=1024, batch_size=32,
+                               steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500),
+    # n >> m: 48 small experts (m = n/4), top-6, sigmoid router + correction bias, one shared expert,
+    # first layer dense, multi-head latent attention (DeepSeek-V3: n = 3.5 m, 256 experts, top-8).
+    "ref-deepseek-v3": TrainConfig(name="ref-deepseek-v3", family="deepseek_v3",
+                                   model=_deepseek_v3(640, 8, 10, 48, 6, 160, 1, 1728), seq_len=1024, batch_size=32,
+                                   steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500),
+    # The pretraining comparison's base (results/pretrain.md): n = m, 16 experts, top-2; variants set `molae`.
+    "pretrain-moe": TrainConfig(name="pretrain-moe", family="qwen2_moe", model=_qwen2_moe(512, 6, 8, 16, 2, 512, 0),
+                                seq_len=512, batch_size=64, steps=1500, lr=2e-3, warmup=100, log_every=25,
+                                eval_every=500, ckpt_every=500),
+}
+
+
+def load_config(name_or_file: str) -> TrainConfig:
+    if name_or_file in PRESETS:
+        return replace(PRESETS[name_or_file])
+    path = Path(name_or_file)
+    if not path.is_file():
+        raise ValueError(f"--config {name_or_file} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+    return config_from_dict(json.loads(path.read_text()))
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}: allowed {sorted(known)}")
+    d = dict(d)
+    if "betas" in d:
+        d["betas"] = tuple(d["betas"])
+    return TrainConfig(**d)
+
+
+def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
+    """`key=value` (JSON value, or a bare string); `model.key=value` and `molae.key=value` set one
+    entry of those sections; `molae=null` makes a standard MoE."""
+    d = asdict(cfg)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair}: expected KEY=VALUE, e.g. --set model.num_hidden_layers=4")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        section, _, sub = key.partition(".")
+        if sub:
+            if section not in ("model", "molae"):
+                raise ValueError(f"--set {pair}: only model.* and molae.* take a sub-key")
+            d[section] = dict(d[section] or {})
+            d[section][sub] = value
+        else:
+            d[key] = value
+    return config_from_dict(d)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def moe_layers(cfg: TrainConfig, vocab_size: int) -> list[int]:
+    """Indices of the decoder layers that have routed experts (a meta-device build: no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = AutoConfig.for_model(cfg.family, **{**cfg.model, "vocab_size": vocab_size})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base)
+    return sorted({layer_index(n) for n, _ in find_experts(model)})
+
+
+def layer_spec(cfg: TrainConfig, vocab_size: int) -> dict:
+    """config.molae for the run: which layers get which experts module, and how they load back."""
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(cfg.family, **{**cfg.model, "vocab_size": vocab_size})
+    m = getattr(base, "moe_intermediate_size", None) or base.intermediate_size
+    n = base.hidden_size
+    spec = dict(cfg.molae or {})
+    unknown = set(spec) - {"latent_dim", "groups", "projections", "latent_moe_dim"}
+    if unknown:
+        raise ValueError(f"molae section has unknown keys {sorted(unknown)}: allowed latent_dim, groups, "
+                         "projections, latent_moe_dim")
+    if "latent_moe_dim" in spec:
+        one = {"latent_moe": int(spec["latent_moe_dim"])}
+    elif spec:
+        projections = check_projections(spec.get("projections", ("up", "gate")))
+        one = {"latent": resolve_latent_dims(spec.get("latent_dim"), projections, m, n),
+               "groups": int(spec.get("groups", 1))}
+    else:
+        one = {"latent": {}, "groups": 1}  # our standard experts (fast path), exported in the family's layout
+    layers = moe_layers(cfg, vocab_size)
+    return dict(version=1, base_model_type=cfg.family, layers={str(i): dict(one) for i in layers},
+                source_layout={str(i): dict(layout="fused", names={}) for i in layers}, trained=dict(run=cfg.name))
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
+    """The family's causal LM with our experts modules, freshly initialised (seeded by cfg.seed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.family not in SUPPORTED:
+        raise ValueError(f"family {cfg.family!r} is not supported: choose one of {', '.join(SUPPORTED)}")
+    molae = layer_spec(cfg, vocab_size)
+    kwargs = {**cfg.model, "vocab_size": vocab_size, "initializer_range": cfg.init_std, "molae": molae,
+              "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    aux = cfg.aux_loss_coef > 0 and cfg.family not in ("deepseek_v3", "deepseek_v2")
+    kwargs.update(output_router_logits=aux, router_aux_loss_coef=cfg.aux_loss_coef)
+    config = AutoConfig.for_model(f"molae_{cfg.family}", **kwargs)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    for _, m in find_experts(model):
+        m.reset_parameters(cfg.init_std)
+    return model
+
+
+def is_standard(model) -> bool:
+    return all(not m.latent and not isinstance(m, LatentMoEExperts) for _, m in find_experts(model))
+
+
+def export_pretrained(model, config_molae: dict, state: dict, out: Path, tokenizer=None):
+    """save_pretrained into out: a standard MoE as the family's own model type (experts fused as
+    gate_up_proj [E, 2F, D] / down_proj [E, D, F], what `molae convert` takes); MoLAE or LatentMoE
+    as `molae_<family>`. `state` is the full (gathered) state dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if is_standard(model):
+        base_cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("molae", "model_type")}
+        base_cfg["architectures"] = [a.removeprefix("Molae") for a in base_cfg.get("architectures") or []]
+        base_cfg.pop("transformers_version", None)
+        config = AutoConfig.for_model(config_molae["base_model_type"], **base_cfg)
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(config)
+        sd = {}
+        for k, v in state.items():
+            if k.endswith(".experts.gate_proj"):
+                prefix = k[: -len("gate_proj")]
+                sd[prefix + "gate_up_proj"] = torch.cat([v, state[prefix + "up_proj"]], dim=1)
+            elif not k.endswith(".experts.up_proj"):
+                sd[k] = v
+        hf.load_state_dict(sd, strict=True, assign=True)
+        hf.config.output_router_logits = False
+        hf.save_pretrained(out)
+    else:
+        model.config.output_router_logits = False
+        # our tensor names as they are (the family's save would split a whole down_proj per expert)
+        model.save_pretrained(out, state_dict=state, save_original_format=False)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Median FLOP/s of a large square matmul in the training dtype on this device (the MFU denominator)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(8):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append((time.perf_counter() - t0) / 4)
+    return 2 * n**3 / float(np.median(times))
+
+
+def train_flops_per_token(model, seq_len: int) -> float:
+    """PaLM-style: 3 x the forward's matmul FLOPs (evaluate.efficiency: active weights, routed experts
+    by MOLAE.md §2's terms) + 12 * layers * heads * head_dim * seq_len for attention."""
+    from .evaluate import efficiency
+
+    c = model.config
+    head_dim = getattr(c, "v_head_dim", None) or getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attn = 12 * c.num_hidden_layers * c.num_attention_heads * head_dim * seq_len
+    return 3 * efficiency(model)["flops_per_token"] + attn
+
+
+class LoadMeter:
+    """Counts routed slots per expert per MoE layer, on the device, from the experts' inputs."""
+
+    def __init__(self, model):
+        self.counts, self.handles = {}, []
+        for name, m in find_experts(model):
+            if isinstance(m, Experts):
+                self.handles.append(m.register_forward_hook(self._hook(layer_index(name), m.n_experts)))
+
+    def _hook(self, layer, E):
+        def hook(module, args, output):
+            idx = args[1].detach().reshape(-1)
+            c = torch.bincount(idx, minlength=E)
+            self.counts[layer] = self.counts[layer] + c if layer in self.counts else c
+        return hook
+
+    def take(self) -> dict[int, torch.Tensor]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+    @staticmethod
+    def imbalance(counts: dict[int, torch.Tensor]) -> float | None:
+        """Mean over layers of max expert load / mean expert load (1.0 = perfectly balanced)."""
+        if not counts:
+            return None
+        r = [(c.max() / c.float().mean().clamp_min(1e-9)).item() for c in counts.values()]
+        return float(np.mean(r))
+
+
+def update_router_bias(model, counts: dict[int, torch.Tensor], speed: float):
+    """DeepSeek-V3's auxiliary-loss-free balancing: b_e += speed * sign(mean load - load_e)."""
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias") and layer_index(name) in counts:
+            load = counts[layer_index(name)].float()
+            buf.add_(speed * torch.sign(load.mean() - load).to(buf.dtype))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Run:
+    """Distributed context: rank, world, device; FSDP2 when world > 1."""
+
+    def __init__(self, device: str | None = None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(f"cuda:{local}" if device == "cuda" else device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def shard(model, run: Run):
+    """FSDP2: each decoder layer, then the root (embeddings, final norm, LM head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(run.device.type, (run.world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup` steps, then cosine from lr to lr * min_lr_ratio at `steps`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                            fused=torch.cuda.is_available() and next(model.parameters()).is_cuda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg) / cfg.lr)
+    return opt, sched
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if name not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype {cfg.dtype!r} is not known: allowed auto, bfloat16, float16, float32")
+    return None if name == "float32" else getattr(torch, name)
+
+
+def rng_state() -> dict:
+    s = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def full_state(model, opt, run: Run):
+    """(model state, optimizer state), whole tensors on the CPU, keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(path: Path, model, opt, sched, step: int, cfg: TrainConfig, run: Run, extra: dict):
+    """Every process gathers; process 0 writes beside `path` and renames onto it (never half-written)."""
+    msd, osd = full_state(model, opt, run)
+    if run.main:
+        part = path.with_name(path.name + ".partial")
+        torch.save(dict(model=msd, optimizer=osd, scheduler=sched.state_dict(), step=step, config=asdict(cfg),
+                        rng=rng_state(), **extra), part)
+        os.replace(part, path)
+    run.barrier()
+
+
+def load_checkpoint(path: Path, model, opt, sched) -> dict:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    set_model_state_dict(model, ck["model"], options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, opt, ck["optimizer"], options=StateDictOptions(full_state_dict=True, strict=False))
+    sched.load_state_dict(ck["scheduler"])
+    set_rng_state(ck["rng"])
+    return ck
+
+
+class Logger:
+    """Process 0 only: stdout (through tqdm), log.jsonl, and TensorBoard when it is installed."""
+
+    def __init__(self, out: Path, main: bool, resume_step: int | None):
+        self.main, self.path, self.tb = main, out / "log.jsonl", None
+        if not main:
+            return
+        if resume_step is not None and self.path.exists():  # drop what the lost interval logged
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            part = self.path.with_name("log.jsonl.partial")
+            part.write_text("".join(k + "\n" for k in keep))
+            os.replace(part, self.path)
+        elif self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step)
+        except ImportError:
+            self.tb = None
+
+    def log(self, record: dict, bar=None):
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and v is not None:
+                    self.tb.add_scalar(k, v, record["step"])
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        (bar.write if bar is not None else print)(text)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+@torch.no_grad()
+def validation_loss(model, data: TokenData, cfg: TrainConfig, run: Run, amp) -> float:
+    """Mean next-token cross-entropy (nats) over the fixed validation windows, split over processes."""
+    model.eval()
+    windows = data.val_windows(cfg.seq_len, cfg.eval_tokens)
+    total = torch.zeros(2, device=run.device, dtype=torch.float64)
+    mine = windows[run.rank::run.world]
+    steps = math.ceil(len(windows) / run.world / cfg.batch_size)  # equal on every process (FSDP needs it)
+    for i in range(steps):
+        x = mine[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(run.device)
+        if len(x) == 0:
+            x = windows[:1].to(run.device)  # keep collectives in step; not counted
+            count = False
+        else:
+            count = True
+        with amp():
+            logits = model(input_ids=x[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
+        if count:
+            total += torch.stack([loss.double(), torch.tensor(x[:, 1:].numel(), device=run.device, dtype=torch.float64)])
+    run.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def check_out(out: Path, resume: bool):
+    ck = out / "checkpoint.pt"
+    if resume and not ck.exists():
+        raise FileNotFoundError(f"--resume: {out} has no checkpoint.pt: start the run without --resume")
+    if not resume and (ck.exists() or (out / "model").exists()):
+        raise FileExistsError(f"{out} holds a run: pass --resume to continue it or choose another --out")
+
+
+def train(cfg: TrainConfig, data_dir, out, resume: bool = False, device: str | None = None,
+          progress: bool = True) -> dict:
+    """Train; returns the summary (also written to OUT/summary.json). See the module notes."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    check_out(out, resume)
+    data = TokenData(data_dir)
+    run = Run(device)
+    try:
+        return _train(cfg, data, out, resume, run, progress, tqdm)
+    finally:
+        run.close()
+
+
+def _train(cfg, data, out, resume, run, progress, tqdm):
+    if resume:
+        saved = config_from_dict(json.loads((out / "train_config.json").read_text()))
+        if cfg != saved and asdict(replace(cfg, steps=saved.steps)) != asdict(saved):
+            raise ValueError(f"--resume with a config that differs from {out}/train_config.json: "
+                             "resume with the same --config and overrides")
+        cfg = saved
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.vocab_size).to(run.device)
+    molae_spec = model.config.molae
+    flops_per_token = train_flops_per_token(model, cfg.seq_len)
+    params = dict(total=sum(p.numel() for p in model.parameters()),
+                  non_embedding=sum(p.numel() for n, p in model.named_parameters() if not is_embedding(n)))
+    from .evaluate import efficiency
+    eff = efficiency(model)
+    params.update(active=eff["active_params"], routed_experts=eff["routed_expert_params"])
+    meter = LoadMeter(model)
+    amp_dtype = autocast_dtype(cfg, run.device)
+    amp = (lambda: torch.autocast(run.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    if run.world > 1:
+        shard(model, run)
+    opt, sched = make_optimizer(model, cfg)
+    start = 0
+    if resume:
+        ck = load_checkpoint(out / "checkpoint.pt", model, opt, sched)
+        start = ck["step"]
+    elif run.main:
+        write_json_atomically(out / "train_config.json", asdict(cfg))
+    run.barrier()
+    if cfg.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    peak = measured_peak_flops(run.device, amp_dtype or torch.float32)
+    logger = Logger(out, run.main, start if resume else None)
+    if run.main and not resume:
+        logger.log(dict(step=0, event="start", params=params, flops_per_token=flops_per_token, peak_flops=peak,
+                        world=run.world, device=str(run.device), data=data.manifest.get("file_list_sha256"),
+                        tokenizer=data.manifest.get("tokenizer_sha256")))
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.name, unit="step", disable=not (progress and run.main))
+    window = dict(t0=time.perf_counter(), steps=0, loss=0.0, aux=0.0)
+    step_times = []
+    step = start
+    val = None
+    while step < cfg.steps:
+        t_step = time.perf_counter()
+        loss_sum = torch.zeros((), device=run.device)
+        aux_sum = torch.zeros((), device=run.device)
+        for micro in range(cfg.grad_accum):
+            j = micro * run.world + run.rank
+            x = data.batch(cfg.seed, step, j, cfg.batch_size, cfg.seq_len).to(run.device, non_blocking=True)
+            if run.world > 1:
+                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+            with amp():
+                outputs = model(input_ids=x[:, :-1])
+                loss = F.cross_entropy(outputs.logits.flatten(0, 1).float(), x[:, 1:].flatten())
+                aux = getattr(outputs, "aux_loss", None)
+                total = loss + cfg.aux_loss_coef * aux if aux is not None else loss
+            (total / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+            if aux is not None:
+                aux_sum += aux.detach() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        counts = meter.take()
+        if cfg.family in ("deepseek_v3", "deepseek_v2") and cfg.bias_update_speed > 0 and counts:
+            for c in counts.values():
+                run.all_reduce(c)
+            update_router_bias(model, counts, cfg.bias_update_speed)
+        step += 1
+        window["steps"] += 1
+        window["loss"] += loss_sum
+        window["aux"] += aux_sum
+        window.setdefault("counts", []).append(counts)
+        bar.update(1)
+        if cfg.time_budget_s and not resume and step <= min(cfg.warmup, 12):
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - t_step)
+            if step == min(cfg.warmup, 12):  # fix the schedule's length before the cosine starts
+                t = torch.tensor(float(np.median(step_times[2:] or step_times)), device=run.device)
+                run.all_reduce(t, dist.ReduceOp.MAX if run.world > 1 else None)
+                cfg = replace(cfg, steps=max(cfg.warmup + 1, int(cfg.time_budget_s / t.item())))
+                sched.lr_lambdas[0] = lambda s, c=cfg: lr_at(s, c) / c.lr
+                bar.total = cfg.steps
+                if run.main:
+                    write_json_atomically(out / "train_config.json", asdict(cfg))
+                    logger.log(dict(step=step, event="time_budget", step_seconds=t.item(), steps=cfg.steps), bar)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rec = _window_record(window, step, cfg, run, sched, grad_norm, flops_per_token, peak)
+            logger.log(rec, bar)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            window = dict(t0=time.perf_counter(), steps=0, loss=0.0, aux=0.0)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val = validation_loss(model, data, cfg, run, amp)
+            logger.log(dict(step=step, val_loss=val, tokens=step * cfg.tokens_per_step * run.world), bar)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run, {})
+            window["t0"] = time.perf_counter()  # checkpoint time is not training throughput
+    bar.close()
+    return _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt)
+
+
+def _window_record(window, step, cfg, run, sched, grad_norm, flops_per_token, peak) -> dict:
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - window["t0"]
+    stats = torch.stack([torch.as_tensor(window["loss"], device=run.device, dtype=torch.float32),
+                         torch.as_tensor(window["aux"], device=run.device, dtype=torch.float32)])
+    stats = run.all_reduce(stats) / run.world / window["steps"]
+    tokens = window["steps"] * cfg.tokens_per_step * run.world
+    counts = {}
+    for c in window["counts"]:
+        for layer, v in c.items():
+            counts[layer] = counts[layer] + v if layer in counts else v
+    gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    rec = dict(step=step, loss=stats[0].item(), lr=sched.get_last_lr()[0], grad_norm=float(gn),
+               tokens_per_s=tokens / seconds, mfu=tokens / seconds * flops_per_token / (peak * run.world),
+               load_imbalance=LoadMeter.imbalance(counts), tokens=step * cfg.tokens_per_step * run.world)
+    if cfg.aux_loss_coef > 0 and stats[1].item() > 0:
+        rec["aux_loss"] = stats[1].item()
+    return rec
+
+
+def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt) -> dict:
+    msd, _ = full_state(model, opt, run)
+    summary = None
+    if run.main:
+        records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+        train_recs = [r for r in records if "tokens_per_s" in r]
+        steady = [r["tokens_per_s"] for r in train_recs[1:]] or [r["tokens_per_s"] for r in train_recs]
+        mfus = [r["mfu"] for r in train_recs[1:]] or [r["mfu"] for r in train_recs]
+        summary = dict(config=asdict(cfg), params=params, flops_per_token=flops_per_token,
+                       train_flops=flops_per_token * cfg.steps * cfg.tokens_per_step * run.world,
+                       tokens=cfg.steps * cfg.tokens_per_step * run.world, world=run.world, device=str(run.device),
+                       device_name=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
+                       peak_flops=peak, final_val_loss=val,
+                       final_train_loss=train_recs[-1]["loss"] if train_recs else None,
+                       tokens_per_s=float(np.median(steady)) if steady else None,
+                       mfu=float(np.median(mfus)) if mfus else None,
+                       data=dict(path=str(data.path), file_list_sha256=data.manifest.get("file_list_sha256"),
+                                 tokenizer_sha256=data.manifest.get("tokenizer_sha256")),
+                       torch=torch.__version__)
+        tmp = out / ".model.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_pretrained(model, molae_spec, msd, tmp, data.tokenizer())
+        if (out / "model").exists():
+            shutil.rmtree(out / "model")
+        os.replace(tmp, out / "model")
+        write_json_atomically(out / "summary.json", summary)
+    logger.close()
+    run.barrier()
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_train_args(p: argparse.ArgumentParser):
+    p.add_argument("--config", required=True, help=f"a preset ({', '.join(PRESETS)}) or a TrainConfig JSON file")
+    p.add_argument("--data", required=True, help="a directory made by `molae data prepare`")
+    p.add_argument("--out", required=True, help="run directory (log, checkpoint, final model)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--seed", type=int, help="seed of the initialisation and of the data order")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each decoder layer")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="set --steps from the step time measured in the first steps, to train about this long")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any TrainConfig field: lr=1e-3, model.num_hidden_layers=4, molae.groups=4, molae=null")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args) -> TrainConfig:
+    cfg = apply_overrides(load_config(args.config), args.set)
+    flags = dict(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+                 lr=args.lr, seed=args.seed, compile=args.compile, time_budget_s=args.time_budget)
+    return replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+
+
+def cmd_train(args):
+    cfg = config_from_args(args)
+    summary = train(cfg, args.data, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
+    if summary is not None:
+        print(f"final validation loss {summary['final_val_loss']:.4f} after {summary['tokens']:,} tokens; "
+              f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {100 * summary['mfu']:.1f}%; model saved to "
+              f"{Path(args.out) / 'model'}")
+
+
+def main(argv=None) -> int:
+    from .cli import Parser, run_command
+
+    p = Parser(prog="python -m molae.train", description="pretrain an MoE / MoLAE model (one process or torchrun)")
+    add_train_args(p)
+    args = p.parse_args(argv)
+    return run_command(cmd_train, args, name="molae train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""`molae data prepare` and `molae train`: data, trainer, checkpoints/resume, FSDP2 with 2 gloo processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import molae  # noqa: F401  (registers the molae_* model types)
+from molae import data as D
+from molae import train as T
+from molae.layers import Experts, LatentMoEExperts
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+            moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+            tie_word_embeddings=False)
+
+
+def tiny_config(**kw) -> T.TrainConfig:
+    base = dict(name="tiny", family="qwen2_moe", model=dict(TINY), molae={"latent_dim": 16, "groups": 2}, seq_len=64,
+                batch_size=4, steps=12, warmup=3, log_every=1, eval_every=6, ckpt_every=4, eval_tokens=2048, lr=3e-3)
+    return T.TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    D.prepare([STDLIB / "json", STDLIB / "email", STDLIB / "asyncio", STDLIB / "http"], out, vocab_size=512,
+              val_fraction=0.3, tokenizer_bytes=0, progress=False)
+    return out
+
+
+def cli(*args, timeout=300, **kw):
+    return subprocess.run([sys.executable, "-m", "molae.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def losses(run: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def write_package(root: Path, name: str, text: str, n: int = 3):
+    for i in range(n):
+        p = root / name / f"sub{i % 2}" / f"m{i}.py"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"# {name} {i}\n" + text * 20 + f"\nx_{i} = {i}\n")
+
+
+def test_prepare_splits_by_package_and_trains_the_tokenizer_on_training_text_only(tmp_path):
+    src = tmp_path / "src"
+    for k in range(40):
+        write_package(src, f"pkg{k}", f"def f{k}(a, b):\n    return a + b * {k}\n")
+    marker = "qqzzyyxxwwvv"  # only in validation files: a train-only tokenizer learns no merge for it
+    keys = [D.split_key(Path(f"pkg{k}/sub{s}/m.py")) for k in range(40) for s in (0, 1)]
+    val_keys = {k for k in keys if D.in_validation(k, 0.2)}
+    assert val_keys and len(val_keys) < len(keys)
+    for key in val_keys:
+        for p in (src / key).glob("*.py"):
+            p.write_text(p.read_text() + f"\n{marker} = '{marker}' * 3  # {marker}\n" * 30)
+    (src / "notes.txt").write_text("not python")  # not matched by the default pattern
+    m = D.prepare([src], tmp_path / "out", vocab_size=400, val_fraction=0.2, progress=False)
+    rows = [line.split("\t") for line in (tmp_path / "out" / "files.tsv").read_text().splitlines()[1:]]
+    split_of = {}
+    for split, key, *_ in rows:
+        assert split_of.setdefault(key, split) == split, f"{key} is in both splits"
+    assert {k for k, s in split_of.items() if s == "val"} == val_keys
+    assert not any(r[5].endswith(".txt") for r in rows)
+    td = D.TokenData(tmp_path / "out")
+    assert td.train.size == m["tokens"]["train"] and td.val.size == m["tokens"]["val"]
+    assert sum(int(r[3]) for r in rows if r[0] == "train") == td.train.size
+    assert td.train.dtype == np.uint16 and int(td.train.max()) < m["vocab_size"]
+    tok = td.tokenizer()
+    assert len(tok.tokenize(marker)) > 3, "the tokenizer saw validation text"
+    assert len(tok.tokenize("    return a + b")) < len("    return a + b") / 2  # it learned the training text
+    eot = m["eot_id"]
+    assert (td.val == eot).sum() == m["files"]["val"]  # one end-of-text per document
+    assert tok.decode(td.train[: int(np.argmax(td.train == eot))].tolist()).startswith("# pkg")
+    assert len(m["file_list_sha256"]) == 64 and len(m["tokenizer_sha256"]) == 64
+    # Same input, same tokenizer: same bytes (deterministic), and --tokenizer reuses it.
+    m2 = D.prepare([src], tmp_path / "out2", val_fraction=0.2, tokenizer=tmp_path / "out" / "tokenizer", progress=False)
+    assert m2["tokenizer_sha256"] == m["tokenizer_sha256"] and m2["file_list_sha256"] == m["file_list_sha256"]
+    assert (tmp_path / "out" / "train.bin").read_bytes() == (tmp_path / "out2" / "train.bin").read_bytes()
+
+
+def test_prepare_reads_jsonl_and_txt_and_drops_duplicates(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"document number {i} " * 20}) for i in range(30)))
+    (tmp_path / "b.txt").write_text("plain text file " * 100)
+    (tmp_path / "c.txt").write_text("plain text file " * 100)  # same content as b: dropped
+    more = []
+    for i in range(8):
+        more.append(tmp_path / f"n{i}.txt")
+        more[-1].write_text(f"text {i} " * 50)
+    m = D.prepare([tmp_path / "a.jsonl", tmp_path / "b.txt", tmp_path / "c.txt", *more], tmp_path / "out",
+                  vocab_size=300, val_fraction=0.5, progress=False)
+    assert m["skipped"]["duplicate"] == 1
+    td = D.TokenData(tmp_path / "out")
+    assert int((td.train == m["eot_id"]).sum() + (td.val == m["eot_id"]).sum()) == 30 + 1 + 8  # records + files
+
+
+def test_prepare_bad_input_is_one_line_and_leaves_nothing(tmp_path):
+    r = cli("data", "prepare", tmp_path / "missing", "--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+    (tmp_path / "only.py").write_text("x = 1\n")
+    r = cli("data", "prepare", tmp_path / "only.py", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "left validation empty" in r.stderr or "left training empty" in r.stderr
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    r = cli("data", "prepare", tmp_path / "bad.jsonl", tmp_path / "only.py", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "--text-field" in r.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_batches_are_a_function_of_seed_step_and_index(data_dir):
+    td = D.TokenData(data_dir)
+    a, b = td.batch(0, 5, 1, 4, 32), td.batch(0, 5, 1, 4, 32)
+    assert a.shape == (4, 33) and torch.equal(a, b)
+    assert not torch.equal(a, td.batch(0, 5, 0, 4, 32)) and not torch.equal(a, td.batch(0, 6, 1, 4, 32))
+    s = int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(td.train, 33) == a[0].numpy(), axis=1))[0])
+    assert torch.equal(torch.from_numpy(td.train[s:s + 33].astype(np.int64)), a[0])  # a real window of train.bin
+    w = td.val_windows(32, 320)
+    assert w.shape == (10, 33)
+
+
+def test_bigram_loss_of_a_deterministic_and_a_random_sequence():
+    cyc = np.tile(np.arange(50, dtype=np.uint16), 400)
+    assert D.bigram_loss(cyc[:10000], cyc[10000:], 50)["bigram_loss"] < 0.06  # next token fully determined
+    rng = np.random.default_rng(0)
+    r = D.bigram_loss(rng.integers(0, 50, 50000).astype(np.uint16), rng.integers(0, 50, 5000).astype(np.uint16), 50)
+    assert abs(r["unigram_loss"] - np.log(50)) < 0.02 and r["bigram_loss"] > np.log(50) - 0.05
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+
+def test_latent_moe_experts_is_project_route_project():
+    torch.manual_seed(0)
+    m = LatentMoEExperts(24, 16, 6, 8)
+    x, idx = torch.randn(10, 24), torch.randint(0, 6, (10, 2))
+    w = torch.rand(10, 2)
+    ref = Experts(8, 16, 6)
+    ref.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("proj_")})
+    ref.impl = "reference"
+    want = ref(x @ m.proj_in.T, idx, w) @ m.proj_out.T
+    torch.testing.assert_close(m(x, idx, w), want, rtol=1e-5, atol=1e-6)
+
+
+def test_product_init_has_the_whole_matrix_scale():
+    torch.manual_seed(0)
+    e = Experts(256, 128, 16, {"gate": 64, "down": 32}, groups=2)
+    e.reset_parameters(0.02)
+    W = e.dense_weights()
+    for kind in ("gate", "up", "down"):
+        assert abs(W[kind].std().item() - 0.02) < 0.002, kind
+
+
+def test_fast_path_under_cpu_autocast_agrees_with_the_float32_reference():
+    torch.manual_seed(1)
+    e = Experts(64, 32, 8, {"gate": 16, "up": 16, "down": 16}, groups=2)
+    x, idx, w = torch.randn(40, 64), torch.randint(0, 8, (40, 2)), torch.rand(40, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = e(x, idx, w)
+    assert y.dtype == torch.bfloat16
+    e.impl = "reference"
+    torch.testing.assert_close(y.float(), e(x, idx, w), rtol=3e-2, atol=3e-2)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = tiny_config(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    lrs = [T.lr_at(s, cfg) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[100] == pytest.approx(0.1)
+
+
+def test_presets_build_and_reference_models_are_50_to_200m_parameters():
+    from molae.evaluate import efficiency
+
+    for name, cfg in T.PRESETS.items():
+        with torch.device("meta"):
+            model = T.build_model(cfg, 16384 if name != "demo" else 256)
+        total = efficiency(model)["total_params"]
+        if name.startswith("ref-"):
+            assert 50e6 <= total <= 200e6, (name, total)
+    with torch.device("meta"):
+        ds = T.build_model(T.PRESETS["ref-deepseek-v3"], 16384)
+    assert T.moe_layers(T.PRESETS["ref-deepseek-v3"], 16384)[0] == 1  # first layer dense
+    assert any(n.endswith("e_score_correction_bias") for n, _ in ds.named_buffers())
+
+
+def test_overrides_and_config_errors():
+    cfg = T.apply_overrides(tiny_config(), ["lr=0.01", "model.num_hidden_layers=3", "molae.groups=4"])
+    assert cfg.lr == 0.01 and cfg.model["num_hidden_layers"] == 3 and cfg.molae["groups"] == 4
+    assert T.apply_overrides(cfg, ["molae=null"]).molae is None
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        T.apply_overrides(cfg, ["lrr=1"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        T.apply_overrides(cfg, ["lr"])
+    with pytest.raises(ValueError, match="neither a preset"):
+        T.load_config("no-such-preset")
+    with pytest.raises(ValueError, match="unknown keys"):
+        T.build_model(tiny_config(molae={"latent": 3}), 512)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_lowers_validation_loss_and_the_saved_model_reproduces_it(data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(steps=30, eval_every=30, log_every=5, ckpt_every=30, eval_tokens=4096)
+    summary = T.train(cfg, data_dir, tmp_path / "run", progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if "loss" in r]
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.5
+    assert summary["final_val_loss"] < np.log(512) - 0.5
+    for r in train_recs:
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["load_imbalance"] >= 1 and r["aux_loss"] > 0
+    assert summary["tokens"] == 30 * 4 * 64 and summary["params"]["routed_experts"] > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert type(model).__name__ == "MolaeQwen2MoeForCausalLM"
+    assert model.model.layers[0].mlp.experts.latent == {"gate": 16, "up": 16}
+    td = D.TokenData(data_dir)
+    amp = T.contextlib.nullcontext
+    val = T.validation_loss(model, td, cfg, T.Run("cpu"), amp)
+    assert val == pytest.approx(summary["final_val_loss"], rel=1e-5)
+
+
+def test_standard_moe_run_exports_the_family_model_that_convert_and_decompress_take(data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from molae.convert import ConvertOptions, convert_checkpoint, decompress_checkpoint
+
+    T.train(tiny_config(molae=None, steps=4, eval_every=4, ckpt_every=4), data_dir, tmp_path / "moe", progress=False)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "moe" / "model")
+    assert type(base).__name__ == "Qwen2MoeForCausalLM"
+    convert_checkpoint(tmp_path / "moe" / "model", tmp_path / "conv", ConvertOptions(latent_dim=64))
+    conv = AutoModelForCausalLM.from_pretrained(tmp_path / "conv")
+    x = torch.randint(0, 512, (2, 32))
+    torch.testing.assert_close(conv(x).logits, base(x).logits, rtol=1e-4, atol=1e-4)  # d = n: lossless
+    # A trained MoLAE run decompresses into the plain family with identical outputs.
+    T.train(tiny_config(steps=4, eval_every=4, ckpt_every=4), data_dir, tmp_path / "molae", progress=False)
+    decompress_checkpoint(tmp_path / "molae" / "model", tmp_path / "dec")
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "molae" / "model")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "dec")
+    assert type(b).__name__ == "Qwen2MoeForCausalLM"
+    torch.testing.assert_close(b(x).logits, a(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_other_families_train_and_deepseek_balances_with_its_bias(family, data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = dict(mixtral=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
+                 deepseek_v3=dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                                  intermediate_size=96, moe_intermediate_size=16, n_routed_experts=8,
+                                  n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1,
+                                  topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=16,
+                                  qk_nope_head_dim=16, v_head_dim=32))[family]
+    cfg = tiny_config(family=family, model=dict(model, tie_word_embeddings=False), steps=6, eval_every=6,
+                      ckpt_every=6, molae={"latent_dim": 16, "projections": ["gate", "up", "down"]})
+    summary = T.train(cfg, data_dir, tmp_path / "run", progress=False)
+    assert np.isfinite(summary["final_val_loss"])
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    if family == "deepseek_v3":
+        bias = dict(m.named_buffers())["model.layers.1.mlp.gate.e_score_correction_bias"]
+        assert bias.abs().sum() > 0  # updated by the loss-free balancing rule
+        assert "aux_loss" not in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[1])
+
+
+def test_latent_moe_run_trains_and_loads(data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(molae={"latent_moe_dim": 32}, steps=4, eval_every=4, ckpt_every=4)
+    summary = T.train(cfg, data_dir, tmp_path / "run", progress=False)
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert isinstance(m.model.layers[0].mlp.experts, LatentMoEExperts)
+    val = T.validation_loss(m, D.TokenData(data_dir), cfg, T.Run("cpu"), T.contextlib.nullcontext)
+    assert val == pytest.approx(summary["final_val_loss"], rel=1e-5)
+
+
+def test_time_budget_sets_the_step_count_during_warmup(data_dir, tmp_path):
+    cfg = tiny_config(steps=100000, warmup=12, time_budget_s=3.0, eval_every=10**6, ckpt_every=10**6)
+    summary = T.train(cfg, data_dir, tmp_path / "run", progress=False)
+    steps = summary["config"]["steps"]
+    assert 12 < steps < 100000
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["steps"] == steps
+
+
+def write_config(path: Path, **kw) -> Path:
+    from dataclasses import asdict
+
+    path.write_text(json.dumps(asdict(tiny_config(**kw))))
+    return path
+
+
+def test_resume_after_kill_continues_the_same_loss_curve(data_dir, tmp_path):
+    cfg = write_config(tmp_path / "cfg.json", steps=40, ckpt_every=5, eval_every=40)
+    r = cli("train", "--config", cfg, "--data", data_dir, "--out", tmp_path / "full", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "molae.cli", "train", "--config", str(cfg), "--data", str(data_dir),
+                             "--out", str(tmp_path / "killed"), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and max(losses(tmp_path / "killed"), default=0) >= 13):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = max(losses(tmp_path / "killed"))
+    assert 13 <= done < 40, "the run was not killed midway"
+    assert not (tmp_path / "killed" / "model").exists()
+    ck = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+    assert done - 5 <= ck["step"] <= done  # at most one interval lost
+    r = cli("train", "--config", cfg, "--data", data_dir, "--out", tmp_path / "killed", "--no-progress")
+    assert r.returncode == 2 and "--resume" in r.stderr  # refuses to overwrite a run
+    r = cli("train", "--config", cfg, "--data", data_dir, "--out", tmp_path / "killed", "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 41))  # the log has each step once
+    for step in range(1, 41):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), step
+    a = json.loads((tmp_path / "full" / "summary.json").read_text())["final_val_loss"]
+    b = json.loads((tmp_path / "killed" / "summary.json").read_text())["final_val_loss"]
+    assert b == pytest.approx(a, rel=1e-6)
+
+
+def test_train_bad_input_is_one_line(data_dir, tmp_path):
+    r = cli("train", "--config", "nope", "--data", data_dir, "--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "neither a preset" in r.stderr
+    r = cli("train", "--config", "demo", "--data", tmp_path, "--out", tmp_path / "o")
+    assert r.returncode == 2 and "molae data prepare" in r.stderr
+    r = cli("train", "--config", "demo", "--data", data_dir, "--out", tmp_path / "o", "--resume")
+    assert r.returncode == 2 and "no checkpoint.pt" in r.stderr
+    r = cli("train", "--config", "demo", "--data", data_dir, "--out", tmp_path / "o", "--set", "family=gpt2")
+    assert r.returncode == 2 and "not supported" in r.stderr
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_fsdp2_two_gloo_processes_match_one_process_with_accumulation(data_dir, tmp_path):
+    """Two FSDP2 processes (gloo, CPU) with micro-batches j = rank see the tokens one process sees with
+    grad_accum 2 (j = micro): the loss curves agree to float tolerance."""
+    cfg = write_config(tmp_path / "cfg.json", steps=6, ckpt_every=3, eval_every=6)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "molae.train",
+                        "--config", str(cfg), "--data", str(data_dir), "--out", str(tmp_path / "fsdp"), "--no-progress"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli("train", "--config", cfg, "--data", data_dir, "--out", tmp_path / "one", "--grad-accum", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    two, one = losses(tmp_path / "fsdp"), losses(tmp_path / "one")
+    assert sorted(two) == sorted(one) == list(range(1, 7))
+    for s in one:
+        assert two[s] == pytest.approx(one[s], rel=1e-4), s
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["tokens"] == 6 * 2 * 4 * 64
+    assert (tmp_path / "fsdp" / "model" / "config.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_in_bf16_autocast(data_dir, tmp_path):
+    cfg = tiny_config(steps=20, eval_every=20, ckpt_every=20, log_every=5, model=dict(TINY, hidden_size=128),
+                      molae={"latent_dim": 32, "projections": ["gate", "up", "down"]})
+    summary = T.train(cfg, data_dir, tmp_path / "run", device="cuda", progress=False)
+    recs = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert recs[-1]["loss"] < recs[0]["loss"] and np.isfinite(summary["final_val_loss"])
+    assert summary["device_name"] != "cpu" and summary["peak_flops"] > 1e13
