@@ -26,6 +26,19 @@ def cmd_data_prepare(args):
           f"{m['vocab_size']}; file list sha256 {m['file_list_sha256'][:16]}; {m['seconds']} s")
 
 
+def cmd_data_bigram(args):
+    from .data import TokenData, bigram_loss
+
+    td = TokenData(args.data)
+    r = dict(data=str(args.data), file_list_sha256=td.manifest.get("file_list_sha256"),
+             **bigram_loss(td.train, td.val, td.vocab_size))
+    print(f"validation loss (nats/token): bigram {r['bigram_loss']:.4f} (lambda {r['bigram_lambda']}), "
+          f"unigram {r['unigram_loss']:.4f}, over {r['val_tokens']:,} tokens")
+    if args.json:
+        from .checkpoint import write_json_atomically
+        write_json_atomically(args.json, r)
+
+
 def cmd_train(args):
     from .train import cmd_train as run
 
@@ -155,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="use this saved tokenizer directory instead of training one")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     prep.set_defaults(func=cmd_data_prepare)
+
+    bg = data.add_parser("bigram", help="validation loss of a bigram model counted on the training split",
+                         description="The floor a language model trained on a prepared directory must clearly beat: "
+                                     "an interpolated bigram model (lambda chosen on validation) and a unigram model.")
+    bg.add_argument("data", type=Path, help="a directory made by molae data prepare")
+    bg.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
+    bg.set_defaults(func=cmd_data_bigram)
 
     from .train import add_train_args
 

@@ -113,17 +113,20 @@ PRESETS: dict[str, TrainConfig] = {
     # Reference models ([4], results/reference_models.md), each about 7 minutes on an H100 (--time-budget 420).
     # n ~ m: fine-grained routed experts plus a shared expert (Qwen1.5-MoE-A2.7B: m/n = 0.69, 60 experts, top-4).
     "ref-qwen2-moe": TrainConfig(name="ref-qwen2-moe", family="qwen2_moe",
-                                 model=_qwen2_moe(512, 8, 8, 24, 4, 384, 768), seq_len=1024, batch_size=32,
-                                 steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500),
+                                 model=_qwen2_moe(512, 6, 8, 24, 4, 384, 768), seq_len=1024, batch_size=32,
+                                 steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
+                                 compile=True),
     # 8 experts, top-2, no shared expert, m = 2.5 n (Mixtral-8x7B: m = 3.5 n), grouped-query attention.
     "ref-mixtral": TrainConfig(name="ref-mixtral", family="mixtral",
                                model=_mixtral(512, 6, 8, 4, 8, 2, 1280), seq_len=1024, batch_size=32,
-                               steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500),
+                               steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
+                               compile=True),
     # n >> m: 48 small experts (m = n/4), top-6, sigmoid router + correction bias, one shared expert,
     # first layer dense, multi-head latent attention (DeepSeek-V3: n = 3.5 m, 256 experts, top-8).
     "ref-deepseek-v3": TrainConfig(name="ref-deepseek-v3", family="deepseek_v3",
-                                   model=_deepseek_v3(640, 8, 10, 48, 6, 160, 1, 1728), seq_len=1024, batch_size=32,
-                                   steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500),
+                                   model=_deepseek_v3(640, 7, 10, 48, 6, 160, 1, 1728), seq_len=1024, batch_size=32,
+                                   steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
+                                   compile=True),
     # The pretraining comparison's base (results/pretrain.md): n = m, 16 experts, top-2; variants set `molae`.
     "pretrain-moe": TrainConfig(name="pretrain-moe", family="qwen2_moe", model=_qwen2_moe(512, 6, 8, 16, 2, 512, 0),
                                 seq_len=512, batch_size=64, steps=1500, lr=2e-3, warmup=100, log_every=25,
@@ -492,29 +495,36 @@ class Logger:
             self.tb.close()
 
 
-@torch.no_grad()
-def validation_loss(model, data: TokenData, cfg: TrainConfig, run: Run, amp) -> float:
-    """Mean next-token cross-entropy (nats) over the fixed validation windows, split over processes."""
-    model.eval()
+def validation_windows(data: TokenData, cfg: TrainConfig, world: int) -> torch.Tensor:
+    """The fixed validation windows, [W, seq_len + 1], W a multiple of batch_size * world (whole
+    batches of the training shape on every process: no recompilation, collectives in step)."""
     windows = data.val_windows(cfg.seq_len, cfg.eval_tokens)
+    per = cfg.batch_size * world
+    return windows[: max(per, len(windows) // per * per)]
+
+
+@torch.no_grad()
+def validation_loss(model, data: TokenData, cfg: TrainConfig, run: Run, amp, bits_per_byte: bool = False):
+    """Mean next-token cross-entropy (nats) over the fixed validation windows, split over processes.
+    With bits_per_byte, also (summed NLL in bits) / (UTF-8 bytes of the scored tokens, decoded)."""
+    model.eval()
+    windows = validation_windows(data, cfg, run.world)
     total = torch.zeros(2, device=run.device, dtype=torch.float64)
     mine = windows[run.rank::run.world]
-    steps = math.ceil(len(windows) / run.world / cfg.batch_size)  # equal on every process (FSDP needs it)
-    for i in range(steps):
-        x = mine[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(run.device)
-        if len(x) == 0:
-            x = windows[:1].to(run.device)  # keep collectives in step; not counted
-            count = False
-        else:
-            count = True
+    for i in range(0, len(mine), cfg.batch_size):
+        x = mine[i:i + cfg.batch_size].to(run.device)
         with amp():
             logits = model(input_ids=x[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
-        if count:
-            total += torch.stack([loss.double(), torch.tensor(x[:, 1:].numel(), device=run.device, dtype=torch.float64)])
+        total += torch.stack([loss.double(), torch.tensor(x[:, 1:].numel(), device=run.device, dtype=torch.float64)])
     run.all_reduce(total)
     model.train()
-    return (total[0] / total[1]).item()
+    loss = (total[0] / total[1]).item()
+    if not bits_per_byte:
+        return loss
+    tok = data.tokenizer()
+    n_bytes = sum(len(tok.decode(w[1:].tolist()).encode()) for w in windows)
+    return loss, total[0].item() / math.log(2) / n_bytes
 
 
 def check_out(out: Path, resume: bool):
@@ -571,6 +581,7 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
         write_json_atomically(out / "train_config.json", asdict(cfg))
     run.barrier()
     if cfg.compile:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
         for layer in model.model.layers:
             layer.compile()
     peak = measured_peak_flops(run.device, amp_dtype or torch.float32)
@@ -637,8 +648,13 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             window = dict(t0=time.perf_counter(), steps=0, loss=0.0, aux=0.0)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            val = validation_loss(model, data, cfg, run, amp)
-            logger.log(dict(step=step, val_loss=val, tokens=step * cfg.tokens_per_step * run.world), bar)
+            if step == cfg.steps:
+                val, bpb = validation_loss(model, data, cfg, run, amp, bits_per_byte=True)
+                logger.log(dict(step=step, val_loss=val, val_bits_per_byte=bpb,
+                                tokens=step * cfg.tokens_per_step * run.world), bar)
+            else:
+                val = validation_loss(model, data, cfg, run, amp)
+                logger.log(dict(step=step, val_loss=val, tokens=step * cfg.tokens_per_step * run.world), bar)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run, {})
             window["t0"] = time.perf_counter()  # checkpoint time is not training throughput
@@ -679,7 +695,8 @@ def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_to
                        train_flops=flops_per_token * cfg.steps * cfg.tokens_per_step * run.world,
                        tokens=cfg.steps * cfg.tokens_per_step * run.world, world=run.world, device=str(run.device),
                        device_name=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
-                       peak_flops=peak, final_val_loss=val,
+                       peak_flops=peak, final_val_loss=val, val_bits_per_byte=records[-1].get("val_bits_per_byte"),
+                       val_tokens=int(validation_windows(data, cfg, run.world)[:, 1:].numel()),
                        final_train_loss=train_recs[-1]["loss"] if train_recs else None,
                        tokens_per_s=float(np.median(steady)) if steady else None,
                        mfu=float(np.median(mfus)) if mfus else None,
