@@ -4,7 +4,8 @@
 source scripts/gpu/common.sh
 PRESET=$1; BUDGET=${2:-400}
 nvidia-smi --query-gpu=name --format=csv,noheader
-prepare_data results/data/tokenizer 2>&1 | tail -1
+[ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1  # a warm machine keeps it
+rm -rf /tmp/run
 cp $DATA/manifest.json $OUT/manifest.json
 python3 -m molae.cli data bigram $DATA --json $OUT/bigram.json > $OUT/bigram.log 2>&1 &
 python3 -m molae.train --config $PRESET --data $DATA --out /tmp/run --time-budget $BUDGET --no-progress 2>&1 \
