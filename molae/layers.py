@@ -197,8 +197,33 @@ def grouped_linear(x_SI, w_EOI, expert_S, offs_E, use_grouped_mm: bool | None = 
     if use_grouped_mm is None:
         use_grouped_mm = _grouped_mm_supported(x_SI, w_EOI)
     if use_grouped_mm:
-        return F.grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offs_E)
+        return _GroupedLinear.apply(x_SI, w_EOI, offs_E)
     return _padded_bmm(x_SI, w_EOI, expert_S, offs_E)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """grouped_mm with its backward written out, so that experts that received no rows get an
+    explicit zero weight gradient. The CUDA grouped weight-gradient kernel may leave such groups
+    uninitialised (allocator garbage, NaN included), which a MoE whose routing leaves experts idle
+    (sigmoid routers early in training) turns into NaN parameters via the global clip norm."""
+
+    @staticmethod
+    def forward(ctx, x_SI, w_EOI, offs_E):
+        ctx.save_for_backward(x_SI, w_EOI, offs_E)
+        return F.grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, g_SO):
+        x_SI, w_EOI, offs_E = ctx.saved_tensors
+        g_SO = g_SO.contiguous()
+        dx_SI = F.grouped_mm(g_SO, w_EOI, offs=offs_E) if ctx.needs_input_grad[0] else None
+        dw_EOI = None
+        if ctx.needs_input_grad[1]:
+            dw_EOI = F.grouped_mm(g_SO.t(), x_SI, offs=offs_E)  # groups along the reduction (row) dim
+            rows_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
+            dw_EOI = torch.where((rows_E > 0)[:, None, None], dw_EOI, torch.zeros((), dtype=dw_EOI.dtype,
+                                                                                  device=dw_EOI.device))
+        return dx_SI, dw_EOI, None
 
 
 def _padded_bmm(x_SI, w_EOI, expert_S, offs_E):
