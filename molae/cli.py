@@ -267,7 +267,7 @@ def run_command(func, args, name: str | None = None) -> int:
     name = name or f"molae {args.command}"
     try:
         func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, OSError, FloatingPointError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -125,7 +125,7 @@ PRESETS: dict[str, TrainConfig] = {
     # first layer dense, multi-head latent attention (DeepSeek-V3: n = 3.5 m, 256 experts, top-8).
     "ref-deepseek-v3": TrainConfig(name="ref-deepseek-v3", family="deepseek_v3",
                                    model=_deepseek_v3(640, 7, 10, 48, 6, 160, 1, 1728), seq_len=1024, batch_size=32,
-                                   steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
+                                   steps=4000, lr=1.5e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
                                    compile=True),
     # The pretraining comparison's base (results/pretrain.md): n = m, 16 experts, top-2; variants set `molae`.
     "pretrain-moe": TrainConfig(name="pretrain-moe", family="qwen2_moe", model=_qwen2_moe(512, 6, 8, 16, 2, 512, 0),
@@ -329,6 +329,16 @@ class LoadMeter:
             return None
         r = [(c.max() / c.float().mean().clamp_min(1e-9)).item() for c in counts.values()]
         return float(np.mean(r))
+
+
+def nonfinite_grads(model) -> list[str]:
+    """Names of the parameters whose (local) gradient holds a NaN or an infinity."""
+    out = []
+    for n, p in model.named_parameters():
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        if g is not None and not torch.isfinite(g).all():
+            out.append(n)
+    return out
 
 
 def update_router_bias(model, counts: dict[int, torch.Tensor], speed: float):
@@ -594,6 +604,7 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
     bar = tqdm(total=cfg.steps, initial=start, desc=cfg.name, unit="step", disable=not (progress and run.main))
     window = dict(t0=time.perf_counter(), steps=0, loss=0.0, aux=0.0)
     step_times = []
+    skipped = bad_streak = 0
     step = start
     val = None
     while step < cfg.steps:
@@ -614,8 +625,21 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
             loss_sum += loss.detach() / cfg.grad_accum
             if aux is not None:
                 aux_sum += aux.detach() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        params_with_grad = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params_with_grad])
+        gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if torch.isfinite(gn):
+            torch.nn.utils.clip_grads_with_norm_(params_with_grad, cfg.grad_clip, grad_norm)
+            opt.step()
+            bad_streak = 0
+        else:  # skip the update (a NaN would reach every parameter through the clip factor); say where
+            skipped, bad_streak = skipped + 1, bad_streak + 1
+            if run.main:
+                logger.log(dict(step=step + 1, event="nonfinite_grad", loss=float(loss_sum),
+                                params=nonfinite_grads(model)[:8]), bar)
+            if bad_streak > 25:
+                raise FloatingPointError(f"{bad_streak} steps in a row with non-finite gradients at step {step + 1}: "
+                                         "lower --lr or check the model config")
         sched.step()
         opt.zero_grad(set_to_none=True)
         counts = meter.take()
@@ -659,7 +683,7 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
             save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run, {})
             window["t0"] = time.perf_counter()  # checkpoint time is not training throughput
     bar.close()
-    return _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt)
+    return _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt, skipped)
 
 
 def _window_record(window, step, cfg, run, sched, grad_norm, flops_per_token, peak) -> dict:
@@ -683,7 +707,7 @@ def _window_record(window, step, cfg, run, sched, grad_norm, flops_per_token, pe
     return rec
 
 
-def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt) -> dict:
+def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt, skipped) -> dict:
     msd, _ = full_state(model, opt, run)
     summary = None
     if run.main:
@@ -698,7 +722,7 @@ def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_to
                        peak_flops=peak, final_val_loss=val, val_bits_per_byte=records[-1].get("val_bits_per_byte"),
                        val_tokens=int(validation_windows(data, cfg, run.world)[:, 1:].numel()),
                        final_train_loss=train_recs[-1]["loss"] if train_recs else None,
-                       tokens_per_s=float(np.median(steady)) if steady else None,
+                       tokens_per_s=float(np.median(steady)) if steady else None, skipped_steps=skipped,
                        mfu=float(np.median(mfus)) if mfus else None,
                        data=dict(path=str(data.path), file_list_sha256=data.manifest.get("file_list_sha256"),
                                  tokenizer_sha256=data.manifest.get("tokenizer_sha256")),

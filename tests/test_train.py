@@ -376,3 +376,22 @@ def test_training_on_cuda_in_bf16_autocast(data_dir, tmp_path):
     recs = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert recs[-1]["loss"] < recs[0]["loss"] and np.isfinite(summary["final_val_loss"])
     assert summary["device_name"] != "cpu" and summary["peak_flops"] > 1e13
+
+
+def test_a_nonfinite_gradient_skips_the_update_and_is_logged(data_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = torch.nn.utils.get_total_norm
+
+    def poisoned(grads, *args, **kw):
+        grads = list(grads)
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3: one NaN in one gradient
+            grads[5].view(-1)[0] = float("nan")
+        return real(grads, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", poisoned)
+    summary = T.train(tiny_config(steps=6, eval_every=6, ckpt_every=6), data_dir, tmp_path / "run", progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    bad = [r for r in recs if r.get("event") == "nonfinite_grad"]
+    assert len(bad) == 1 and bad[0]["step"] == 3 and len(bad[0]["params"]) == 1
+    assert summary["skipped_steps"] == 1 and np.isfinite(summary["final_val_loss"])
