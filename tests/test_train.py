@@ -395,3 +395,33 @@ def test_a_nonfinite_gradient_skips_the_update_and_is_logged(data_dir, tmp_path,
     bad = [r for r in recs if r.get("event") == "nonfinite_grad"]
     assert len(bad) == 1 and bad[0]["step"] == 3 and len(bad[0]["params"]) == 1
     assert summary["skipped_steps"] == 1 and np.isfinite(summary["final_val_loss"])
+
+
+def test_reports_are_built_from_the_runs_files(data_dir, tmp_path):
+    """reference / pretrain / scaling reports read every figure from real (tiny, CPU) runs' files."""
+    from molae import experiments as X
+
+    cfg = tiny_config(steps=4, eval_every=2, ckpt_every=4, log_every=2)
+    summary = T.train(cfg, data_dir, tmp_path / "run", progress=False)
+    assert cli("data", "bigram", data_dir, "--json", tmp_path / "run" / "bigram.json").returncode == 0
+    ref = X.reference_report({"tiny": (tmp_path / "run", "abc1234")}, tmp_path / "res", "cpu", "2026-11-22", "cmd")
+    row = ref["models"]["tiny"]
+    assert row["final_val_loss"] == summary["final_val_loss"] and row["tokens"] == summary["tokens"]
+    assert row["bigram"]["bigram_loss"] == json.loads((tmp_path / "run" / "bigram.json").read_text())["bigram_loss"]
+    md = (tmp_path / "res" / "reference_models.md").read_text()
+    assert f"{summary['final_val_loss']:.4f}" in md and (tmp_path / "res" / "reference_models.png").stat().st_size > 0
+    lines = []
+    for name, molae_spec in (("moe", None), ("molae-g1-all", {"latent_dim": 16, "projections": ["gate", "up", "down"]})):
+        T.train(tiny_config(molae=molae_spec, steps=4, eval_every=2, ckpt_every=4), data_dir, tmp_path / name,
+                progress=False)
+        s = json.loads((tmp_path / name / "summary.json").read_text())
+        lines.append(json.dumps(dict(s, variant=name, log=[json.loads(x) for x in
+                                                          (tmp_path / name / "log.jsonl").read_text().splitlines()])))
+    (tmp_path / "pre.jsonl").write_text("\n".join(lines) + "\n")
+    pre = X.pretrain_report(tmp_path / "pre.jsonl", tmp_path / "res", "abc", "cpu", "2026-11-22", "cmd")
+    small = pre["rows"][1]
+    assert small["non_embedding_vs_moe"] < 1 and small["params"] == json.loads(lines[1])["params"]
+    sc = [dict(json.loads(lines[0]), world=1, tokens_per_s=100.0), dict(json.loads(lines[0]), world=2, tokens_per_s=150.0)]
+    (tmp_path / "sc.jsonl").write_text("\n".join(map(json.dumps, sc)) + "\n")
+    res = X.scaling_report(tmp_path / "sc.jsonl", tmp_path / "res", "abc", "cpu", "2026-11-22", "cmd")
+    assert res["rows"][1]["efficiency"] == pytest.approx(0.75)
