@@ -230,7 +230,7 @@ def prepare(sources, out, vocab_size: int = 16384, val_fraction: float = 0.05, p
             continue
         key = split_key(rel)
         split = "val" if in_validation(key, val_fraction) else "train"
-        docs[split].append((path, texts))
+        docs[split].append((path, texts, len(rows)))
         rows.append([split, key, len(content), 0, i, str(rel)])
         list_hash.update(f"{i}\t{rel}\t{digest}\n".encode())
     if not docs["train"] or not docs["val"]:
@@ -243,7 +243,7 @@ def prepare(sources, out, vocab_size: int = 16384, val_fraction: float = 0.05, p
     try:
         if tokenizer is None:
             sample, size = [], 0
-            for path, texts in sorted(docs["train"], key=lambda d: zlib.crc32(str(d[0]).encode())):
+            for path, texts, _ in sorted(docs["train"], key=lambda d: zlib.crc32(str(d[0]).encode())):
                 sample += texts
                 size += sum(len(t) for t in texts)
                 if tokenizer_bytes and size >= tokenizer_bytes:
@@ -259,28 +259,22 @@ def prepare(sources, out, vocab_size: int = 16384, val_fraction: float = 0.05, p
         V = len(tok)
         dtype = np.uint16 if V <= 2**16 else np.uint32
         backend, eot = tok.backend_tokenizer, tok.eos_token_id
-        counts, row = {}, 0
+        counts = {}
         for split in ("train", "val"):
             with open(tmp / f"{split}.bin", "wb") as f:
                 n = 0
-                chunk = 256
                 bar = tqdm(total=len(docs[split]), desc=f"tokenize {split}", unit="file", disable=not progress)
-                for j in range(0, len(docs[split]), chunk):
-                    part = docs[split][j:j + chunk]
-                    flat = [t for _, texts in part for t in texts]
-                    enc = iter(backend.encode_batch(flat, add_special_tokens=False))
-                    for _, texts in part:
-                        ids = [x for _ in texts for x in (*next(enc).ids, eot)]
+                for j in range(0, len(docs[split]), 256):  # batches of files, encoded in parallel
+                    part = docs[split][j:j + 256]
+                    enc = iter(backend.encode_batch([t for _, texts, _ in part for t in texts], add_special_tokens=False))
+                    for _, texts, row in part:
+                        ids = [x for _ in texts for x in (*next(enc).ids, eot)]  # EOT after each document
                         np.asarray(ids, dtype=dtype).tofile(f)
-                        while rows[row][0] != split:
-                            row += 1
                         rows[row][3] = len(ids)
-                        row += 1
                         n += len(ids)
                     bar.update(len(part))
                 bar.close()
                 counts[split] = n
-            row = 0
         with open(tmp / "files.tsv", "w") as f:
             f.write("split\tkey\tbytes\ttokens\tsource\tpath\n")
             f.writelines("\t".join(map(str, r)) + "\n" for r in rows)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .models import find_experts, to_molae
+from .train import TrainConfig, make_optimizer
 from .data import byte_tokenizer, eval_windows, load_stdlib_corpus, random_batch
 
 
@@ -66,32 +67,22 @@ def build_model(cfg: DemoConfig):
     return Qwen2MoeForCausalLM(hf_cfg)
 
 
-def lr_at(step: int, cfg: DemoConfig) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def train(model, data, cfg: DemoConfig) -> list[float]:
     gen = torch.Generator().manual_seed(cfg.seed)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95))
+    # the trainer's AdamW (decay on matrices only) and warmup + cosine to 10% of the peak
+    opt, sched = make_optimizer(model, TrainConfig(lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, min_lr_ratio=0.1,
+                                                   weight_decay=0.1, betas=(0.9, 0.95)))
     model.train()
     losses = []
     bar = tqdm(range(cfg.steps), desc="train", unit="step")
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
         x = random_batch(data, cfg.batch_size, cfg.seq_len - 1, gen)
         loss = model(input_ids=x, labels=x).loss  # next-byte loss + router aux loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()

@@ -43,8 +43,9 @@ from torch import nn
 
 from .checkpoint import write_json_atomically
 from .data import TokenData
+from .evaluate import efficiency
 from .layers import Experts, LatentMoEExperts, check_projections, resolve_latent_dims
-from .models import SUPPORTED, find_experts, is_embedding, layer_index
+from .models import SUPPORTED, find_experts, layer_index
 
 
 @dataclass
@@ -180,11 +181,17 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
 # ----------------------------------------------------------------------------- model
 
 
-def moe_layers(cfg: TrainConfig, vocab_size: int) -> list[int]:
-    """Indices of the decoder layers that have routed experts (a meta-device build: no memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def base_config(cfg: TrainConfig, vocab_size: int):
+    """The family's own transformers config for the run."""
+    from transformers import AutoConfig
 
-    base = AutoConfig.for_model(cfg.family, **{**cfg.model, "vocab_size": vocab_size})
+    return AutoConfig.for_model(cfg.family, **{**cfg.model, "vocab_size": vocab_size})
+
+
+def moe_layers(base) -> list[int]:
+    """Indices of the decoder layers that have routed experts (a meta-device build: no memory)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(base)
     return sorted({layer_index(n) for n, _ in find_experts(model)})
@@ -192,9 +199,7 @@ def moe_layers(cfg: TrainConfig, vocab_size: int) -> list[int]:
 
 def layer_spec(cfg: TrainConfig, vocab_size: int) -> dict:
     """config.molae for the run: which layers get which experts module, and how they load back."""
-    from transformers import AutoConfig
-
-    base = AutoConfig.for_model(cfg.family, **{**cfg.model, "vocab_size": vocab_size})
+    base = base_config(cfg, vocab_size)
     m = getattr(base, "moe_intermediate_size", None) or base.intermediate_size
     n = base.hidden_size
     spec = dict(cfg.molae or {})
@@ -210,7 +215,7 @@ def layer_spec(cfg: TrainConfig, vocab_size: int) -> dict:
                "groups": int(spec.get("groups", 1))}
     else:
         one = {"latent": {}, "groups": 1}  # our standard experts (fast path), exported in the family's layout
-    layers = moe_layers(cfg, vocab_size)
+    layers = moe_layers(base)
     return dict(version=1, base_model_type=cfg.family, layers={str(i): dict(one) for i in layers},
                 source_layout={str(i): dict(layout="fused", names={}) for i in layers}, trained=dict(run=cfg.name))
 
@@ -291,15 +296,13 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / float(np.median(times))
 
 
-def train_flops_per_token(model, seq_len: int) -> float:
+def train_flops_per_token(config, forward_flops: int, seq_len: int) -> float:
     """PaLM-style: 3 x the forward's matmul FLOPs (evaluate.efficiency: active weights, routed experts
     by MOLAE.md §2's terms) + 12 * layers * heads * head_dim * seq_len for attention."""
-    from .evaluate import efficiency
-
-    c = model.config
+    c = config
     head_dim = getattr(c, "v_head_dim", None) or getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     attn = 12 * c.num_hidden_layers * c.num_attention_heads * head_dim * seq_len
-    return 3 * efficiency(model)["flops_per_token"] + attn
+    return 3 * forward_flops + attn
 
 
 class LoadMeter:
@@ -437,7 +440,7 @@ def set_rng_state(s: dict):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def full_state(model, opt, run: Run):
+def full_state(model, opt):
     """(model state, optimizer state), whole tensors on the CPU, keyed by parameter name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -446,7 +449,7 @@ def full_state(model, opt, run: Run):
 
 def save_checkpoint(path: Path, model, opt, sched, step: int, cfg: TrainConfig, run: Run, extra: dict):
     """Every process gathers; process 0 writes beside `path` and renames onto it (never half-written)."""
-    msd, osd = full_state(model, opt, run)
+    msd, osd = full_state(model, opt)
     if run.main:
         part = path.with_name(path.name + ".partial")
         torch.save(dict(model=msd, optimizer=osd, scheduler=sched.state_dict(), step=step, config=asdict(cfg),
@@ -571,12 +574,10 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size).to(run.device)
     molae_spec = model.config.molae
-    flops_per_token = train_flops_per_token(model, cfg.seq_len)
-    params = dict(total=sum(p.numel() for p in model.parameters()),
-                  non_embedding=sum(p.numel() for n, p in model.named_parameters() if not is_embedding(n)))
-    from .evaluate import efficiency
     eff = efficiency(model)
-    params.update(active=eff["active_params"], routed_experts=eff["routed_expert_params"])
+    flops_per_token = train_flops_per_token(model.config, eff["flops_per_token"], cfg.seq_len)
+    params = dict(total=eff["total_params"], non_embedding=eff["non_embedding_params"], active=eff["active_params"],
+                  routed_experts=eff["routed_expert_params"])
     meter = LoadMeter(model)
     amp_dtype = autocast_dtype(cfg, run.device)
     amp = (lambda: torch.autocast(run.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
@@ -698,6 +699,8 @@ def _window_record(window, step, cfg, run, sched, grad_norm, flops_per_token, pe
     for c in window["counts"]:
         for layer, v in c.items():
             counts[layer] = counts[layer] + v if layer in counts else v
+    for v in counts.values():  # every process's routing, not just this one's
+        run.all_reduce(v)
     gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     rec = dict(step=step, loss=stats[0].item(), lr=sched.get_last_lr()[0], grad_norm=float(gn),
                tokens_per_s=tokens / seconds, mfu=tokens / seconds * flops_per_token / (peak * run.world),
@@ -708,7 +711,7 @@ def _window_record(window, step, cfg, run, sched, grad_norm, flops_per_token, pe
 
 
 def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt, skipped) -> dict:
-    msd, _ = full_state(model, opt, run)
+    msd, _ = full_state(model, opt)
     summary = None
     if run.main:
         records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
