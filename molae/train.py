@@ -566,10 +566,10 @@ def train(cfg: TrainConfig, data_dir, out, resume: bool = False, device: str | N
 def _train(cfg, data, out, resume, run, progress, tqdm):
     if resume:
         saved = config_from_dict(json.loads((out / "train_config.json").read_text()))
-        if cfg != saved and asdict(replace(cfg, steps=saved.steps)) != asdict(saved):
+        if asdict(replace(cfg, steps=saved.steps)) != asdict(saved):
             raise ValueError(f"--resume with a config that differs from {out}/train_config.json: "
-                             "resume with the same --config and overrides")
-        cfg = saved
+                             "resume with the same --config and overrides (only --steps may change)")
+        cfg = replace(saved, steps=cfg.steps)  # a longer --steps extends the run
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size).to(run.device)
@@ -588,7 +588,7 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
     if resume:
         ck = load_checkpoint(out / "checkpoint.pt", model, opt, sched)
         start = ck["step"]
-    elif run.main:
+    if run.main:
         write_json_atomically(out / "train_config.json", asdict(cfg))
     run.barrier()
     if cfg.compile:
@@ -684,6 +684,9 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
             save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run, {})
             window["t0"] = time.perf_counter()  # checkpoint time is not training throughput
     bar.close()
+    if val is None:  # resumed a run that had already reached --steps
+        val, bpb = validation_loss(model, data, cfg, run, amp, bits_per_byte=True)
+        logger.log(dict(step=step, val_loss=val, val_bits_per_byte=bpb, tokens=step * cfg.tokens_per_step * run.world))
     return _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt, skipped)
 
 
@@ -749,7 +752,8 @@ def add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--config", required=True, help=f"a preset ({', '.join(PRESETS)}) or a TrainConfig JSON file")
     p.add_argument("--data", required=True, help="a directory made by `molae data prepare`")
     p.add_argument("--out", required=True, help="run directory (log, checkpoint, final model)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (a larger --steps extends it)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
