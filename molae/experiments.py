@@ -95,7 +95,7 @@ def reference_markdown(result: dict) -> str:
                      f"{100 * r['mfu']:.1f}% | {r['final_val_loss']:.4f} | {r['val_bits_per_byte']:.4f} | "
                      f"{r['bigram']['bigram_loss']:.4f} | {r['skipped_steps']} | `{r['commit']}` |")
     lines += ["", "Commands (one GPU call each; `--time-budget` fixed the step count from the measured step time, "
-              "recorded in each run's train_config.json, so `--steps N` with the same preset and seed reproduces it):",
+              "recorded in each run's train_config.json, so `--steps N` with the same preset and seed repeats its configuration and data order):",
               "", "```bash", result["command"], "```", "",
               "Loss curves: reference_models.png. MFU is against the bf16 matmul peak measured in the same process "
               "(8192^3 GEMMs), FLOPs counted as 3x the forward's matmul FLOPs plus 12 x layers x heads x head_dim x "
