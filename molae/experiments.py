@@ -15,10 +15,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import write_json_atomically
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+from .train import read_log
 
 
 def curve(log: list[dict]) -> dict:
@@ -145,7 +142,7 @@ DESCRIPTIONS = {
 
 def pretrain_report(jsonl: Path, out: Path, commit: str, device: str, date: str, command: str,
                     notes: Path | None = None) -> dict:
-    runs = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    runs = read_log(jsonl)
     base = next(r for r in runs if r["variant"] == "moe")
     rows = []
     for r in runs:
@@ -228,7 +225,7 @@ def plot_pretrain(rows: list[dict], path: Path):
 
 def scaling_report(jsonl: Path, out: Path, commit: str, device: str, date: str, command: str) -> dict:
     """Weak scaling from scripts/gpu/scaling.sh: the same per-process batch on 1 and K processes."""
-    runs = sorted((json.loads(x) for x in Path(jsonl).read_text().splitlines() if x.strip()), key=lambda r: r["world"])
+    runs = sorted(read_log(jsonl), key=lambda r: r["world"])
     one = runs[0]
     if one["world"] != 1:
         raise ValueError(f"{jsonl} has no single-process run to scale against")

@@ -447,13 +447,13 @@ def full_state(model, opt):
     return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(path: Path, model, opt, sched, step: int, cfg: TrainConfig, run: Run, extra: dict):
+def save_checkpoint(path: Path, model, opt, sched, step: int, cfg: TrainConfig, run: Run):
     """Every process gathers; process 0 writes beside `path` and renames onto it (never half-written)."""
     msd, osd = full_state(model, opt)
     if run.main:
         part = path.with_name(path.name + ".partial")
         torch.save(dict(model=msd, optimizer=osd, scheduler=sched.state_dict(), step=step, config=asdict(cfg),
-                        rng=rng_state(), **extra), part)
+                        rng=rng_state()), part)
         os.replace(part, path)
     run.barrier()
 
@@ -468,6 +468,11 @@ def load_checkpoint(path: Path, model, opt, sched) -> dict:
     sched.load_state_dict(ck["scheduler"])
     set_rng_state(ck["rng"])
     return ck
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a run's log.jsonl (or any JSON-lines file), in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 class Logger:
@@ -603,7 +608,7 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
                         tokenizer=data.manifest.get("tokenizer_sha256")))
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=cfg.name, unit="step", disable=not (progress and run.main))
-    window = dict(t0=time.perf_counter(), steps=0, loss=0.0, aux=0.0)
+    window = _new_window()
     step_times = []
     skipped = bad_streak = 0
     step = start
@@ -652,7 +657,7 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
         window["steps"] += 1
         window["loss"] += loss_sum
         window["aux"] += aux_sum
-        window.setdefault("counts", []).append(counts)
+        window["counts"].append(counts)
         bar.update(1)
         if cfg.time_budget_s and not resume and step <= min(cfg.warmup, 12):
             if run.device.type == "cuda":
@@ -668,10 +673,10 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
                     write_json_atomically(out / "train_config.json", asdict(cfg))
                     logger.log(dict(step=step, event="time_budget", step_seconds=t.item(), steps=cfg.steps), bar)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            rec = _window_record(window, step, cfg, run, sched, grad_norm, flops_per_token, peak)
+            rec = _window_record(window, step, cfg, run, sched, gn, flops_per_token, peak)
             logger.log(rec, bar)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            window = dict(t0=time.perf_counter(), steps=0, loss=0.0, aux=0.0)
+            window = _new_window()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             if step == cfg.steps:
                 val, bpb = validation_loss(model, data, cfg, run, amp, bits_per_byte=True)
@@ -681,13 +686,18 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
                 val = validation_loss(model, data, cfg, run, amp)
                 logger.log(dict(step=step, val_loss=val, tokens=step * cfg.tokens_per_step * run.world), bar)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run, {})
+            save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run)
             window["t0"] = time.perf_counter()  # checkpoint time is not training throughput
     bar.close()
     if val is None:  # resumed a run that had already reached --steps
         val, bpb = validation_loss(model, data, cfg, run, amp, bits_per_byte=True)
         logger.log(dict(step=step, val_loss=val, val_bits_per_byte=bpb, tokens=step * cfg.tokens_per_step * run.world))
     return _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt, skipped)
+
+
+def _new_window() -> dict:
+    """What the steps between two log records add up: time, step count, losses, routing counts."""
+    return dict(t0=time.perf_counter(), steps=0, loss=0.0, aux=0.0, counts=[])
 
 
 def _window_record(window, step, cfg, run, sched, grad_norm, flops_per_token, peak) -> dict:
@@ -704,8 +714,7 @@ def _window_record(window, step, cfg, run, sched, grad_norm, flops_per_token, pe
             counts[layer] = counts[layer] + v if layer in counts else v
     for v in counts.values():  # every process's routing, not just this one's
         run.all_reduce(v)
-    gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    rec = dict(step=step, loss=stats[0].item(), lr=sched.get_last_lr()[0], grad_norm=float(gn),
+    rec = dict(step=step, loss=stats[0].item(), lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
                tokens_per_s=tokens / seconds, mfu=tokens / seconds * flops_per_token / (peak * run.world),
                load_imbalance=LoadMeter.imbalance(counts), tokens=step * cfg.tokens_per_step * run.world)
     if cfg.aux_loss_coef > 0 and stats[1].item() > 0:
@@ -717,7 +726,7 @@ def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_to
     msd, _ = full_state(model, opt)
     summary = None
     if run.main:
-        records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+        records = read_log(out / "log.jsonl")
         train_recs = [r for r in records if "tokens_per_s" in r]
         steady = [r["tokens_per_s"] for r in train_recs[1:]] or [r["tokens_per_s"] for r in train_recs]
         mfus = [r["mfu"] for r in train_recs[1:]] or [r["mfu"] for r in train_recs]

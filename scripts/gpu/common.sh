@@ -10,3 +10,11 @@ prepare_data() {  # $1: optional saved tokenizer directory (the one results/ rec
   [ -n "${1:-}" ] && tok=(--tokenizer "$1")
   python3 -m molae.cli data prepare "$SITE" "$STDLIB" --out "$DATA" --vocab-size 16384 "${tok[@]}"
 }
+collect_run() {  # $1: run directory, $2: optional variant name; prints summary.json + its log as one JSON line
+  python3 -c "
+import json, sys
+from molae.train import read_log
+s = json.load(open(sys.argv[1] + '/summary.json')); s['log'] = read_log(sys.argv[1] + '/log.jsonl')
+if len(sys.argv) > 2: s['variant'] = sys.argv[2]
+print(json.dumps(s))" "$@"
+}

@@ -10,10 +10,7 @@ variant() {  # name, overrides...
   python3 -m molae.train --config pretrain-moe --data $DATA --out /tmp/pre-$name --steps $STEPS \
     --set warmup=50 --set eval_every=110 --set ckpt_every=100000 --no-progress "$@" 2>&1 \
     | grep -E "^final|event|Error|error" || true
-  python3 -c "
-import json; s = json.load(open('/tmp/pre-$name/summary.json'))
-s['variant'] = '$name'; s['log'] = [json.loads(l) for l in open('/tmp/pre-$name/log.jsonl')]
-print(json.dumps(s))" >> $OUT/pretrain.jsonl
+  collect_run /tmp/pre-$name $name >> $OUT/pretrain.jsonl
 }
 variant moe --set molae=null
 variant molae-g1-upgate --set molae.latent_dim=256

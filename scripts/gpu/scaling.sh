@@ -9,8 +9,5 @@ for n in 1 2; do
   torchrun --nproc-per-node $n -m molae.train --config $PRESET --data $DATA --out /tmp/scale-$n --steps $STEPS \
     --set warmup=20 --set log_every=25 --set eval_every=100000 --set ckpt_every=100000 --set compile=false \
     --no-progress 2>&1 | grep -E "^final|Error|error" || true
-  python3 -c "
-import json; s = json.load(open('/tmp/scale-$n/summary.json'))
-s['log'] = [json.loads(l) for l in open('/tmp/scale-$n/log.jsonl')]
-print(json.dumps(s))" >> $OUT/scaling.jsonl
+  collect_run /tmp/scale-$n >> $OUT/scaling.jsonl
 done
