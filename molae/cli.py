@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .baselines import METHODS
+
 
 def cmd_demo(args):
     from .demo import DemoConfig, run_demo
@@ -48,13 +50,48 @@ def cmd_train(args):
 def cmd_convert(args):
     from .convert import ConvertOptions, convert_checkpoint, format_summary
 
+    projections = args.projections or ("up,gate" if args.method == "molae" else "gate,up,down")
     opts = ConvertOptions(latent_dim=args.latent_dim, rank_ratio=args.rank_ratio, groups=args.groups,
-                          projections=tuple(p for p in args.projections.split(",") if p), layers=args.layers,
-                          dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size)
+                          projections=tuple(p for p in projections.split(",") if p), layers=args.layers,
+                          dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
+                          method=args.method, budget=args.budget, calibration=args.calibration,
+                          calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, group_by=args.group_by,
+                          damp=args.damp, mobe_bases=args.mobe_bases, mobe_steps=args.mobe_steps)
     summary = convert_checkpoint(args.src, args.out, opts, report=args.report, resume=args.resume,
                                  overwrite=args.overwrite)
     print(format_summary(summary))
     print(f"wrote {args.out}" + (f" and {args.report}" if args.report else ""))
+
+
+def cmd_heal(args):
+    from .heal import heal
+
+    s = heal(args.dst, args.teacher, args.data, args.tokens, args.seq_len, args.batch_size, args.lr,
+             device=args.device, seed=args.seed)
+    print(f"healed {args.dst}: {s['steps']} steps, {s['tokens']:,} tokens, KL {s['kl_first']:.4f} -> "
+          f"{s['kl_last']:.4f} nats/token in {s['seconds']:.0f} s")
+
+
+def cmd_bench_quality(args):
+    from .quality import bench_quality
+
+    result = bench_quality(args)
+    o = result["original"]
+    print(f"{args.name}: original perplexity {o['perplexity']:.4f}; {len(result['runs'])} runs in {args.json}")
+
+
+def cmd_bench_quality_report(args):
+    from .quality import report
+
+    report(args.files, args.out)
+    print(f"wrote quality.json, quality.md and quality.png under {args.out}")
+
+
+def float_list(text):
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a comma list of numbers") from None
 
 
 def cmd_decompress(args):
@@ -197,13 +234,46 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--rank-ratio", type=float, default=None,
                       help="step 1: keep ceil(R*min(m, n)) of each expert matrix's rank first (0 < R <= 1)")
     conv.add_argument("--groups", type=positive_int, default=1, help="expert groups G sharing a latent (default 1)")
-    conv.add_argument("--projections", default="up,gate", help="factorized projections: up,gate[,down] (default up,gate)")
+    conv.add_argument("--projections", default=None,
+                      help="factorized projections: up,gate[,down] (default up,gate; baselines: gate,up,down)")
     conv.add_argument("--layers", default=None, help="MoE layers to convert: all (default), or e.g. 0-3,7,20-")
     conv.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda")
     conv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                       help="dtype of the new expert tensors (default auto: the source's); others are copied as they are")
     conv.add_argument("--report", type=Path, default=None, help="write the per-layer report as JSON here")
+    conv.add_argument("--method", default="molae", choices=list(METHODS),
+                      help="molae (default), or a baseline: svd (per expert), d2moe, mobe, hcsmoe (merging), "
+                           "prune-frequency, prune-reap")
+    conv.add_argument("--budget", type=float, default=None,
+                      help="keep this fraction of the routed-expert parameters (0-1); MoLAE: latent sizes per "
+                           "layer and projection chosen for the least total (whitened) error")
+    conv.add_argument("--calibration", default=None,
+                      help="text file, directory of text files or prepared data directory: activation-aware "
+                           "factorization (and the data the baselines score experts on)")
+    conv.add_argument("--calib-tokens", type=positive_int, default=65536, help="calibration tokens (default 65536)")
+    conv.add_argument("--calib-seq-len", type=positive_int, default=512, help="calibration window length (default 512)")
+    conv.add_argument("--group-by", default="index", choices=["index", "similarity"],
+                      help="experts of a group: by index (default) or by similar row spaces")
+    conv.add_argument("--damp", type=float, default=0.01,
+                      help="ridge added to calibration Gram matrices, relative to their mean diagonal (default 0.01)")
+    conv.add_argument("--mobe-bases", type=positive_int, default=None, help="MoBE: basis matrices per layer "
+                      "(default max(2, E/8))")
+    conv.add_argument("--mobe-steps", type=positive_int, default=500, help="MoBE: Adam steps per matrix (default 500)")
     conv.set_defaults(func=cmd_convert)
+
+    hl = sub.add_parser("heal", help="distil a converted model towards its original (latent factors only)",
+                        description="Train only the latent factors of a MoLAE checkpoint on KL(teacher || student) "
+                                    "over next-token distributions; the checkpoint is rewritten in place, atomically.")
+    hl.add_argument("dst", help="a MoLAE checkpoint written by molae convert (rewritten)")
+    hl.add_argument("--teacher", required=True, help="the model it was converted from")
+    hl.add_argument("--data", required=True, type=Path, help="a prepared data directory (molae data prepare)")
+    hl.add_argument("--tokens", required=True, type=positive_int, help="training tokens")
+    hl.add_argument("--seq-len", type=positive_int, default=512, help="window length (default 512)")
+    hl.add_argument("--batch-size", type=positive_int, default=8, help="windows per step (default 8)")
+    hl.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    hl.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+    hl.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    hl.set_defaults(func=cmd_heal)
 
     dec = sub.add_parser("decompress", help="multiply a MoLAE checkpoint out into the original architecture",
                          description="Write a checkpoint of the base architecture (experts as A @ B, in the "
@@ -259,6 +329,41 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--results", type=Path, default=Path("results"), help="where convert-*.json and convert.md go")
     bc.add_argument("--commit", default="unknown", help="the git commit being measured, recorded in the results")
     bc.set_defaults(func=cmd_bench_convert)
+
+    bq = bench.add_parser("quality", help="MoLAE conversion variants and the baselines at several budgets, one model",
+                          description="Convert one MoE model with every MoLAE variant and baseline at each budget "
+                                      "(molae convert's code), heal where asked, score all on held-out windows of a "
+                                      "prepared corpus; results appended to --json (resumable).")
+    bq.add_argument("--model", required=True, help="the MoE model (directory or hub id)")
+    bq.add_argument("--name", required=True, help="a name for the tables")
+    bq.add_argument("--data", required=True, type=Path, help="prepared data directory: calibration, healing, scoring")
+    bq.add_argument("--budgets", type=float_list, default=[0.75, 0.5, 0.35, 0.25],
+                    help="fractions of routed-expert parameters (default 0.75,0.5,0.35,0.25)")
+    bq.add_argument("--rank-ratios", type=float_list, default=[1.0, 0.9, 0.75],
+                    help="rank ratios of the data-free variant (1 = no step 1; default 1,0.9,0.75)")
+    bq.add_argument("--methods", default="molae-free,molae-aware,molae-alloc,molae-alloc+heal," + ",".join(
+        ["svd", "d2moe", "mobe", "hcsmoe", "prune-frequency", "prune-reap"]), help="variants to run (default all)")
+    bq.add_argument("--calib-tokens", type=positive_int, default=65536, help="calibration tokens (default 65536)")
+    bq.add_argument("--heal-tokens", type=positive_int, default=2097152, help="healing tokens (default 2097152)")
+    bq.add_argument("--heal-batch-size", type=positive_int, default=16, help="healing windows per step (default 16)")
+    bq.add_argument("--heal-lr", type=float, default=3e-4, help="healing peak learning rate (default 3e-4)")
+    bq.add_argument("--eval-tokens", type=positive_int, default=262144, help="validation tokens scored (default 262144)")
+    bq.add_argument("--seq-len", type=positive_int, default=512, help="window length (default 512)")
+    bq.add_argument("--mobe-steps", type=positive_int, default=500, help="MoBE Adam steps (default 500)")
+    bq.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    bq.add_argument("--workdir", required=True, type=Path, help="scratch directory for the converted models")
+    bq.add_argument("--json", required=True, type=Path, help="results file (appended per run)")
+    bq.add_argument("--resume", action="store_true", help="skip the runs already in --json")
+    bq.add_argument("--commit", default="unknown", help="git commit, recorded")
+    bq.add_argument("--device-name", default="unknown", help="the device, in words, recorded")
+    bq.add_argument("--date", default="unknown", help="date, recorded")
+    bq.add_argument("--command", default="", help="the exact command, recorded")
+    bq.set_defaults(func=cmd_bench_quality)
+
+    bqr = bench.add_parser("quality-report", help="tables and the Pareto plot from bench quality JSON files")
+    bqr.add_argument("files", nargs="+", type=Path, help="JSON files of molae bench quality")
+    bqr.add_argument("--out", type=Path, default=Path("results"), help="where quality.{json,md,png} go")
+    bqr.set_defaults(func=cmd_bench_quality_report)
     return parser
 
 

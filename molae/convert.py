@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, check_destination, check_disk_space,
                          copy_aux_files, parse_size, publish, removed_on_error, resolve, temp_dir_for,
                          write_json_atomically)
-from .factorize import factorize_projection
+from . import baselines
+from .factorize import allocate_latent, factorize_projection, regularized_grams, similarity_groups, spectrum
 from .layers import KINDS, check_groups, check_latent_dim, check_projections, multiply_out, resolve_latent_dims
 from .models import SUPPORTED, is_embedding, layer_index
 
@@ -121,11 +122,13 @@ def find_expert_groups(ckpt: SourceCheckpoint) -> dict[str, ExpertGroup]:
     return groups
 
 
-def copy_tensors(ckpt: SourceCheckpoint, keys: list[str], writer: ShardWriter, chunk: int = 64):
-    """Hand tensors to the writer exactly as stored, reading a few at a time."""
+def copy_tensors(ckpt: SourceCheckpoint, keys: list[str], writer: ShardWriter, chunk: int = 64, rows=None):
+    """Hand tensors to the writer exactly as stored, reading a few at a time; `rows` {key: indices}
+    keeps only those rows of the tensors it names (a pruned router)."""
+    rows = rows or {}
     for i in range(0, len(keys), chunk):
         for k, t in ckpt.read(keys[i:i + chunk]).items():
-            writer.add(k, t)
+            writer.add(k, t[rows[k]].contiguous() if k in rows else t)
 
 
 def parse_layers(spec: str | None, available: list[int]) -> list[int]:
@@ -196,32 +199,146 @@ class ConvertOptions:
     dtype: str = "auto"
     device: str = "cpu"
     max_shard_size: str = "2GB"
+    method: str = "molae"  # or a baseline (molae.baselines.METHODS)
+    budget: float | None = None  # fraction of the routed-expert parameters to keep
+    calibration: str | None = None  # text file, directory or prepared data directory
+    calib_tokens: int = 65536
+    calib_seq_len: int = 512
+    group_by: str = "index"  # or "similarity"
+    damp: float = 0.01  # ridge on calibration Grams, relative to their mean diagonal
+    mobe_bases: int | None = None  # MoBE's J (None: max(2, E // 8))
+    mobe_steps: int = 500
 
 
-def _plan(ckpt, groups, opts: ConvertOptions) -> dict[str, dict]:
-    """{layer: {"latent": {kind: d}, "groups": G}} for the layers to convert; every argument checked
-    against every layer before anything is written."""
+def check_options(opts: ConvertOptions, have_stats: bool = False):
+    """Every option checked alone and against the others, before any work."""
     check_projections(opts.projections)
+    if opts.method not in baselines.METHODS:
+        raise ValueError(f"--method {opts.method} is not known: allowed {', '.join(baselines.METHODS)}")
     if opts.rank_ratio is not None and not (0 < opts.rank_ratio <= 1):
         raise ValueError(f"--rank-ratio {opts.rank_ratio} is out of range: allowed 0 < rank_ratio <= 1")
     if opts.dtype not in ("auto", *DTYPES):
         raise ValueError(f"--dtype {opts.dtype} is not known: allowed auto, {', '.join(DTYPES)}")
+    if opts.budget is not None and not 0 < opts.budget < 1:
+        raise ValueError(f"--budget {opts.budget} is out of range: allowed 0 < budget < 1 (a fraction of the "
+                         "routed-expert parameters)")
+    if opts.group_by not in ("index", "similarity"):
+        raise ValueError(f"--group-by {opts.group_by} is not known: allowed index or similarity")
+    calibrated = have_stats or opts.calibration is not None
+    if opts.rank_ratio is not None and calibrated:
+        raise ValueError("--rank-ratio is the data-free method's step 1: leave it out with --calibration")
+    if opts.budget is not None and opts.latent_dim is not None:
+        raise ValueError("--budget and --latent-dim both choose the latent size: give one of them")
+    if opts.method != "molae":
+        if opts.budget is None and not (opts.method == "svd" and opts.latent_dim):
+            raise ValueError(f"--method {opts.method} needs --budget FRACTION (the routed-expert parameters to keep)")
+        if opts.groups != 1 or opts.group_by != "index" or opts.rank_ratio is not None:
+            raise ValueError(f"--groups, --group-by and --rank-ratio are MoLAE options: leave them out with "
+                             f"--method {opts.method}")
+    if opts.method in baselines.NEEDS_CALIBRATION and not calibrated:
+        raise ValueError(f"--method {opts.method} needs --calibration FILE_OR_DIR (it scores experts on data)")
+    if opts.method in baselines.PRUNE_METHODS and opts.layers not in (None, "all"):
+        raise ValueError(f"--method {opts.method} changes the model's expert count: it prunes all layers, "
+                         "leave out --layers")
+    if opts.calib_tokens < 1 or opts.calib_seq_len < 2:
+        raise ValueError("--calib-tokens must be >= 1 and --calib-seq-len >= 2")
+
+
+def _grams(stats: dict | None, prior_tokens: float = 64.0) -> dict[str, torch.Tensor] | None:
+    """One layer's regularized per-expert input Grams per kind (gate/up: x, down: h), or None."""
+    if stats is None:
+        return None
+    x = regularized_grams(stats["x_gram"], stats["count"], prior_tokens)
+    return {"gate": x, "up": x, "down": regularized_grams(stats["h_gram"], stats["count"], prior_tokens)}
+
+
+def _similarity_perm(ckpt, g: "ExpertGroup", kinds, groups: int, grams, device) -> list[int]:
+    """Slot order of one layer's experts: equal groups with similar (whitened) row spaces in R^n."""
+    mats = []
+    for kind in kinds:
+        W = g.read_kind(ckpt, kind).to(device).double()
+        W = W.transpose(1, 2) if kind == "down" else W  # down's columns live in R^n: compare W^T
+        if grams is not None and kind != "down":
+            from .factorize import whiten
+            W = W @ whiten(grams[kind].sum(0).to(device))
+        mats.append(W)
+    return similarity_groups(mats, groups).tolist()
+
+
+def _plan(ckpt, groups, opts: ConvertOptions, stats: dict | None, device) -> dict[str, dict]:
+    """{layer: spec} for the layers to convert: MoLAE form {"latent": {kind: d}, "groups": G
+    [, "perm": slot order]}, {"method": name} for the whole-matrix baselines, {"keep": [experts]} for
+    pruning. Every argument checked against every layer before anything is written."""
     by_layer = {g.layer: g for g in groups.values()}
+    chosen = parse_layers(opts.layers, sorted(by_layer))
+    if stats is not None:
+        missing = [i for i in chosen if i not in stats]
+        if missing:
+            raise ValueError(f"the calibration statistics have no layers {missing}: they come from another model")
     plan = {}
-    for i in parse_layers(opts.layers, sorted(by_layer)):
+    for i in chosen:
         g = by_layer[i]
+        if opts.method in baselines.DENSE_METHODS:
+            plan[str(i)] = dict(method=opts.method)
+            continue
+        if opts.method in baselines.PRUNE_METHODS:
+            top_k = ckpt.config.get("num_experts_per_tok", 1)
+            plan[str(i)] = dict(keep=baselines.keep_experts(stats[i], opts.budget, top_k, opts.method))
+            continue
+        G = g.n_experts if opts.method == "svd" else opts.groups
         try:
-            check_groups(opts.groups, g.n_experts)
+            check_groups(G, g.n_experts)
         except ValueError as e:
             raise ValueError(f"--groups: {e}") from None
-        latent = resolve_latent_dims(opts.latent_dim, opts.projections, g.inter, g.dim)
+        if opts.method == "svd" and opts.budget is not None:
+            r = baselines.svd_rank(opts.budget, g.n_experts, g.inter, g.dim)
+            latent = {k: r for k in KINDS if k in check_projections(opts.projections)}
+        elif opts.budget is not None:
+            latent = {k: 1 for k in check_projections(opts.projections)}  # set by _allocate below
+        else:
+            latent = resolve_latent_dims(opts.latent_dim, opts.projections, g.inter, g.dim)
         for kind, d in latent.items():
             try:
-                check_latent_dim(d, g.n_experts // opts.groups * g.inter, g.dim, name="latent_dim")
+                check_latent_dim(d, g.n_experts // G * g.inter, g.dim, name="latent_dim")
             except ValueError as e:
                 raise ValueError(f"--latent-dim for layer {i}: {e}") from None
-        plan[str(i)] = dict(latent=latent, groups=opts.groups)
+        plan[str(i)] = dict(latent=latent, groups=G)
+        if opts.group_by == "similarity" and G > 1:
+            plan[str(i)]["perm"] = _similarity_perm(ckpt, g, list(latent) or list(KINDS), G,
+                                                    _grams(stats.get(i) if stats else None), device)
+    if opts.method == "molae" and opts.budget is not None:
+        _allocate(ckpt, by_layer, plan, opts, stats, device)
     return plan
+
+
+def _allocate(ckpt, by_layer, plan, opts, stats, device):
+    """--budget: latent sizes per layer and kind with the least summed relative (whitened) error;
+    kinds kept whole count against the budget in full."""
+    items, fixed, total = {}, 0, 0
+    for key, spec in tqdm(plan.items(), desc="allocate", unit="layer"):
+        g = by_layer[int(key)]
+        grams = _grams(stats.get(int(key)) if stats else None)
+        dense = g.n_experts * g.inter * g.dim
+        total += 3 * dense
+        perm = spec.get("perm")
+        G, Eg = spec["groups"], g.n_experts // spec["groups"]
+        for kind in KINDS:
+            if kind not in spec["latent"]:
+                fixed += dense
+                continue
+            W = g.read_kind(ckpt, kind).to(device)
+            gram = None if grams is None else grams[kind].to(device)
+            if perm is not None:
+                W, gram = W[perm], None if gram is None else gram[perm]
+            sig = [spectrum(W[j * Eg:(j + 1) * Eg], kind, None if gram is None else gram[j * Eg:(j + 1) * Eg],
+                            opts.damp).cpu() for j in range(G)]
+            n = max(len(s) for s in sig)
+            sigma2 = sum(torch.nn.functional.pad(s, (0, n - len(s))) for s in sig)
+            items[(key, kind)] = dict(sigma2=sigma2, energy=sigma2.sum().item(), cost=G * g.dim + g.n_experts * g.inter,
+                                      dense=dense)
+    d = allocate_latent(items, int(opts.budget * total) - fixed)
+    for (key, kind), dk in d.items():
+        plan[key]["latent"][kind] = dk
 
 
 def check_device(name: str) -> torch.device:
@@ -235,33 +352,54 @@ def check_device(name: str) -> torch.device:
 
 
 def convert_checkpoint(src, dst, opts: ConvertOptions, report: Path | None = None, resume=False,
-                       overwrite=False) -> dict:
-    """Convert the MoE checkpoint at `src` (directory or hub id) into a MoLAE checkpoint at `dst`."""
+                       overwrite=False, stats: dict | None = None) -> dict:
+    """Convert the MoE checkpoint at `src` (directory or hub id) into a MoLAE checkpoint at `dst` (or,
+    with a baseline --method, a compressed checkpoint of the source's own family). `stats`: calibration
+    statistics already collected for this source (`molae.calibrate`), instead of opts.calibration."""
     dst = Path(dst)
     check_destination(dst, overwrite)
+    check_options(opts, have_stats=stats is not None)
+    device = check_device(opts.device)
     ckpt = SourceCheckpoint(resolve(src))
     groups = find_expert_groups(ckpt)
     base_type = _check_family(ckpt, groups)
-    plan = _plan(ckpt, groups, opts)
-    device = check_device(opts.device)
+    if stats is None and opts.calibration is not None:
+        from .calibrate import calibrate
+        stats = calibrate(ckpt.path, opts.calibration, opts.calib_tokens, opts.calib_seq_len, device,
+                          outputs=opts.method == "hcsmoe", fisher=opts.method == "d2moe")
+    plan = _plan(ckpt, groups, opts, stats, device)
     check_disk_space(dst, ckpt.disk_bytes() + 2**20)
     options = dict(asdict(opts), src=str(ckpt.path), projections=list(opts.projections))
     options.pop("device")  # a run may resume on another device
     writer = ShardWriter(temp_dir_for(dst), options, parse_size(opts.max_shard_size), resume=resume)
     with removed_on_error(writer.tmp):
-        return _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, report, overwrite)
+        return _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, report, overwrite, stats)
 
 
-def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, report, overwrite) -> dict:
+def _router_rows(ckpt, group: ExpertGroup, keys: list[str], keep: list[int]) -> dict:
+    """{key: kept rows} for the router tensors of a pruned layer: tensors of its MoE block (outside the
+    experts and shared experts) with one row per expert (gate weight [E, n], correction bias [E])."""
+    block = group.prefix.rsplit(".experts", 1)[0] + "."
+    rows = {k: keep for k in keys if k.startswith(block) and "shared" not in k
+            and ckpt.shape(k)[0] == group.n_experts}
+    if not any(len(ckpt.shape(k)) == 2 for k in rows):
+        raise CheckpointError(f"{block[:-1]}: no router weight [{group.n_experts}, n] found to prune")
+    return rows
+
+
+def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, report, overwrite, stats) -> dict:
     units = _units(ckpt, groups)
     for unit, copied, group in tqdm(units, desc="convert", unit="layer"):
         if unit in writer.done:
             continue
         t0 = time.perf_counter()
-        copy_tensors(ckpt, copied, writer)
+        spec = plan.get(str(group.layer)) if group is not None else None
+        copy_tensors(ckpt, copied, writer, rows=_router_rows(ckpt, group, copied, spec["keep"])
+                     if spec and "keep" in spec else None)
         rows = []
-        if group is not None and str(group.layer) in plan:
-            rows = _convert_group(ckpt, group, plan[str(group.layer)], opts, device, writer)
+        if spec is not None:
+            layer_stats = stats.get(group.layer) if stats else None
+            rows = _convert_group(ckpt, group, spec, opts, device, writer, layer_stats)
         elif group is not None:
             copy_tensors(ckpt, group.keys, writer)  # a layer left out by --layers: as it is
         writer.end_unit(unit, rows)
@@ -270,38 +408,110 @@ def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, rep
             r["unit_seconds"] = seconds
     weight_map = writer.finish()
     tmp = writer.tmp
-    molae = dict(version=1, base_model_type=base_type, layers=plan, options=dict(
-        latent_dim=opts.latent_dim, rank_ratio=opts.rank_ratio, groups=opts.groups,
-        projections=list(check_projections(opts.projections))),
-        source_layout={str(g.layer): dict(layout=g.layout, names=g.names) for g in groups.values()})
-    config = dict(ckpt.config, model_type=f"molae_{base_type}", molae=molae,
-                  architectures=[f"Molae{a}" for a in ckpt.config.get("architectures", [])])
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    copy_aux_files(ckpt.path, tmp)
     rows = [r for unit, *_ in units for r in writer.done.get(unit, [])]
     summary = _summary(ckpt, groups, plan, rows, weight_map, tmp)
+    summary["method"] = opts.method
+    options = dict(method=opts.method, budget=opts.budget, latent_dim=opts.latent_dim, rank_ratio=opts.rank_ratio,
+                   groups=opts.groups, group_by=opts.group_by, projections=list(check_projections(opts.projections)),
+                   calibration=opts.calibration, calib_tokens=opts.calib_tokens if stats else None)
+    if opts.method in ("molae", "svd"):
+        layers = {k: {"latent": v["latent"], "groups": v["groups"], **({"permuted": True} if "perm" in v else {})}
+                  for k, v in plan.items()}
+        molae = dict(version=1, base_model_type=base_type, layers=layers, options=options,
+                     source_layout={str(g.layer): dict(layout=g.layout, names=g.names) for g in groups.values()})
+        config = dict(ckpt.config, model_type=f"molae_{base_type}", molae=molae,
+                      architectures=[f"Molae{a}" for a in ckpt.config.get("architectures", [])])
+    else:  # the source's own architecture; what the method stores, recorded
+        config = dict(ckpt.config, molae_compression=dict(options, routed_params_stored=summary["after"]["expert_stored"],
+                                                          routed_params_before=summary["before"]["expert"]))
+        if opts.method in baselines.PRUNE_METHODS:
+            kept = len(next(iter(plan.values()))["keep"])
+            for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+                if key in config:
+                    config[key] = kept
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_aux_files(ckpt.path, tmp)
     if report is not None:
         write_json_atomically(Path(report), summary)
     publish(tmp, dst, overwrite)
     return summary
 
 
-def _convert_group(ckpt, group: ExpertGroup, spec: dict, opts: ConvertOptions, device, writer) -> list[dict]:
-    """One layer's experts, one projection kind at a time: read, factorize on `device`, hand over."""
+def _convert_group(ckpt, group: ExpertGroup, spec: dict, opts: ConvertOptions, device, writer,
+                   stats: dict | None) -> list[dict]:
+    """One layer's experts: MoLAE form one projection kind at a time (read, factorize on `device`, hand
+    over); a baseline on the whole layer."""
+    if "latent" not in spec:
+        return _baseline_group(ckpt, group, spec, opts, device, writer, stats)
+    grams = _grams(stats)
+    perm = torch.tensor(spec["perm"]) if "perm" in spec else None
     rows = []
     for kind in KINDS:
         W = group.read_kind(ckpt, kind)
         out_dtype = W.dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
+        gram = None
         if kind in spec["latent"]:  # a kind kept whole needs no trip to the device
             W = W.to(device)
+            gram = None if grams is None else grams[kind].to(device)
         try:
-            params, row = factorize_projection(W, kind, spec["latent"].get(kind), spec["groups"], opts.rank_ratio)
+            params, row = factorize_projection(W, kind, spec["latent"].get(kind), spec["groups"], opts.rank_ratio,
+                                               gram=gram, perm=perm, damp=opts.damp)
         except ValueError as e:
             raise ValueError(f"layer {group.layer} ({group.prefix}): {e}") from None
-        del W
+        del W, gram
         for name, t in params.items():
             writer.add(f"{group.prefix}.{name}", t.to(out_dtype))
         rows.append(dict(layer=group.layer, **row))
+    if perm is not None:  # router id -> slot
+        writer.add(f"{group.prefix}.expert_slot", torch.argsort(perm))
+    return rows
+
+
+def _baseline_group(ckpt, group: ExpertGroup, spec, opts: ConvertOptions, device, writer, stats) -> list[dict]:
+    """Whole-matrix baselines and pruning: the layer's experts in the source layout, and what the
+    method stores per kind (params_after; params_on_disk is what the whole matrices take)."""
+    W = {kind: group.read_kind(ckpt, kind) for kind in KINDS}
+    out_dtype = W["gate"].dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
+    E, m, n = group.n_experts, group.inter, group.dim
+    rows, info, layer_info = [], {}, {}  # per kind (d2moe, mobe); for the layer (kept experts, clusters)
+    if "keep" in spec:
+        keep = torch.tensor(spec["keep"])
+        out = {k: v[keep] for k, v in W.items()}
+        stored = {k: v.numel() for k, v in out.items()}
+        layer_info = dict(kept=spec["keep"])
+    elif spec["method"] == "hcsmoe":
+        out, total, labels = baselines.hcsmoe({k: v.to(device) for k, v in W.items()}, stats, opts.budget)
+        stored = {k: total // 3 for k in KINDS}
+        layer_info = dict(clusters=labels)
+    else:
+        grams = _grams(stats)
+        out, stored = {}, {}
+        for kind in KINDS:
+            Wk = W[kind].to(device)
+            if kind not in check_projections(opts.projections):
+                out[kind], stored[kind] = Wk, Wk.numel()
+                continue
+            if spec["method"] == "d2moe":
+                gram = None if grams is None else grams[kind].to(device)
+                out[kind], stored[kind], r = baselines.d2moe(Wk, opts.budget, None if stats is None else stats["fisher"],
+                                                             gram, opts.damp)
+                info[kind] = dict(rank=r)
+            else:  # mobe; down fitted transposed (A_i the smaller side)
+                fit = Wk.transpose(1, 2) if kind == "down" else Wk
+                W_hat, stored[kind], info[kind] = baselines.mobe(fit, opts.budget, opts.mobe_bases, opts.mobe_steps)
+                out[kind] = W_hat.transpose(1, 2) if kind == "down" else W_hat
+    for kind in KINDS:
+        Wd, Od = W[kind].double(), out[kind].double().cpu()
+        if "keep" in spec:  # the pruned experts' share of the weights' norm
+            err = (1 - Od.square().sum() / Wd.square().sum().clamp_min(1e-300)).clamp_min(0).sqrt()
+        else:
+            err = (Wd - Od).norm() / Wd.norm().clamp_min(1e-300)
+        rows.append(dict(layer=group.layer, kind=kind, method=opts.method, rel_error=err.item(), latent_dim=None,
+                         params_before=W[kind].numel(), params_after=int(stored[kind]),
+                         params_on_disk=out[kind].numel(), info=info.get(kind, layer_info)))
+    kept_E = out["gate"].shape[0]
+    ExpertGroup(group.prefix, group.layer, group.layout, kept_E, m, n, [], group.names).write(
+        writer, {k: v.to(out_dtype).cpu().contiguous() for k, v in out.items()})
     return rows
 
 
@@ -325,6 +535,9 @@ def _summary(ckpt, groups, plan, rows, weight_map, tmp: Path) -> dict:
                 after["non_embedding"] += 0 if is_embedding(k) else n
     before["bytes_on_disk"] = ckpt.disk_bytes()
     after["bytes_on_disk"] = sum((tmp / f).stat().st_size for f in files)
+    # what the method stores: whole-matrix baselines write more than they would keep
+    after["expert_stored"] = after["expert"] - sum(r["params_on_disk"] - r["params_after"] for r in rows
+                                                   if "params_on_disk" in r)
     return dict(layers_converted=len(plan), layers=rows, before=before, after=after)
 
 
@@ -342,8 +555,12 @@ def format_summary(summary: dict) -> str:
             lines.append(f"| {kind} | {','.join(map(str, ds))} | {sum(err) / len(err):.4f} / {max(err):.4f} | "
                          f"{sum(en) / len(en):.4f} / {min(en):.4f} |")
     lines += ["", "| | before | after | change |", "|---|---:|---:|---:|"]
-    b, a = summary["before"], summary["after"]
-    for key, label in (("total", "total parameters"), ("expert", "routed-expert parameters"),
+    b, a = summary["before"], dict(summary["after"])
+    keys = (("total", "total parameters"), ("expert", "routed-expert parameters"))
+    if a.get("expert_stored", a["expert"]) != a["expert"]:  # a whole-matrix baseline: what it would store
+        a["expert_stored_"], b = a["expert_stored"], dict(b, expert_stored_=b["expert"])
+        keys += (("expert_stored_", f"routed-expert parameters the {summary['method']} method stores"),)
+    for key, label in keys + (
                        ("non_embedding", "non-embedding parameters"), ("bytes_on_disk", "bytes on disk")):
         lines.append(f"| {label} | {b[key]:,} | {a[key]:,} | {100 * (a[key] - b[key]) / max(b[key], 1):+.1f}% |")
     return "\n".join(lines)

@@ -102,47 +102,230 @@ def shared_latent(W_EMN: torch.Tensor, d: int, rank_ratio: float | None = None, 
     return A.to(W_EMN.dtype), B.to(W_EMN.dtype)
 
 
-def factorize_kind(W, kind: str, d: int, rank_ratio=None, *, dtype=None):
+# ----------------------------------------------------------------------------- activation-aware (MOLAE.md §4)
+#
+# With calibration inputs, the objective is the output error sum_i ||(W_i - W_hat_i) X_i||_F^2, X_i the
+# inputs expert i sees (routed tokens; for down, its intermediate activations h). Only the experts'
+# Gram matrices C_i = X_i X_i^T [I, I] enter. Whitening: C = S S^T (Cholesky, damped), then
+# ||(W - W_hat) X||_F^2 = ||(W - W_hat) S||_F^2 and the problem is the data-free one on W S.
+#   down   W_i [n, m] ~ B A_i: stack W_i S_i side by side, B = the top-d left singular vectors,
+#          A_i = B^T W_i. Exact minimiser (B has orthonormal columns, so A_i is a projection).
+#   gate/up W_i [m, n] ~ A_i B: B is shared, so one whitening serves it: the group's input Gram
+#          C_g = sum_i C_i (each routed token once per expert it reaches); B = V_d^T S_g^-1 from the
+#          whitened stack [W_i S_g], then each A_i the exact least-squares solution for its own
+#          C_i: A_i = W_i C_i B^T (B C_i B^T)^-1.
+# Rarely routed experts would have singular C_i: each C_i gets `prior_tokens` tokens' worth of the
+# layer's mean input second moment (shrinkage), and every C a damp * mean(diag) ridge.
+
+
+def regularized_grams(C_EII: torch.Tensor, count_E: torch.Tensor, prior_tokens: float = 64.0) -> torch.Tensor:
+    """C_i + prior_tokens * (sum_j C_j / sum_j count_j), float64: no expert's Gram is empty."""
+    C = C_EII.double()
+    mean_II = C.sum(0) / max(float(count_E.sum()), 1.0)
+    return C + prior_tokens * mean_II
+
+
+def whiten(C_II: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Lower-triangular S (float64) with S S^T = C + damp * mean(diag C) * I; batched over leading dims."""
+    C = C_II.double()
+    ridge = damp * C.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    S, info = torch.linalg.cholesky_ex(C + ridge[..., None, None] * eye)
+    if bool((info != 0).any()):
+        raise ValueError(f"calibration Gram matrix is not positive definite with damp={damp}: raise --damp")
+    return S
+
+
+def aware_gate_up(W_EMN, d, C_ENN, damp=0.01):
+    """Activation-aware shared latent for gate/up. W [E, m, n], C [E, n, n] regularized Grams.
+    Returns A [E, m, d], B [d, n] (float64) and the singular values of the whitened stack."""
+    E, M, N = W_EMN.shape
+    W = W_EMN.double()
+    S_NN = whiten(C_ENN.sum(0), damp)
+    sing, Vh = right_singular((W @ S_NN).reshape(E * M, N))
+    B_LN = torch.linalg.solve_triangular(S_NN.T, Vh[:d].T.contiguous(), upper=True).T  # B S = V_d^T
+    C = C_ENN.double()
+    C = C + damp * C.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(N, dtype=C.dtype, device=C.device)
+    P_ENL = C @ B_LN.T
+    Q_ELL = B_LN @ P_ENL  # B C_i B^T, positive definite
+    A_EML = torch.linalg.solve(Q_ELL, (W @ P_ENL).transpose(1, 2)).transpose(1, 2)
+    return A_EML, B_LN, sing
+
+
+def aware_down(W_EDF, d, C_EFF, damp=0.01):
+    """Activation-aware shared latent for down. W [E, n, m] (W_i ~ B A_i), C [E, m, m] Grams of h.
+    Returns A [E, d, m], B [n, d] (float64) and the singular values of the whitened side-by-side stack."""
+    E, D, F_ = W_EDF.shape
+    W = W_EDF.double()
+    S_EFF = whiten(C_EFF, damp)
+    sing, Vh = right_singular((W @ S_EFF).transpose(1, 2).reshape(E * F_, D))  # rows: (W_i S_i)^T
+    B_DL = Vh[:d].T.contiguous()
+    return B_DL.T @ W, B_DL, sing
+
+
+def output_error(W, W_hat, C_EII):
+    """(sum_i ||(W_i - W_hat_i) X_i||^2, sum_i ||W_i X_i||^2) from the Grams C_i (float64)."""
+    R, W, C = W.double() - W_hat.double(), W.double(), C_EII.double()
+    return (R @ C * R).sum().item(), (W @ C * W).sum().item()  # ||R X||^2 = tr(R C R^T), any kind
+
+
+def factorize_kind(W, kind: str, d: int, rank_ratio=None, *, dtype=None, gram=None, damp: float = 0.01):
     """One group's experts of one projection kind: gate/up W [E, m, n] -> A [E, m, d], B [d, n];
     down W [E, n, m] -> B [n, d], A [E, d, m] with W[i] ~ B @ A[i] (the same problem, transposed).
-    Returns (A, B, S) in the compute dtype; S the stacked matrix's singular values."""
+    gram: the experts' regularized input Grams [E, I, I] for the activation-aware solution (None:
+    the paper's data-free one). Returns (A, B, S) in the compute dtype; S the (whitened) stack's
+    singular values."""
+    if gram is not None:
+        if rank_ratio is not None:
+            raise ValueError("rank_ratio is the data-free method's step 1: leave it out with calibration data")
+        _check_finite(W)
+        A, B, S = (aware_down if kind == "down" else aware_gate_up)(W, d, gram, damp)
+        dt = _compute_dtype(W, dtype)
+        return A.to(dt), B.to(dt), S.to(dt)
     if kind == "down":
         A, B, S = shared_latent_svd(W.transpose(-2, -1), d, rank_ratio, dtype=dtype)
         return A.transpose(-2, -1), B.T, S
     return shared_latent_svd(W, d, rank_ratio, dtype=dtype)
 
 
+def spectrum(W, kind: str, gram=None, damp: float = 0.01) -> torch.Tensor:
+    """Squared singular values (descending, float64) of one group's (whitened) stack: the error of
+    latent size d is the sum of those past d (exactly; for aware gate/up, before A's refinement)."""
+    W = W.double()
+    if gram is None:
+        stack = W.transpose(1, 2).reshape(-1, W.shape[1]) if kind == "down" else W.reshape(-1, W.shape[2])
+    elif kind == "down":
+        stack = (W @ whiten(gram, damp)).transpose(1, 2).reshape(-1, W.shape[1])
+    else:
+        stack = (W @ whiten(gram.sum(0), damp)).reshape(-1, W.shape[2])
+    S, _ = right_singular(stack)
+    return S.square()
+
+
+# ----------------------------------------------------------------------------- budget allocation
+
+
+def allocate_latent(items: dict, budget: int) -> dict:
+    """Latent sizes under one parameter budget with the least summed relative error.
+
+    items: {key: dict(sigma2=[R] descending (summed over groups), energy=total, cost=params per unit
+    of d, dense=params kept whole)}. Every key gets d >= 1; then dimensions go, one at a time, to
+    the key whose next one removes the most relative error (sigma2_j / energy) per parameter (the
+    greedy order of a fractional knapsack: each key's gains fall with j, each dimension costs the
+    same). d stays below dense / cost, so a factorized kind is always smaller than a whole one.
+    Returns {key: d}. Raises when even d = 1 everywhere does not fit."""
+    floor = sum(it["cost"] for it in items.values())
+    if floor > budget:
+        raise ValueError(f"--budget leaves {budget:,} routed-expert parameters, below the {floor:,} that latent size 1 "
+                         "needs in every factorized projection: raise --budget or factorize fewer projections")
+    gains = []
+    for key, it in items.items():
+        d_max = min(len(it["sigma2"]), (it["dense"] - 1) // it["cost"])
+        rel = it["sigma2"][:d_max] / max(it["energy"], 1e-300)
+        gains += [(float(rel[j]) / it["cost"], key, j) for j in range(1, d_max)]
+    gains.sort(key=lambda g: -g[0])
+    d = {key: 1 for key in items}
+    left = budget - floor
+    for _, key, j in gains:
+        cost = items[key]["cost"]
+        if cost <= left and d[key] == j:  # take dimension j+1 only after dimension j
+            d[key] += 1
+            left -= cost
+    return d
+
+
+# ----------------------------------------------------------------------------- grouping by similarity
+
+
+def similarity_groups(W_list, groups: int, sweeps: int = 10) -> torch.Tensor:
+    """Equal groups of experts with similar row spaces. W_list: per kind, [E, rows, n] matrices whose
+    row spaces (in R^n) should be shared (gate/up as stored, down transposed). Affinity of experts i, j:
+    cosine of their Gram matrices, <W_i^T W_i, W_j^T W_j> / (|.| |.|) summed over kinds. Greedy seeding
+    (each group grown from the unplaced expert least like the rest, by mean affinity to its members),
+    then pairwise swaps while they raise the summed within-group affinity. Returns perm [E]: group g
+    holds experts perm[g*E/G:(g+1)*E/G]."""
+    E = W_list[0].shape[0]
+    check_groups(groups, E)
+    Eg = E // groups
+    aff = torch.zeros(E, E, dtype=torch.float64)
+    for W in W_list:
+        W = W.double().cpu()
+        gram_EX = torch.stack([(w.T @ w).reshape(-1) for w in W])
+        gram_EX = gram_EX / gram_EX.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        aff += gram_EX @ gram_EX.T
+    group_of = torch.full((E,), -1, dtype=torch.long)
+    for g in range(groups):
+        free = (group_of < 0).nonzero().squeeze(1)
+        seed = free[aff[free][:, free].sum(1).argmin()]
+        members = [int(seed)]
+        group_of[seed] = g
+        for _ in range(Eg - 1):
+            free = (group_of < 0).nonzero().squeeze(1)
+            best = free[aff[free][:, members].mean(1).argmax()]
+            members.append(int(best))
+            group_of[best] = g
+    for _ in range(sweeps):  # swap i, j (different groups) when it raises within-group affinity
+        improved = False
+        for i in range(E):
+            for j in range(i + 1, E):
+                gi, gj = group_of[i].item(), group_of[j].item()
+                if gi == gj:
+                    continue
+                in_i, in_j = group_of == gi, group_of == gj
+                delta = (aff[i, in_j].sum() - aff[i, j] - aff[i, in_i].sum() + aff[i, i]
+                         + aff[j, in_i].sum() - aff[j, i] - aff[j, in_j].sum() + aff[j, j])
+                if delta > 1e-12:
+                    group_of[i], group_of[j] = gj, gi
+                    improved = True
+        if not improved:
+            break
+    return torch.argsort(group_of, stable=True)
+
+
 def factorize_projection(W: torch.Tensor, kind: str, d: int | None, groups: int = 1,
-                         rank_ratio: float | None = None, *, dtype=None):
+                         rank_ratio: float | None = None, *, dtype=None, gram=None, perm=None, damp: float = 0.01):
     """One projection kind of all experts, W [E, F, D] (gate, up) or [E, D, F] (down), factorized
-    per group with latent size d (None: kept whole). Returns (params, row): `Experts` parameter
-    name -> tensor (W's dtype), and the report row (see `factorize_experts`)."""
+    per group with latent size d (None: kept whole). gram: the experts' regularized input Grams
+    [E, I, I] (activation-aware; `regularized_grams`); perm: slot order of the experts (groups by
+    similarity; tensors are written in that order). Returns (params, row): `Experts` parameter
+    name -> tensor (W's dtype), and the report row (see `factorize_experts`; with gram also the
+    relative output error on the calibration inputs)."""
     E = W.shape[0]
     check_groups(groups, E)
     before = W.numel()
+    if perm is not None:
+        W = W[perm.to(W.device)]
+        gram = None if gram is None else gram[perm.to(gram.device)]
     if d is None:
         return {f"{kind}_proj": W}, dict(kind=kind, latent_dim=None, groups=groups, rel_error=0.0, energy_kept=1.0,
                                          params_before=before, params_after=before)
     Eg = E // groups
     rows, cols = (W.shape[2], W.shape[1]) if kind == "down" else (W.shape[1], W.shape[2])
     check_latent_dim(d, Eg * rows, cols, name=f"latent_dim[{kind}]")
-    As, Bs, err2, kept2, total2 = [], [], 0.0, 0.0, 0.0
+    As, Bs, err2, kept2, total2, out_err2, out_total2 = [], [], 0.0, 0.0, 0.0, 0.0, 0.0
     for g in range(groups):
         W_g = W[g * Eg:(g + 1) * Eg]
-        A, B, S = factorize_kind(W_g, kind, d, rank_ratio, dtype=dtype)
+        gram_g = None if gram is None else gram[g * Eg:(g + 1) * Eg].to(W.device)
+        A, B, S = factorize_kind(W_g, kind, d, rank_ratio, dtype=dtype, gram=gram_g, damp=damp)
         for i in range(0, Eg, 8):  # the error against the originals, a few experts at a time
             W_c = W_g[i:i + 8].to(A.dtype)
             W_hat = B @ A[i:i + 8] if kind == "down" else A[i:i + 8] @ B
             err2 += (W_c - W_hat).square().sum().item()
             total2 += W_c.square().sum().item()
-        kept2 += S[:d].double().square().sum().item()
+            if gram_g is not None:
+                e2, t2 = output_error(W_c, W_hat, gram_g[i:i + 8])
+                out_err2, out_total2 = out_err2 + e2, out_total2 + t2
+        kept2 += S[:d].double().square().sum().item() if gram is None else 0.0
         As.append(A.to(W.dtype))
         Bs.append(B.to(W.dtype))
     params = {f"{kind}_A": torch.cat(As), f"{kind}_B": torch.stack(Bs)}
     total2 = max(total2, torch.finfo(torch.float64).tiny)
-    return params, dict(kind=kind, latent_dim=d, groups=groups, rel_error=math.sqrt(err2 / total2),
-                        energy_kept=kept2 / total2, params_before=before,
-                        params_after=sum(t.numel() for t in params.values()))
+    row = dict(kind=kind, latent_dim=d, groups=groups, rel_error=math.sqrt(err2 / total2),
+               energy_kept=kept2 / total2 if gram is None else 1 - err2 / total2, params_before=before,
+               params_after=sum(t.numel() for t in params.values()))
+    if gram is not None:
+        row["rel_output_error"] = math.sqrt(out_err2 / max(out_total2, 1e-300))
+    return params, row
 
 
 def factorize_experts(weights: dict[str, torch.Tensor], latent: dict[str, int], groups: int = 1,
@@ -209,6 +392,14 @@ __all__ = [
     "shared_latent_svd",
     "right_singular",
     "factorize_kind",
+    "regularized_grams",
+    "whiten",
+    "aware_gate_up",
+    "aware_down",
+    "output_error",
+    "spectrum",
+    "allocate_latent",
+    "similarity_groups",
     "factorize_projection",
     "factorize_experts",
     "latent_experts",

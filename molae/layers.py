@@ -14,7 +14,9 @@ group of experts:
   latent    gate_B, up_B       [G, L, D]     gate_A, up_A [E, F, L]    W_i = A_i @ B_g
             down_B             [G, D, L]     down_A       [E, L, F]    W_i = B_g @ A_i
 
-Group g holds experts [g*E/G, (g+1)*E/G). With no kind factorized, `Experts` is the
+Group g holds expert slots [g*E/G, (g+1)*E/G); expert e sits in slot e unless the module is
+`permuted` (groups chosen by similarity): then a buffer expert_slot [E] maps the router's expert
+ids to slots, tensors are stored in slot order. With no kind factorized, `Experts` is the
 standard MoE experts module. Its call signature, (hidden_states [T, D], top_k_index
 [T, K], top_k_weights [T, K]) -> [T, D], is that of transformers' MoE `experts`
 submodules, so a MoLAE `Experts` can replace one inside any Hugging Face MoE block.
@@ -251,7 +253,8 @@ class Experts(nn.Module):
 
     shared_params: tuple[str, ...] = ()  # parameters that are not per-expert (LatentMoE's projections)
 
-    def __init__(self, dim: int, inter: int, n_experts: int, latent: dict[str, int] | None = None, groups: int = 1):
+    def __init__(self, dim: int, inter: int, n_experts: int, latent: dict[str, int] | None = None, groups: int = 1,
+                 permuted: bool = False):
         super().__init__()
         latent = dict(latent or {})
         check_groups(groups, n_experts)
@@ -273,6 +276,8 @@ class Experts(nn.Module):
             else:  # W_i = A_i @ B_g
                 self.register_parameter(f"{kind}_B", nn.Parameter(torch.empty(G, L, D)))
                 self.register_parameter(f"{kind}_A", nn.Parameter(torch.empty(E, F_, L)))
+        if permuted:  # router's expert id -> slot of its tensors (and so its group)
+            self.register_buffer("expert_slot", torch.arange(E))
         self.reset_parameters()
 
     def reset_parameters(self, std: float | None = None):
@@ -297,19 +302,21 @@ class Experts(nn.Module):
     def extra_repr(self):
         return f"dim={self.dim}, inter={self.inter}, n_experts={self.n_experts}, groups={self.groups}, latent={self.latent}"
 
-    def group_of(self, expert):
-        return expert // (self.n_experts // self.groups)
+    def slot(self, expert):
+        """Where expert (a router id, int or tensor) keeps its tensors."""
+        return self.expert_slot[expert] if hasattr(self, "expert_slot") else expert
 
     def expert_weight(self, kind: str, e: int) -> torch.Tensor:
         """Expert e's whole [F, D] (gate, up) or [D, F] (down) matrix, multiplied out if factorized."""
+        s = int(self.slot(e))
         if kind not in self.latent:
-            return getattr(self, f"{kind}_proj")[e]
-        A, B = getattr(self, f"{kind}_A")[e], getattr(self, f"{kind}_B")[self.group_of(e)]
+            return getattr(self, f"{kind}_proj")[s]
+        A, B = getattr(self, f"{kind}_A")[s], getattr(self, f"{kind}_B")[s // (self.n_experts // self.groups)]
         return B @ A if kind == "down" else A @ B
 
     def dense_weights(self) -> dict[str, torch.Tensor]:
-        """All experts' whole matrices, {kind: [E, F, D] or [E, D, F]}; for export and checks."""
-        return multiply_out(dict(self.named_parameters()))
+        """All experts' whole matrices in router order, {kind: [E, F, D] or [E, D, F]}; for export and checks."""
+        return multiply_out(dict(self.named_parameters()) | dict(self.named_buffers()))
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if self.impl == "reference":
@@ -335,6 +342,7 @@ class Experts(nn.Module):
         T, K = idx_TK.shape
         E, G, Eg = self.n_experts, self.groups, self.n_experts // self.groups
         x_TD, param = _autocast(x_TD, self)
+        idx_TK = self.slot(idx_TK)  # from here on, experts are slots
         idx_S = idx_TK.reshape(-1)
         expert_S, order_S = torch.sort(idx_S, stable=True)  # slots sorted by expert
         tok_S = order_S // K
@@ -413,7 +421,8 @@ class LatentMoEExperts(Experts):
 
 def multiply_out(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole expert matrices {gate, up: [E, F, D], down: [E, D, F]} from `Experts` tensors by name
-    ({kind}_proj as they are; W_i = A_i @ B_g or, for down, B_g @ A_i)."""
+    ({kind}_proj as they are; W_i = A_i @ B_g or, for down, B_g @ A_i), in router order when the
+    tensors include an expert_slot map."""
     out = {}
     for kind in KINDS:
         if f"{kind}_proj" in params:
@@ -422,6 +431,8 @@ def multiply_out(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         A, B = params[f"{kind}_A"], params[f"{kind}_B"]
         B_E = B.repeat_interleave(A.shape[0] // B.shape[0], dim=0)  # [E, ...]: each expert's group projection
         out[kind] = torch.bmm(B_E, A) if kind == "down" else torch.bmm(A, B_E)
+    if "expert_slot" in params:
+        out = {k: v[params["expert_slot"].to(v.device)] for k, v in out.items()}
     return out
 
 

@@ -123,8 +123,8 @@ def layer_index(name: str) -> int | None:
 
 def install_experts(model: nn.Module, layers: dict) -> int:
     """Replace the experts of each layer listed in `layers` by an empty module of the same shapes
-    (weights come from a checkpoint or training): {"3": {"latent": {kind: d}, "groups": G}} a MoLAE
-    `Experts` ({} latent: our standard experts), {"3": {"latent_moe": l}} LatentMoE's routed path."""
+    (weights come from a checkpoint or training): {"3": {"latent": {kind: d}, "groups": G [, "permuted":
+    true]}} a MoLAE `Experts` ({} latent: our standard experts; permuted: groups by similarity), {"3": {"latent_moe": l}} LatentMoE's routed path."""
     done = set()
     for name, module in find_experts(model):
         spec = layers.get(str(layer_index(name)))
@@ -135,7 +135,7 @@ def install_experts(model: nn.Module, layers: dict) -> int:
         if "latent_moe" in spec:
             experts = LatentMoEExperts(D, F2 // 2, E, spec["latent_moe"])
         else:
-            experts = Experts(D, F2 // 2, E, spec["latent"], spec["groups"])
+            experts = Experts(D, F2 // 2, E, spec["latent"], spec["groups"], spec.get("permuted", False))
         experts = experts.to(device=ref.device, dtype=ref.dtype)
         _set_submodule(model, name, experts)
         done.add(str(layer_index(name)))

@@ -1,0 +1,120 @@
+"""`molae heal`: a short distillation of a converted model towards its original (MOLAE.md §4).
+
+Only the latent factors (every `experts.{gate,up,down}_{A,B}`) train; everything else, routers
+included, stays as converted. Loss: KL(teacher || student) of the next-token distributions, mean
+over tokens, on windows of a prepared data directory's training split (`molae data prepare`).
+AdamW, linear warmup then cosine, gradient clipping; bf16 autocast on CUDA. The healed factors
+replace the converted ones in the checkpoint (written beside it and renamed onto it); every other
+tensor, the config and the tokenizer are kept as they were. heal.json records the loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, copy_aux_files, parse_size, publish,
+                         removed_on_error, resolve, temp_dir_for)
+from .models import layer_index
+
+FACTOR = re.compile(r"\.experts\.((?:gate|up|down)_(?:A|B))$")
+
+
+def latent_factors(model) -> dict[tuple[int, str], torch.nn.Parameter]:
+    """{(layer, factor name): parameter} of a MoLAE model's latent factors."""
+    return {(layer_index(n), m.group(1)): p for n, p in model.named_parameters() if (m := FACTOR.search(n))}
+
+
+def kl_loss(student_logits, teacher_logits, temperature: float = 1.0):
+    """Mean over tokens of KL(teacher || student) at `temperature`, in nats (times T^2, as usual)."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, -1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, -1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def heal(dst, teacher, data_dir, tokens: int, seq_len: int = 512, batch_size: int = 8, lr: float = 1e-4,
+         warmup: int = 10, device: str = "cpu", seed: int = 0, progress: bool = True) -> dict:
+    """Distil the MoLAE checkpoint at `dst` towards `teacher` on `tokens` training tokens; rewrite `dst`."""
+    from transformers import AutoModelForCausalLM
+
+    from .data import TokenData
+
+    dst = Path(resolve(dst))
+    config = json.loads((dst / "config.json").read_text())
+    if "molae" not in config:
+        raise CheckpointError(f"{dst} is not a MoLAE checkpoint (no molae section in config.json): heal takes "
+                              "the output of molae convert")
+    if tokens < seq_len * batch_size:
+        raise ValueError(f"--tokens {tokens} is less than one batch ({batch_size} x {seq_len}): raise --tokens")
+    data = TokenData(data_dir)
+    dev = torch.device(device)
+    student = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).to(dev)
+    teacher_model = AutoModelForCausalLM.from_pretrained(str(resolve(teacher)), dtype=torch.float32).to(dev).eval()
+    if student.config.vocab_size != teacher_model.config.vocab_size:
+        raise ValueError(f"--teacher has vocabulary {teacher_model.config.vocab_size}, {dst} has "
+                         f"{student.config.vocab_size}: give the model {dst} was converted from")
+    factors = latent_factors(student)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in factors.values():
+        p.requires_grad_(True)
+    for p in teacher_model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(list(factors.values()), lr=lr, weight_decay=0.0)
+    steps = tokens // (seq_len * batch_size)
+    amp = (lambda: torch.autocast("cuda", torch.bfloat16)) if dev.type == "cuda" else nullcontext
+    log, t0 = [], time.perf_counter()
+    student.train()
+    for step in tqdm(range(steps), desc="heal", unit="step", disable=not progress):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        x = data.batch(seed, step, 0, batch_size, seq_len)[:, :seq_len].to(dev)
+        with torch.no_grad(), amp():
+            t_logits = teacher_model(input_ids=x).logits
+        with amp():
+            s_logits = student(input_ids=x).logits
+        loss = kl_loss(s_logits, t_logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(factors.values()), 1.0)
+        opt.step()
+        log.append(dict(step=step, kl=loss.item()))
+    summary = dict(steps=steps, tokens=steps * seq_len * batch_size, lr=lr, seq_len=seq_len, batch_size=batch_size,
+                   seconds=time.perf_counter() - t0, kl_first=log[0]["kl"], kl_last=log[-1]["kl"], log=log,
+                   teacher=str(teacher), data=str(data_dir))
+    _write_back(dst, {k: p.detach() for k, p in factors.items()}, summary)
+    return summary
+
+
+def _write_back(dst: Path, factors: dict, summary: dict):
+    """The checkpoint at dst with its latent factors replaced (same names, dtypes, shards' limit)."""
+    ckpt = SourceCheckpoint(dst)
+    by_key = {}
+    for k in ckpt.keys():
+        if m := FACTOR.search(k):
+            by_key[k] = factors.pop((layer_index(k), m.group(1)))
+    if factors:
+        raise CheckpointError(f"{dst} lacks tensors for {sorted(factors)}: the checkpoint and its model disagree")
+    tmp = temp_dir_for(dst)
+    writer = ShardWriter(tmp, dict(op="heal"), parse_size("2GB"))
+    with removed_on_error(tmp):
+        for i, k in enumerate(ckpt.keys()):
+            t = ckpt.read([k])[k]
+            writer.add(k, by_key[k].to(t.dtype) if k in by_key else t)
+            writer.end_unit(str(i), None)
+        writer.finish()
+        copy_aux_files(dst, tmp)
+        (tmp / "config.json").write_text((dst / "config.json").read_text())
+        (tmp / "heal.json").write_text(json.dumps(summary, indent=2) + "\n")
+        publish(tmp, dst, overwrite=True)
+
+
+__all__ = ["heal", "kl_loss", "latent_factors"]

@@ -1,0 +1,251 @@
+"""`molae bench quality`: conversion quality of MoLAE against the peer methods, side by side.
+
+One model per run. Every method goes through `convert_checkpoint` (what `molae convert` runs) into
+a fresh directory, is loaded back with transformers and scored on the same held-out windows:
+
+    original
+    per budget f (a fraction of the routed-expert parameters kept):
+      molae-free rr=R     the paper's data-free two-step conversion, uniform d, rank_ratio R
+      molae-aware         activation-aware factorization, uniform d
+      molae-alloc         activation-aware + d per layer and projection from --budget
+      molae-alloc+heal    the same, then `molae heal` (latent factors only, KL to the original)
+      svd, d2moe, mobe, hcsmoe, prune-frequency, prune-reap   (molae/baselines)
+
+All MoLAE variants factorize gate, up and down with G = 1 (the budgets go below the third that a
+whole down projection would take). Every method gets the same calibration statistics (one pass,
+--calib-tokens of the training split). Results are appended to --json after each run; --resume
+skips the variants already there. `molae bench quality-report FILES --out results` renders
+quality.md (one table per model) and quality.png (validation perplexity against parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import SourceCheckpoint, resolve, write_json_atomically
+from .convert import ConvertOptions, convert_checkpoint, find_expert_groups
+from .layers import KINDS
+
+BASELINES = ("svd", "d2moe", "mobe", "hcsmoe", "prune-frequency", "prune-reap")
+
+
+def uniform_latent(fraction: float, E: int, m: int, n: int, groups: int = 1) -> int:
+    """The one d for gate, up and down (G groups) that keeps `fraction` of 3 E m n parameters."""
+    d = int(fraction * E * m * n // (groups * n + E * m))
+    return max(1, min(d, E // groups * m, n))
+
+
+@torch.no_grad()
+def score(path, windows_WT: torch.Tensor, n_bytes: int, device, batch_size: int = 16) -> dict:
+    """Validation loss (nats/token), perplexity and bits per byte of the model at `path` (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+    nll, count = 0.0, 0
+    for i in range(0, len(windows_WT), batch_size):
+        x = windows_WT[i:i + batch_size].to(device)
+        logits = model(input_ids=x[:, :-1]).logits
+        nll += F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
+        count += x[:, 1:].numel()
+    del model
+    return dict(loss=nll / count, perplexity=math.exp(nll / count), bits_per_byte=nll / math.log(2) / n_bytes,
+                tokens=count)
+
+
+def variants(budgets, rank_ratios, methods) -> list[tuple[str, float, dict]]:
+    """(name, budget, ConvertOptions fields or {"heal": base variant}) in run order."""
+    out = []
+    for f in budgets:
+        for r in rank_ratios:
+            if "molae-free" in methods:
+                out.append((f"molae-free rr={r:g}", f, dict(rank_ratio=None if r >= 1 else r, uniform=True)))
+        if "molae-aware" in methods:
+            out.append(("molae-aware", f, dict(calibrated=True, uniform=True)))
+        if "molae-alloc" in methods:
+            out.append(("molae-alloc", f, dict(calibrated=True, budget=f)))
+            if "molae-alloc+heal" in methods:
+                out.append(("molae-alloc+heal", f, dict(heal="molae-alloc")))
+        for b in BASELINES:
+            if b in methods:
+                out.append((b, f, dict(method=b, budget=f, calibrated=b != "mobe")))
+    return out
+
+
+def bench_quality(args):
+    """Run every variant on one model; results appended to args.json as they finish."""
+    from .calibrate import calibrate
+    from .data import TokenData
+    from .heal import heal
+
+    device = torch.device(args.device)
+    src = Path(resolve(args.model))
+    data = TokenData(args.data)
+    windows = data.val_windows(args.seq_len, args.eval_tokens)
+    tok = data.tokenizer()
+    n_bytes = sum(len(tok.decode(w[1:].tolist()).encode()) for w in windows)
+    ckpt = SourceCheckpoint(src)
+    g = next(iter(find_expert_groups(ckpt).values()))
+    E, m, n = g.n_experts, g.inter, g.dim
+    out_json = Path(args.json)
+    result = json.loads(out_json.read_text()) if args.resume and out_json.exists() else dict(
+        name=args.name, model=str(args.model), shapes=dict(experts=E, inter=m, dim=n, top_k=ckpt.config.get(
+            "num_experts_per_tok")), device=args.device_name, date=args.date, commit=args.commit,
+        command=args.command, settings=dict(calib_tokens=args.calib_tokens, heal_tokens=args.heal_tokens,
+                                            eval_tokens=len(windows) * args.seq_len, seq_len=args.seq_len,
+                                            eval_bytes=n_bytes, mobe_steps=args.mobe_steps), runs=[])
+    done = {(r["variant"], r["budget"]) for r in result["runs"]}
+    save = lambda: write_json_atomically(out_json, result)  # noqa: E731
+    if "original" not in result:
+        t0 = time.perf_counter()
+        result["original"] = dict(score(src, windows, n_bytes, device), seconds=time.perf_counter() - t0,
+                                  params=_params(ckpt))
+        save()
+    t0 = time.perf_counter()
+    stats = calibrate(src, args.data, args.calib_tokens, args.seq_len, device, outputs=True, fisher=True)
+    result["calibration_seconds"] = time.perf_counter() - t0
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    methods = set(args.methods.split(","))
+    todo = [v for v in variants(args.budgets, args.rank_ratios, methods) if (v[0], v[1]) not in done]
+    for name, f, spec in tqdm(todo, desc=f"quality {args.name}", unit="run"):
+        dst = work / f"{name.replace(' ', '_')}-{f:g}"
+        t0 = time.perf_counter()
+        if "heal" in spec:
+            base = work / f"{spec['heal']}-{f:g}"
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(base, dst)
+            info = heal(dst, src, args.data, args.heal_tokens, args.seq_len, args.heal_batch_size, args.heal_lr,
+                        device=args.device, progress=False)
+            summary = json.loads((base / "convert_summary.json").read_text())
+            extra = dict(heal={k: info[k] for k in ("steps", "tokens", "kl_first", "kl_last", "seconds")})
+        else:
+            opts = ConvertOptions(projections=KINDS, device=args.device, method=spec.get("method", "molae"),
+                                  budget=spec.get("budget"), rank_ratio=spec.get("rank_ratio"),
+                                  mobe_steps=args.mobe_steps,
+                                  latent_dim=uniform_latent(f, E, m, n) if spec.get("uniform") else None)
+            summary = convert_checkpoint(src, dst, opts, overwrite=True,
+                                         stats=stats if spec.get("calibrated") else None)
+            write_json_atomically(dst / "convert_summary.json", summary)
+            extra = dict(latent=sorted({(r["kind"], r["latent_dim"]) for r in summary["layers"]
+                                        if r.get("latent_dim")}), rank_ratio=spec.get("rank_ratio"))
+        run = dict(variant=name, budget=f, method=spec.get("method", "molae"), **extra,
+                   params=dict(routed_before=summary["before"]["expert"], routed=summary["after"]["expert_stored"],
+                               total=summary["before"]["total"] - summary["before"]["expert"]
+                               + summary["after"]["expert_stored"]),
+                   convert_seconds=time.perf_counter() - t0)
+        run.update(score(dst, windows, n_bytes, device))
+        result["runs"].append(run)
+        save()
+        if name != "molae-alloc":  # kept for its healed copy
+            shutil.rmtree(dst, ignore_errors=True)
+    return result
+
+
+def _params(ckpt: SourceCheckpoint) -> dict:
+    groups = find_expert_groups(ckpt)
+    routed = sum(ckpt.numel(k) for g in groups.values() for k in g.keys)
+    return dict(routed_before=routed, routed=routed, total=sum(ckpt.numel(k) for k in ckpt.keys()))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _best(runs, prefix):
+    rs = [r for r in runs if r["variant"].startswith(prefix)]
+    return min(rs, key=lambda r: r["perplexity"]) if rs else None
+
+
+def report(files, out: Path):
+    """quality.json (all runs), quality.md (a table per model) and quality.png from bench JSON files."""
+    results = [json.loads(Path(f).read_text()) for f in files]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(out / "quality.json", results)
+    lines = ["# Conversion quality: MoLAE against peer MoE compressors ([5])", "",
+             "Written by `molae bench quality-report` from the JSON files of `molae bench quality` runs. Budget: "
+             "the fraction of routed-expert parameters kept (what each method stores; whole-matrix baselines "
+             "written multiplied out are counted by their factors). Perplexity and bits per byte on held-out "
+             "code (validation split of the prepared corpus), float32.", ""]
+    for r in results:
+        o = r["original"]
+        s = r["settings"]
+        lines += [f"## {r['name']}", "",
+                  f"- model: `{r['model']}` ({r['shapes']['experts']} experts of {r['shapes']['inter']} x "
+                  f"{r['shapes']['dim']}, top-{r['shapes']['top_k']}); device {r['device']}; date {r['date']}; "
+                  f"commit `{r['commit']}`",
+                  f"- command: `{r['command']}`",
+                  f"- calibration {s['calib_tokens']:,} tokens; healing {s['heal_tokens']:,} tokens; evaluation "
+                  f"{s['eval_tokens']:,} tokens ({s['eval_bytes']:,} bytes)",
+                  *([f"- trained in the same GPU call: preset `{r['train_preset']}`, {r['trained']['tokens']:,} tokens, "
+                     f"{r['trained']['steps']} steps, final validation loss {r['trained']['final_val_loss']:.4f} "
+                     "(1024-token windows)"] if "trained" in r else []),
+                  f"- original: perplexity {o['perplexity']:.4f}, {o['bits_per_byte']:.4f} bits/byte, "
+                  f"{o['params']['routed']:,} routed-expert parameters", ""]
+        budgets = sorted({x["budget"] for x in r["runs"]}, reverse=True)
+        names = list(dict.fromkeys(x["variant"] for x in r["runs"]))
+        lines += ["| method | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+        for name in names:
+            cells = []
+            for b in budgets:
+                x = next((x for x in r["runs"] if x["variant"] == name and x["budget"] == b), None)
+                kept = None if x is None else 100 * x["params"]["routed"] / x["params"]["routed_before"]
+                cells.append("" if x is None else f"{x['perplexity']:.3f} ({kept:.0f}%)")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "Cells: validation perplexity (routed-expert parameters kept).", ""]
+        lines += _verdict(r, budgets)
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    _plot(results, out / "quality.png")
+
+
+def _verdict(r, budgets) -> list[str]:
+    """Per budget: the best MoLAE variant against the best baseline, and the gap to the original."""
+    o = r["original"]["perplexity"]
+    lines = ["| budget | best MoLAE | best baseline | MoLAE at or below every baseline | best MoLAE vs original |",
+             "|---:|---|---|---|---:|"]
+    for b in budgets:
+        runs = [x for x in r["runs"] if x["budget"] == b]
+        mol = _best(runs, "molae")
+        base = min((x for x in runs if x["method"] in BASELINES), key=lambda x: x["perplexity"], default=None)
+        if mol is None or base is None:
+            continue
+        lines.append(f"| {100 * b:g}% | {mol['variant']} {mol['perplexity']:.3f} | {base['variant']} "
+                     f"{base['perplexity']:.3f} | {'yes' if mol['perplexity'] <= base['perplexity'] else 'no'} | "
+                     f"{100 * (mol['perplexity'] / o - 1):+.2f}% |")
+    return lines + [""]
+
+
+def _plot(results, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        names = list(dict.fromkeys(x["variant"] for x in r["runs"]))
+        for name in names:
+            xs = sorted((x for x in r["runs"] if x["variant"] == name), key=lambda x: x["params"]["total"])
+            ax.plot([x["params"]["total"] / 1e6 for x in xs], [x["perplexity"] for x in xs], "o-" if
+                    name.startswith("molae") else "s--", label=name, markersize=4)
+        o = r["original"]
+        ax.plot([o["params"]["total"] / 1e6], [o["perplexity"]], "k*", markersize=12, label="original")
+        ax.set_yscale("log")
+        ax.set_xlabel("total parameters (M)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_title(r["name"])
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["bench_quality", "report", "uniform_latent", "score", "variants"]
