@@ -339,14 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--data", required=True, type=Path, help="prepared data directory: calibration, healing, scoring")
     bq.add_argument("--budgets", type=float_list, default=[0.75, 0.5, 0.35, 0.25],
                     help="fractions of routed-expert parameters (default 0.75,0.5,0.35,0.25)")
-    bq.add_argument("--rank-ratios", type=float_list, default=[1.0, 0.9, 0.75],
-                    help="rank ratios of the data-free variant (1 = no step 1; default 1,0.9,0.75)")
+    bq.add_argument("--rank-ratios", type=float_list, default=[1.0, 0.8],
+                    help="rank ratios of the data-free variant (1 = no step 1; default 1,0.8: the paper keeps 80%%)")
     bq.add_argument("--methods", default="molae-free,molae-aware,molae-alloc,molae-alloc+heal," + ",".join(
         ["svd", "d2moe", "mobe", "hcsmoe", "prune-frequency", "prune-reap"]), help="variants to run (default all)")
     bq.add_argument("--calib-tokens", type=positive_int, default=65536, help="calibration tokens (default 65536)")
-    bq.add_argument("--heal-tokens", type=positive_int, default=2097152, help="healing tokens (default 2097152)")
+    bq.add_argument("--heal-tokens", type=positive_int, default=1048576, help="healing tokens (default 1048576)")
     bq.add_argument("--heal-batch-size", type=positive_int, default=16, help="healing windows per step (default 16)")
-    bq.add_argument("--heal-lr", type=float, default=3e-4, help="healing peak learning rate (default 3e-4)")
+    bq.add_argument("--heal-lr", type=float, default=1e-4, help="healing peak learning rate (default 1e-4)")
     bq.add_argument("--eval-tokens", type=positive_int, default=262144, help="validation tokens scored (default 262144)")
     bq.add_argument("--seq-len", type=positive_int, default=512, help="window length (default 512)")
     bq.add_argument("--mobe-steps", type=positive_int, default=500, help="MoBE Adam steps (default 500)")

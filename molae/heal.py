@@ -3,9 +3,14 @@
 Only the latent factors (every `experts.{gate,up,down}_{A,B}`) train; everything else, routers
 included, stays as converted. Loss: KL(teacher || student) of the next-token distributions, mean
 over tokens, on windows of a prepared data directory's training split (`molae data prepare`).
-AdamW, linear warmup then cosine, gradient clipping; bf16 autocast on CUDA. The healed factors
-replace the converted ones in the checkpoint (written beside it and renamed onto it); every other
-tensor, the config and the tokenizer are kept as they were. heal.json records the loss curve.
+AdamW, linear warmup then cosine, gradient clipping; bf16 autocast on CUDA.
+
+Before training, each latent direction is rescaled so that its A and B entries have the same RMS
+(the products are unchanged): Adam moves every entry by about the learning rate, and whitened
+factors can differ in scale by orders of magnitude, which made the unbalanced factors diverge. The
+KL on held-out windows (other windows of the training split) is measured before and after; the
+healed factors replace the converted ones in the checkpoint only if it fell (written beside it and
+renamed onto it; every other tensor, the config and the tokenizer kept). heal.json records it all.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, copy_aux_files, parse_size, publish,
                          removed_on_error, resolve, temp_dir_for)
+from .layers import Experts, LatentMoEExperts
 from .models import layer_index
 
 FACTOR = re.compile(r"\.experts\.((?:gate|up|down)_(?:A|B))$")
@@ -33,6 +39,29 @@ def latent_factors(model) -> dict[tuple[int, str], torch.nn.Parameter]:
     return {(layer_index(n), m.group(1)): p for n, p in model.named_parameters() if (m := FACTOR.search(n))}
 
 
+@torch.no_grad()
+def balance_factors(model) -> int:
+    """Per group and latent direction, B *= s and A /= s with s = (ms(A) / ms(B))^(1/4) (ms: mean
+    square of the entries), so both have the same RMS and every A_i B_g is unchanged. Returns how many
+    factor pairs were rescaled."""
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, Experts) or isinstance(module, LatentMoEExperts):
+            continue
+        G, Eg = module.groups, module.n_experts // module.groups
+        for kind, L in module.latent.items():
+            A, B = getattr(module, f"{kind}_A"), getattr(module, f"{kind}_B")
+            down = kind == "down"  # gate/up: A [E, F, L], B [G, L, D]; down: A [E, L, F], B [G, D, L]
+            a_GL = A.double().square().mean(2 if down else 1).view(G, Eg, L).mean(1)
+            b_GL = B.double().square().mean(1 if down else 2)
+            s_GL = (a_GL.clamp_min(1e-30) / b_GL.clamp_min(1e-30)) ** 0.25
+            s_EL = s_GL.repeat_interleave(Eg, 0)
+            B.mul_((s_GL[:, None, :] if down else s_GL[:, :, None]).to(B.dtype))
+            A.div_((s_EL[:, :, None] if down else s_EL[:, None, :]).to(A.dtype))
+            n += 1
+    return n
+
+
 def kl_loss(student_logits, teacher_logits, temperature: float = 1.0):
     """Mean over tokens of KL(teacher || student) at `temperature`, in nats (times T^2, as usual)."""
     s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, -1)
@@ -41,8 +70,10 @@ def kl_loss(student_logits, teacher_logits, temperature: float = 1.0):
 
 
 def heal(dst, teacher, data_dir, tokens: int, seq_len: int = 512, batch_size: int = 8, lr: float = 1e-4,
-         warmup: int = 10, device: str = "cpu", seed: int = 0, progress: bool = True) -> dict:
-    """Distil the MoLAE checkpoint at `dst` towards `teacher` on `tokens` training tokens; rewrite `dst`."""
+         warmup: int = 10, device: str = "cpu", seed: int = 0, progress: bool = True,
+         held_out_batches: int = 4) -> dict:
+    """Distil the MoLAE checkpoint at `dst` towards `teacher` on `tokens` training tokens; rewrite `dst`
+    (with the balanced factors, healed if that lowered the held-out KL)."""
     from transformers import AutoModelForCausalLM
 
     from .data import TokenData
@@ -68,9 +99,23 @@ def heal(dst, teacher, data_dir, tokens: int, seq_len: int = 512, batch_size: in
         p.requires_grad_(True)
     for p in teacher_model.parameters():
         p.requires_grad_(False)
+    balance_factors(student)
     opt = torch.optim.AdamW(list(factors.values()), lr=lr, weight_decay=0.0)
     steps = tokens // (seq_len * batch_size)
     amp = (lambda: torch.autocast("cuda", torch.bfloat16)) if dev.type == "cuda" else nullcontext
+    held_out = [data.batch(seed + 1, 0, j, batch_size, seq_len)[:, :seq_len] for j in range(held_out_batches)]
+
+    @torch.no_grad()
+    def held_out_kl():
+        student.eval()
+        kl = [kl_loss(student(input_ids=x.to(dev)).logits, teacher_model(input_ids=x.to(dev)).logits).item()
+              for x in held_out]
+        student.train()
+        return sum(kl) / len(kl)
+
+    with amp():
+        kl_before = held_out_kl()
+    start = {k: p.detach().clone() for k, p in factors.items()}
     log, t0 = [], time.perf_counter()
     student.train()
     for step in tqdm(range(steps), desc="heal", unit="step", disable=not progress):
@@ -87,10 +132,14 @@ def heal(dst, teacher, data_dir, tokens: int, seq_len: int = 512, batch_size: in
         torch.nn.utils.clip_grad_norm_(list(factors.values()), 1.0)
         opt.step()
         log.append(dict(step=step, kl=loss.item()))
+    with amp():
+        kl_after = held_out_kl()
+    applied = kl_after < kl_before
     summary = dict(steps=steps, tokens=steps * seq_len * batch_size, lr=lr, seq_len=seq_len, batch_size=batch_size,
-                   seconds=time.perf_counter() - t0, kl_first=log[0]["kl"], kl_last=log[-1]["kl"], log=log,
+                   seconds=time.perf_counter() - t0, kl_first=log[0]["kl"], kl_last=log[-1]["kl"],
+                   held_out_kl_before=kl_before, held_out_kl_after=kl_after, applied=applied, log=log,
                    teacher=str(teacher), data=str(data_dir))
-    _write_back(dst, {k: p.detach() for k, p in factors.items()}, summary)
+    _write_back(dst, {k: (p.detach() if applied else start[k]) for k, p in factors.items()}, summary)
     return summary
 
 

@@ -56,6 +56,8 @@ def score(path, windows_WT: torch.Tensor, n_bytes: int, device, batch_size: int 
         nll += F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
         count += x[:, 1:].numel()
     del model
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     return dict(loss=nll / count, perplexity=math.exp(nll / count), bits_per_byte=nll / math.log(2) / n_bytes,
                 tokens=count)
 
@@ -125,7 +127,8 @@ def bench_quality(args):
             info = heal(dst, src, args.data, args.heal_tokens, args.seq_len, args.heal_batch_size, args.heal_lr,
                         device=args.device, progress=False)
             summary = json.loads((base / "convert_summary.json").read_text())
-            extra = dict(heal={k: info[k] for k in ("steps", "tokens", "kl_first", "kl_last", "seconds")})
+            extra = dict(heal={k: info[k] for k in ("steps", "tokens", "kl_first", "kl_last", "held_out_kl_before",
+                                                    "held_out_kl_after", "applied", "seconds")})
         else:
             opts = ConvertOptions(projections=KINDS, device=args.device, method=spec.get("method", "molae"),
                                   budget=spec.get("budget"), rank_ratio=spec.get("rank_ratio"),

@@ -3,7 +3,7 @@
 # with a shorter time budget, then runs `molae bench quality` on it. Report, locally:
 #   python -m molae.cli bench quality-report OUT1/quality-*.json ... --out results
 source scripts/gpu/common.sh
-PRESET=$1; NAME=$2; BUDGET=${3:-120}
+PRESET=$1; NAME=$2; BUDGET=${3:-100}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
 rm -rf /tmp/run /tmp/qwork
