@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..factorize import whiten
+from ..factorize import best_rank, whiten
 
 
 def svd_rank(fraction: float, E: int, M: int, N: int, base: bool = False) -> int:
@@ -27,15 +27,11 @@ def svd_rank(fraction: float, E: int, M: int, N: int, base: bool = False) -> int
 
 def truncated(W_EMN: torch.Tensor, r: int, gram_ENN: torch.Tensor | None = None, damp: float = 0.01):
     """Each W_i's best rank-r approximation, in the output-error norm when Grams are given. float64."""
-    W = W_EMN.double().cpu()  # batched SVDs of many small matrices: far faster on the CPU
     if gram_ENN is None:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        return ((U[..., :r] * S[..., None, :r]) @ Vh[..., :r, :]).to(W_EMN.device)
-    S_ENN = whiten(gram_ENN.cpu(), damp)
-    U, S, Vh = torch.linalg.svd(W @ S_ENN, full_matrices=False)
-    low = (U[..., :r] * S[..., None, :r]) @ Vh[..., :r, :]
-    out = torch.linalg.solve_triangular(S_ENN.transpose(1, 2), low.transpose(1, 2), upper=True).transpose(1, 2)
-    return out.to(W_EMN.device)
+        return best_rank(W_EMN.double(), r)
+    S_ENN = whiten(gram_ENN, damp)
+    low = best_rank(W_EMN.double() @ S_ENN, r)  # the best rank-r W_hat S, then W_hat = (W_hat S) S^-1
+    return torch.linalg.solve_triangular(S_ENN.transpose(1, 2), low.transpose(1, 2), upper=True).transpose(1, 2)
 
 
 def d2moe(W_EMN: torch.Tensor, fraction: float, fisher_E: torch.Tensor | None = None,
