@@ -83,7 +83,7 @@ def cmd_bench_quality(args):
 def cmd_bench_quality_report(args):
     from .quality import report
 
-    report(args.files, args.out)
+    report(args.files, args.out, args.commit, args.note.read_text().strip() if args.note else "")
     print(f"wrote quality.json, quality.md and quality.png under {args.out}")
 
 
@@ -363,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     bqr = bench.add_parser("quality-report", help="tables and the Pareto plot from bench quality JSON files")
     bqr.add_argument("files", nargs="+", type=Path, help="JSON files of molae bench quality")
     bqr.add_argument("--out", type=Path, default=Path("results"), help="where quality.{json,md,png} go")
+    bqr.add_argument("--commit", default=None, help="the commit the runs used, where the files record a wrong one")
+    bqr.add_argument("--note", type=Path, default=None, help="a markdown file whose text goes under the title")
     bqr.set_defaults(func=cmd_bench_quality_report)
     return parser
 

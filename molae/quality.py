@@ -166,16 +166,20 @@ def _best(runs, prefix):
     return min(rs, key=lambda r: r["perplexity"]) if rs else None
 
 
-def report(files, out: Path):
-    """quality.json (all runs), quality.md (a table per model) and quality.png from bench JSON files."""
+def report(files, out: Path, commit: str | None = None, note: str = ""):
+    """quality.json (all runs), quality.md (a table per model) and quality.png from bench JSON files.
+    commit: the commit of the code the runs used, where the files' own record is wrong (said in the md)."""
     results = [json.loads(Path(f).read_text()) for f in files]
+    if commit:
+        for r in results:
+            r["commit_recorded_on_device"], r["commit"] = r["commit"], commit
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomically(out / "quality.json", results)
     lines = ["# Conversion quality: MoLAE against peer MoE compressors ([5])", "",
              "Written by `molae bench quality-report` from the JSON files of `molae bench quality` runs. Budget: "
              "the fraction of routed-expert parameters kept (what each method stores; whole-matrix baselines "
              "written multiplied out are counted by their factors). Perplexity and bits per byte on held-out "
-             "code (validation split of the prepared corpus), float32.", ""]
+             "code (validation split of the prepared corpus), float32.", *(["", note, ""] if note else [""])]
     for r in results:
         o = r["original"]
         s = r["settings"]
@@ -187,8 +191,8 @@ def report(files, out: Path):
                   f"- calibration {s['calib_tokens']:,} tokens; healing {s['heal_tokens']:,} tokens; evaluation "
                   f"{s['eval_tokens']:,} tokens ({s['eval_bytes']:,} bytes)",
                   *([f"- trained in the same GPU call: preset `{r['train_preset']}`, {r['trained']['tokens']:,} tokens, "
-                     f"{r['trained']['steps']} steps, final validation loss {r['trained']['final_val_loss']:.4f} "
-                     "(1024-token windows)"] if "trained" in r else []),
+                     f"final validation loss {r['trained']['final_val_loss']:.4f} (1024-token windows), "
+                     f"{r['trained']['skipped_steps']} steps skipped for non-finite gradients"] if "trained" in r else []),
                   f"- original: perplexity {o['perplexity']:.4f}, {o['bits_per_byte']:.4f} bits/byte, "
                   f"{o['params']['routed']:,} routed-expert parameters", ""]
         budgets = sorted({x["budget"] for x in r["runs"]}, reverse=True)
@@ -204,6 +208,7 @@ def report(files, out: Path):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", "Cells: validation perplexity (routed-expert parameters kept).", ""]
         lines += _verdict(r, budgets)
+    lines += _across_models(results)
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     _plot(results, out / "quality.png")
 
@@ -225,6 +230,25 @@ def _verdict(r, budgets) -> list[str]:
     return lines + [""]
 
 
+def _across_models(results) -> list[str]:
+    """Perplexity change against each model's original, per budget: the paper's data-free conversion
+    and the best MoLAE variant, side by side across models (which shapes lose least)."""
+    budgets = sorted({x["budget"] for r in results for x in r["runs"]}, reverse=True)
+    lines = ["## Across models: perplexity change against the original", "",
+             "| budget | " + " | ".join(f"{r['name']} data-free / best MoLAE" for r in results) + " |",
+             "|---:|" + "---:|" * len(results)]
+    for b in budgets:
+        cells = []
+        for r in results:
+            o = r["original"]["perplexity"]
+            runs = [x for x in r["runs"] if x["budget"] == b]
+            free = next((x for x in runs if x["variant"] == "molae-free rr=1"), None)
+            best = _best(runs, "molae")
+            cells.append(" / ".join("" if x is None else f"{100 * (x['perplexity'] / o - 1):+.2f}%" for x in (free, best)))
+        lines.append(f"| {100 * b:g}% | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _plot(results, path: Path):
     import matplotlib
 
@@ -240,10 +264,10 @@ def _plot(results, path: Path):
                     name.startswith("molae") else "s--", label=name, markersize=4)
         o = r["original"]
         ax.plot([o["params"]["total"] / 1e6], [o["perplexity"]], "k*", markersize=12, label="original")
-        ax.set_yscale("log")
+        ax.set_ylim(o["perplexity"] * 0.995, o["perplexity"] * 1.2)  # the competitive region; worse runs leave it
         ax.set_xlabel("total parameters (M)")
         ax.set_ylabel("validation perplexity")
-        ax.set_title(r["name"])
+        ax.set_title(f"{r['name']} (axis cut at +20% of the original)", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()

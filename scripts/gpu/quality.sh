@@ -1,6 +1,7 @@
 # One GPU call per reference model ([5]): bash scripts/gpu/quality.sh PRESET NAME [TRAIN_SECONDS]
 # Trains the reference preset again (the [4] checkpoints are too large to come back from a GPU call),
-# with a shorter time budget, then runs `molae bench quality` on it. Report, locally:
+# with a shorter time budget, then runs `molae bench quality` on it. The device's git metadata can lag the
+# working tree it receives: pass COMMIT=<local HEAD> in the command. Report, locally:
 #   python -m molae.cli bench quality-report OUT1/quality-*.json ... --out results
 source scripts/gpu/common.sh
 PRESET=$1; NAME=$2; BUDGET=${3:-100}
@@ -13,7 +14,7 @@ cp /tmp/run/summary.json $OUT/train-summary-$NAME.json
 CMD="bash scripts/gpu/quality.sh $PRESET $NAME $BUDGET"
 python3 -m molae.cli bench quality --model /tmp/run/model --name "$NAME" --data $DATA --device cuda \
   --workdir /tmp/qwork --json $OUT/quality-$NAME.json --eval-tokens 131072 --mobe-steps 300 \
-  --commit "$(git rev-parse HEAD 2>/dev/null || echo ${COMMIT:-unknown})" --device-name "$GPU" \
+  --commit "${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" --device-name "$GPU" \
   --date "$(date -u +%F)" --command "$CMD" 2>&1 | grep -v "Warning\|warn(\|it/s\]\|run/s\]" | tail -5
 python3 -c "
 import json, sys
