@@ -543,17 +543,22 @@ def _summary(ckpt, groups, plan, rows, weight_map, tmp: Path) -> dict:
 
 def format_summary(summary: dict) -> str:
     """A short table: per projection kind over the converted layers, then the totals."""
-    lines = [f"converted {summary['layers_converted']} MoE layers", "",
-             "| projection | latent d | rel. Frobenius error (mean / max) | energy kept (mean / min) |",
-             "|---|---|---|---|"]
+    aware = any("rel_output_error" in r for r in summary["layers"])
+    lines = [f"converted {summary['layers_converted']} MoE layers" + (f" ({summary['method']})" if
+             summary.get("method", "molae") != "molae" else ""), "",
+             "| projection | latent d | rel. Frobenius error (mean / max) | energy kept (mean / min) |"
+             + (" rel. output error on calibration inputs (mean / max) |" if aware else ""),
+             "|---|---|---|---|" + ("---|" if aware else "")]
     for kind in KINDS:
         rs = [r for r in summary["layers"] if r["kind"] == kind and r["latent_dim"]]
         if rs:
             ds = sorted({r["latent_dim"] for r in rs})
             err = [r["rel_error"] for r in rs]
             en = [r["energy_kept"] for r in rs]
+            out = [r["rel_output_error"] for r in rs if "rel_output_error" in r]
             lines.append(f"| {kind} | {','.join(map(str, ds))} | {sum(err) / len(err):.4f} / {max(err):.4f} | "
-                         f"{sum(en) / len(en):.4f} / {min(en):.4f} |")
+                         f"{sum(en) / len(en):.4f} / {min(en):.4f} |"
+                         + (f" {sum(out) / len(out):.4f} / {max(out):.4f} |" if aware else ""))
     lines += ["", "| | before | after | change |", "|---|---:|---:|---:|"]
     b, a = summary["before"], dict(summary["after"])
     keys = (("total", "total parameters"), ("expert", "routed-expert parameters"))
@@ -612,8 +617,9 @@ def _decompress_units(ckpt, molae, latent_prefix, dtype, device, writer):
         copy_tensors(ckpt, [k for k in keys if k not in factor_keys], writer)
         if prefix:
             tensors = {k[len(prefix) + 1:]: t.to(device) for k, t in ckpt.read(factor_keys).items()}
-            dense = multiply_out({k: t.float() for k, t in tensors.items()})
-            out_dtype = next(iter(tensors.values())).dtype if dtype == "auto" else DTYPES[dtype]
+            dense = multiply_out({k: t.float() if t.is_floating_point() else t for k, t in tensors.items()})
+            out_dtype = tensors["gate_A" if "gate_A" in tensors else "gate_proj"].dtype if dtype == "auto" \
+                else DTYPES[dtype]
             src = molae["source_layout"][str(i)]
             E, m, n = dense["gate"].shape
             ExpertGroup(prefix, i, src["layout"], E, m, n, [], src["names"]).write(

@@ -1,0 +1,357 @@
+"""[5]: activation-aware factorization, budget allocation, grouping by similarity, the baselines,
+calibration statistics, healing and `molae bench quality`, on synthetic matrices and tiny real
+transformers models saved to disk."""
+
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import molae  # noqa: F401  (registers the molae_<family> model types)
+from molae import baselines
+from molae import data as D
+from molae.baselines.lowrank import d2moe, svd_rank, truncated
+from molae.baselines.merging import average_linkage
+from molae.baselines.mobe import mobe
+from molae.calibrate import calibration_ids, collect
+from molae.cli import main
+from molae.convert import ConvertOptions, convert_checkpoint, decompress_checkpoint
+from molae.factorize import (allocate_latent, best_rank, factorize_kind, factorize_projection, output_error,
+                             regularized_grams, similarity_groups, spectrum)
+from molae.heal import balance_factors, heal
+from molae.layers import Experts
+from molae.models import find_experts, use_standard_experts
+from molae.quality import uniform_latent
+from tiny import tiny_model
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+f64 = torch.float64
+
+
+def anisotropic_grams(E, N, tokens=300, seed=0):
+    """Per-expert input Grams of inputs whose coordinates have scales spread over two decades."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(0, -2, N, dtype=f64)
+    X = [torch.randn(N, tokens, generator=g, dtype=f64) * scale[:, None] for _ in range(E)]
+    return torch.stack([x @ x.T for x in X]), torch.full((E,), float(tokens), dtype=f64)
+
+
+# ----------------------------------------------------------------------------- activation-aware
+
+
+@pytest.mark.parametrize("kind", ["up", "down"])
+def test_activation_aware_beats_data_free_on_output_error(kind):
+    torch.manual_seed(1)
+    E, M, N, d = 6, 12, 20, 8
+    W = torch.randn(E, M, N, dtype=f64) if kind == "up" else torch.randn(E, N, M, dtype=f64)
+    C, _ = anisotropic_grams(E, N if kind == "up" else M)
+    hat = lambda A, B: B @ A if kind == "down" else A @ B  # noqa: E731
+    A, B, _ = factorize_kind(W, kind, d, gram=C, damp=1e-10)
+    A0, B0, _ = factorize_kind(W, kind, d)
+    aware, total = output_error(W, hat(A, B), C)
+    free, _ = output_error(W, hat(A0, B0), C)
+    assert aware < 0.5 * free < total
+    # data-free remains the better solution in plain weight space (it is that problem's optimum)
+    assert (W - hat(A0, B0)).norm() <= (W - hat(A, B)).norm() + 1e-9
+
+
+def test_aware_down_is_the_exact_optimum_and_gate_up_a_optimal_per_expert():
+    torch.manual_seed(2)
+    E, M, N, d = 5, 10, 16, 6
+    Wd = torch.randn(E, N, M, dtype=f64)
+    C, _ = anisotropic_grams(E, M)
+    A, B, _ = factorize_kind(Wd, "down", d, gram=C, damp=1e-12)
+    err, _ = output_error(Wd, B @ A, C)
+    assert err == pytest.approx(spectrum(Wd, "down", C, damp=1e-12)[d:].sum().item(), rel=1e-6)
+    for _ in range(5):  # no perturbation of the optimum does better
+        Bp = torch.linalg.qr(B + 0.05 * torch.randn_like(B))[0]
+        assert output_error(Wd, Bp @ (Bp.T @ Wd), C)[0] >= err - 1e-9
+    # gate/up: with B fixed, each A_i solves its own least squares: perturbing A cannot help
+    Wu = torch.randn(E, M, N, dtype=f64)
+    Cu, _ = anisotropic_grams(E, N, seed=3)
+    A, B, _ = factorize_kind(Wu, "up", d, gram=Cu, damp=1e-12)
+    best, _ = output_error(Wu, A @ B, Cu)
+    for _ in range(5):
+        assert output_error(Wu, (A + 1e-3 * torch.randn_like(A)) @ B, Cu)[0] > best
+
+
+def test_aware_with_isotropic_inputs_is_the_data_free_solution_and_full_d_is_exact():
+    torch.manual_seed(4)
+    E, M, N = 4, 6, 10
+    W = torch.randn(E, M, N, dtype=f64)
+    eye = torch.eye(N, dtype=f64).expand(E, N, N).clone()
+    A, B, S = factorize_kind(W, "gate", 5, gram=eye, damp=0.0)
+    A0, B0, S0 = factorize_kind(W, "gate", 5)
+    torch.testing.assert_close(A @ B, A0 @ B0)
+    A, B, _ = factorize_kind(W, "gate", N, gram=anisotropic_grams(E, N)[0], damp=1e-12)
+    torch.testing.assert_close(A @ B, W)
+
+
+def test_rank_ratio_with_calibration_is_refused():
+    W = torch.randn(2, 4, 6, dtype=f64)
+    with pytest.raises(ValueError, match="rank_ratio"):
+        factorize_kind(W, "up", 3, 0.5, gram=torch.eye(6, dtype=f64).expand(2, 6, 6))
+
+
+def test_best_rank_matches_truncated_svd():
+    W = torch.randn(3, 9, 14, dtype=f64)
+    for w in (W, W.transpose(1, 2)):
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        torch.testing.assert_close(best_rank(w, 4), (U[..., :4] * S[..., None, :4]) @ Vh[..., :4, :])
+
+
+# ----------------------------------------------------------------------------- budget, grouping
+
+
+def test_allocation_meets_the_budget_and_beats_uniform_latent_sizes():
+    torch.manual_seed(5)
+    items, mats = {}, {}
+    for key, decay in (("fast", 0.5), ("slow", 0.95), ("flat", 1.0)):
+        E, M, N = 8, 8, 32
+        U = torch.linalg.qr(torch.randn(N, N, dtype=f64))[0]
+        W = torch.randn(E, M, N, dtype=f64) @ torch.diag(decay ** torch.arange(N, dtype=f64)) @ U
+        s2 = spectrum(W, "up")
+        items[key] = dict(sigma2=s2, energy=s2.sum().item(), cost=N + E * M, dense=E * M * N)
+        mats[key] = s2
+    budget = 3 * 10 * (32 + 64)
+    d = allocate_latent(items, budget)
+    assert sum(items[k]["cost"] * d[k] for k in d) <= budget
+
+    def rel(dd):
+        return sum(mats[k][dd[k]:].sum().item() / items[k]["energy"] for k in dd)
+
+    assert rel(d) < rel({k: 10 for k in items})
+    assert d["fast"] < d["slow"] <= d["flat"]  # fast-decaying spectra need fewer dimensions
+    with pytest.raises(ValueError, match="raise --budget"):
+        allocate_latent(items, 10)
+
+
+def test_similarity_groups_recover_planted_groups_and_make_them_exact():
+    torch.manual_seed(6)
+    E, M, N, d = 8, 4, 24, 4
+    bases = [torch.linalg.qr(torch.randn(N, d, dtype=f64))[0].T for _ in range(2)]
+    W = torch.stack([torch.randn(M, d, dtype=f64) @ bases[e % 2] for e in range(E)])  # interleaved by index
+    perm = similarity_groups([W], 2)
+    groups = [set(perm[:4].tolist()), set(perm[4:].tolist())]
+    assert {frozenset(g) for g in groups} == {frozenset({0, 2, 4, 6}), frozenset({1, 3, 5, 7})}
+    _, row_sim = factorize_projection(W, "up", d, 2, perm=perm)
+    _, row_idx = factorize_projection(W, "up", d, 2)
+    assert row_sim["rel_error"] < 1e-10 < 0.1 < row_idx["rel_error"]
+
+
+def test_permuted_experts_fast_path_matches_reference_and_router_order():
+    torch.manual_seed(7)
+    ex = Experts(16, 8, 6, {"gate": 4, "up": 4, "down": 4}, groups=2, permuted=True).double()
+    ex.expert_slot.copy_(torch.tensor([3, 0, 5, 1, 4, 2]))
+    x = torch.randn(20, 16, dtype=f64)
+    idx = torch.stack([torch.randperm(6)[:2] for _ in range(20)])
+    w = torch.rand(20, 2, dtype=f64)
+    ex.impl = "reference"
+    ref = ex(x, idx, w)
+    ex.impl = "fast"
+    torch.testing.assert_close(ex.forward_fast(x, idx, w, use_grouped_mm=False), ref)
+    dense = ex.dense_weights()
+    torch.testing.assert_close(dense["gate"][2], ex.expert_weight("gate", 2))
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_svd_and_d2moe_budgets_and_exactness():
+    torch.manual_seed(8)
+    E, M, N = 4, 8, 12
+    r = svd_rank(0.5, E, M, N)
+    assert E * r * (M + N) <= 0.5 * E * M * N < E * (r + 1) * (M + N)
+    W = torch.randn(E, M, N, dtype=f64)
+    torch.testing.assert_close(truncated(W, min(M, N)), W)
+    C, _ = anisotropic_grams(E, N)
+    assert output_error(W, truncated(W, 3, C, 1e-12), C)[0] < output_error(W, truncated(W, 3), C)[0]
+    W_hat, stored, r = d2moe(W, 0.6)
+    assert stored <= 0.6 * E * M * N and r >= 1
+    same = W[:1].expand(E, M, N).clone()  # identical experts: the base alone is exact
+    torch.testing.assert_close(d2moe(same, 0.5)[0], same)
+    with pytest.raises(ValueError, match="raise --budget"):
+        d2moe(W, 0.01)
+
+
+def test_mobe_fits_no_worse_than_its_start_and_respects_the_budget():
+    torch.manual_seed(9)
+    E, M, N = 8, 6, 16
+    W = torch.randn(E, M, N)
+    W_hat, stored, info = mobe(W, 0.5, bases=2, steps=200)
+    assert stored <= 0.5 * E * M * N
+    assert info["rel_error"] <= info["rel_error_start"] < 1
+    assert (W - W_hat).norm() / W.norm() == pytest.approx(info["rel_error"], rel=1e-3)
+
+
+def test_average_linkage_finds_planted_clusters():
+    X = torch.tensor([[0.0, 0], [0.1, 0], [5, 5], [5.1, 5], [10, 0], [0, 0.1]])
+    labels = average_linkage(X, 3)
+    assert labels[0] == labels[1] == labels[5] and labels[2] == labels[3] and len(set(labels)) == 3
+
+
+def test_pruning_keeps_the_top_scorers():
+    stats = dict(count=torch.tensor([10.0, 0, 5, 30]), reap=torch.tensor([10.0, 0, 50, 3]))
+    assert baselines.keep_experts(stats, 0.5, 1, "prune-frequency") == [0, 3]
+    assert baselines.keep_experts(stats, 0.5, 1, "prune-reap") == [0, 2]
+    assert baselines.keep_experts(stats, 0.25, 2, "prune-reap") == [0, 2]  # never fewer than top-k
+
+
+# ----------------------------------------------------------------------------- real tiny models
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qdata") / "prepared"
+    D.prepare([STDLIB / "json", STDLIB / "email"], out, vocab_size=512, val_fraction=0.3, tokenizer_bytes=0,
+              progress=False)
+    return out
+
+
+def saved(family, path, **kw):
+    model = tiny_model(family, vocab_size=512, dtype=torch.float32, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    model.save_pretrained(path)
+    return path
+
+
+def test_calibration_statistics_match_a_direct_count(data_dir, tmp_path):
+    src = saved("qwen2_moe", tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float64)
+    use_standard_experts(model)  # what collect does first: hook the modules it will run
+    ids = calibration_ids(data_dir, None, 256, 32)
+    assert ids.shape == (8, 32)
+    seen = {}
+    for name, module in find_experts(model):
+        module.register_forward_hook(lambda m, a, k, o, n=name: seen.setdefault(n, []).append(
+            (a + tuple(k.values()))), with_kwargs=True)
+    stats = collect(model, ids, batch_size=4, outputs=True, fisher=True, progress=False)
+    assert sorted(stats) == [0, 1]
+    s = stats[0]
+    assert s["count"].sum().item() == ids.numel() * 2  # every token, top-2
+    assert (s["fisher"] > 0).any() and s["out_tokens"] == ids.numel()
+    # x_gram of expert 0 against a direct computation from the layer's own inputs
+    name = next(n for n, _ in find_experts(model) if ".0." in n)
+    expect = torch.zeros(32, 32, dtype=f64)
+    assert len(seen[name]) == 2  # two batches of four windows
+    for x, idx, _ in seen[name]:
+        xe = x[(idx == 0).any(-1)]
+        expect += xe.T @ xe
+    torch.testing.assert_close(s["x_gram"][0], expect)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3"])
+def test_every_method_converts_loads_and_keeps_its_budget(family, data_dir, tmp_path):
+    src = saved(family, tmp_path / "src")
+    ids = torch.from_numpy(D.TokenData(data_dir).val[:256].astype("int64"))[None]
+    before = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    ref = before(input_ids=ids).logits
+    calib = dict(calibration=str(data_dir), calib_tokens=512, calib_seq_len=64)
+    for method in baselines.METHODS:
+        opts = ConvertOptions(method=method, budget=0.5, projections=("gate", "up", "down"), mobe_steps=20,
+                              **(calib if method != "mobe" else {}))
+        s = convert_checkpoint(src, tmp_path / method, opts)
+        assert s["after"]["expert_stored"] <= 0.5 * s["before"]["expert"] + 64, method  # + expert_slot maps
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / method), dtype=torch.float32)
+        out = model(input_ids=ids).logits
+        assert out.shape == ref.shape and torch.isfinite(out).all(), method
+        if method.startswith("prune"):
+            keys = ("num_experts", "num_local_experts", "n_routed_experts")
+            E = sum(json.loads((tmp_path / method / "config.json").read_text()).get(k, 0) for k in keys)
+            E0 = sum(json.loads((src / "config.json").read_text()).get(k, 0) for k in keys)
+            assert E == E0 // 2 and 2 * s["after"]["expert"] == s["before"]["expert"]
+
+
+def test_similarity_grouping_round_trips_through_load_and_decompress(data_dir, tmp_path):
+    src = saved("qwen3_moe", tmp_path / "src")
+    ids = torch.from_numpy(D.TokenData(data_dir).val[:128].astype("int64"))[None]
+    opts = ConvertOptions(latent_dim=12, groups=2, group_by="similarity", projections=("gate", "up", "down"),
+                          calibration=str(data_dir), calib_tokens=512, calib_seq_len=64)
+    convert_checkpoint(src, tmp_path / "sim", opts)
+    cfg = json.loads((tmp_path / "sim" / "config.json").read_text())
+    assert all(v.get("permuted") for v in cfg["molae"]["layers"].values())
+    molae_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sim"), dtype=torch.float64)
+    slots = [m.expert_slot for _, m in find_experts(molae_model)]
+    assert any((s != torch.arange(len(s))).any() for s in slots)  # some layer really was reordered
+    decompress_checkpoint(tmp_path / "sim", tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense"), dtype=torch.float64,
+                                                 experts_implementation="eager")
+    torch.testing.assert_close(dense(input_ids=ids).logits, molae_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_budget_allocation_through_convert_keeps_the_budget(data_dir, tmp_path):
+    src = saved("qwen2_moe", tmp_path / "src")
+    opts = ConvertOptions(budget=0.4, projections=("gate", "up", "down"), calibration=str(data_dir),
+                          calib_tokens=512, calib_seq_len=64)
+    s = convert_checkpoint(src, tmp_path / "b", opts)
+    assert 0.3 * s["before"]["expert"] < s["after"]["expert"] <= 0.4 * s["before"]["expert"]
+    assert all("rel_output_error" in r for r in s["layers"])
+    assert uniform_latent(0.5, 8, 16, 32) == int(0.5 * 8 * 16 * 32 // (32 + 8 * 16))
+
+
+def test_balancing_keeps_the_function_and_healing_lowers_the_kl(data_dir, tmp_path):
+    src = saved("qwen2_moe", tmp_path / "src")
+    convert_checkpoint(src, tmp_path / "m", ConvertOptions(latent_dim=4, projections=("gate", "up", "down")))
+    ids = torch.from_numpy(D.TokenData(data_dir).val[:128].astype("int64"))[None]
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float64)
+    before = model(input_ids=ids).logits
+    assert balance_factors(model) == 2 * 3
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
+    untouched = {k: v for k, v in model.state_dict().items() if "experts" not in k}
+    info = heal(tmp_path / "m", src, data_dir, tokens=64 * 8 * 30, seq_len=64, batch_size=8, lr=3e-3,
+                progress=False)
+    assert info["applied"] and info["held_out_kl_after"] < info["held_out_kl_before"]
+    healed = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float64)
+    for k, v in healed.state_dict().items():
+        if k in untouched:  # only latent factors trained
+            torch.testing.assert_close(v, untouched[k].to(v.dtype))
+    assert (tmp_path / "m" / "heal.json").exists()
+
+
+def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
+    src = saved("mixtral", tmp_path / "src")
+    code = main(["bench", "quality", "--model", str(src), "--name", "tiny", "--data", str(data_dir), "--device", "cpu",
+                 "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json"), "--calib-tokens", "512",
+                 "--heal-tokens", "4096", "--heal-batch-size", "8", "--eval-tokens", "1024", "--seq-len", "64",
+                 "--mobe-steps", "10", "--budgets", "0.5", "--rank-ratios", "1"])
+    assert code == 0
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert len(q["runs"]) == 4 + 6 and all(math.isfinite(r["perplexity"]) for r in q["runs"])
+    assert main(["bench", "quality", "--model", str(src), "--name", "tiny", "--data", str(data_dir), "--device", "cpu",
+                 "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json"), "--resume", "--budgets", "0.5",
+                 "--rank-ratios", "1", "--seq-len", "64", "--eval-tokens", "1024", "--calib-tokens", "512"]) == 0
+    assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 10  # nothing run twice
+    assert main(["bench", "quality-report", str(tmp_path / "q.json"), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "quality.md").read_text()
+    assert "| molae-alloc+heal |" in md and (tmp_path / "r" / "quality.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "1.5"], "--budget 1.5 is out of range"),
+    (["--method", "svd"], "needs --budget"),
+    (["--method", "hcsmoe", "--budget", "0.5"], "needs --calibration"),
+    (["--budget", "0.5", "--latent-dim", "4"], "give one of them"),
+    (["--rank-ratio", "0.5", "--calibration", "x"], "leave it out with --calibration"),
+    (["--method", "d2moe", "--budget", "0.5", "--groups", "2"], "MoLAE options"),
+])
+def test_bad_convert_options_are_one_line_and_write_nothing(args, message, tmp_path, capsys):
+    src = saved("qwen2_moe", tmp_path / "src")
+    capsys.readouterr()  # the save's progress bar
+    code = main(["convert", str(src), "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_heal_refuses_a_model_that_is_not_molae(data_dir, tmp_path, capsys):
+    src = saved("qwen2_moe", tmp_path / "src")
+    capsys.readouterr()
+    code = main(["heal", str(src), "--teacher", str(src), "--data", str(data_dir), "--tokens", "4096"])
+    err = capsys.readouterr().err
+    assert code != 0 and "not a MoLAE checkpoint" in err and len(err.strip().splitlines()) == 1
