@@ -29,7 +29,8 @@ from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, check_d
                          copy_aux_files, parse_size, publish, removed_on_error, resolve, temp_dir_for,
                          write_json_atomically)
 from . import baselines
-from .factorize import allocate_latent, factorize_projection, regularized_grams, similarity_groups, spectrum
+from .factorize import (allocate_latent, factorize_projection, regularized_grams, similarity_groups, spectrum,
+                        whiten)
 from .layers import KINDS, check_groups, check_latent_dim, check_projections, multiply_out, resolve_latent_dims
 from .models import SUPPORTED, is_embedding, layer_index
 
@@ -259,7 +260,6 @@ def _similarity_perm(ckpt, g: "ExpertGroup", kinds, groups: int, grams, device) 
         W = g.read_kind(ckpt, kind).to(device).double()
         W = W.transpose(1, 2) if kind == "down" else W  # down's columns live in R^n: compare W^T
         if grams is not None and kind != "down":
-            from .factorize import whiten
             W = W @ whiten(grams[kind].sum(0).to(device))
         mats.append(W)
     return similarity_groups(mats, groups).tolist()
