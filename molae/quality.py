@@ -197,16 +197,18 @@ def report(files, out: Path, commit: str | None = None, note: str = ""):
                   f"{o['params']['routed']:,} routed-expert parameters", ""]
         budgets = sorted({x["budget"] for x in r["runs"]}, reverse=True)
         names = list(dict.fromkeys(x["variant"] for x in r["runs"]))
-        lines += ["| method | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |",
-                  "|---|" + "---:|" * len(budgets)]
-        for name in names:
-            cells = []
-            for b in budgets:
-                x = next((x for x in r["runs"] if x["variant"] == name and x["budget"] == b), None)
-                kept = None if x is None else 100 * x["params"]["routed"] / x["params"]["routed_before"]
-                cells.append("" if x is None else f"{x['perplexity']:.3f} ({kept:.0f}%)")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "Cells: validation perplexity (routed-expert parameters kept).", ""]
+        for metric, fmt, what in (("perplexity", ".3f", "validation perplexity"),
+                                  ("bits_per_byte", ".4f", "bits per byte")):
+            lines += ["| method | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |",
+                      "|---|" + "---:|" * len(budgets)]
+            for name in names:
+                cells = []
+                for b in budgets:
+                    x = next((x for x in r["runs"] if x["variant"] == name and x["budget"] == b), None)
+                    kept = None if x is None else 100 * x["params"]["routed"] / x["params"]["routed_before"]
+                    cells.append("" if x is None else f"{x[metric]:{fmt}} ({kept:.0f}%)")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines += ["", f"Cells: {what} (routed-expert parameters kept).", ""]
         lines += _verdict(r, budgets)
     lines += _across_models(results)
     (out / "quality.md").write_text("\n".join(lines) + "\n")
