@@ -135,28 +135,42 @@ def regularized_grams(C_EII: torch.Tensor, count_E: torch.Tensor, prior_tokens: 
     return C + prior_tokens * mean_II
 
 
-def whiten(C_II: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Lower-triangular S (float64) with S S^T = C + damp * mean(diag C) * I; batched over leading dims."""
+def _ridged(C_II: torch.Tensor, damp: float) -> torch.Tensor:
+    """C + damp * mean(diag C) * I in float64; batched over leading dims."""
     C = C_II.double()
     ridge = damp * C.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
-    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
-    S, info = torch.linalg.cholesky_ex(C + ridge[..., None, None] * eye)
+    return C + ridge[..., None, None] * torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+
+
+def whiten(C_II: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Lower-triangular S (float64) with S S^T = C + damp * mean(diag C) * I; batched over leading dims."""
+    S, info = torch.linalg.cholesky_ex(_ridged(C_II, damp))
     if bool((info != 0).any()):
         raise ValueError(f"calibration Gram matrix is not positive definite with damp={damp}: raise --damp")
     return S
 
 
+def whitened_stack(W, kind: str, gram=None, damp: float = 0.01):
+    """One group's matrices stacked as the rows of one [R, n] matrix whose top right singular vectors
+    span the shared latent (float64): gate/up [W_1; W_2; ...] (whitened on the right by the group's
+    summed Gram), down [W_1, W_2, ...]^T (each W_i whitened by its own). Returns (stack, S) with S the
+    gate/up whitening factor [n, n] (None for down or without Grams)."""
+    W = W.double()
+    if kind == "down":
+        W = W if gram is None else W @ whiten(gram, damp)
+        return W.transpose(1, 2).reshape(-1, W.shape[1]), None
+    S = None if gram is None else whiten(gram.sum(0), damp)
+    return (W if S is None else W @ S).reshape(-1, W.shape[2]), S
+
+
 def aware_gate_up(W_EMN, d, C_ENN, damp=0.01):
     """Activation-aware shared latent for gate/up. W [E, m, n], C [E, n, n] regularized Grams.
     Returns A [E, m, d], B [d, n] (float64) and the singular values of the whitened stack."""
-    E, M, N = W_EMN.shape
     W = W_EMN.double()
-    S_NN = whiten(C_ENN.sum(0), damp)
-    sing, Vh = right_singular((W @ S_NN).reshape(E * M, N))
+    stack, S_NN = whitened_stack(W, "up", C_ENN, damp)
+    sing, Vh = right_singular(stack)
     B_LN = torch.linalg.solve_triangular(S_NN.T, Vh[:d].T.contiguous(), upper=True).T  # B S = V_d^T
-    C = C_ENN.double()
-    C = C + damp * C.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(N, dtype=C.dtype, device=C.device)
-    P_ENL = C @ B_LN.T
+    P_ENL = _ridged(C_ENN, damp) @ B_LN.T
     Q_ELL = B_LN @ P_ENL  # B C_i B^T, positive definite
     A_EML = torch.linalg.solve(Q_ELL, (W @ P_ENL).transpose(1, 2)).transpose(1, 2)
     return A_EML, B_LN, sing
@@ -165,12 +179,9 @@ def aware_gate_up(W_EMN, d, C_ENN, damp=0.01):
 def aware_down(W_EDF, d, C_EFF, damp=0.01):
     """Activation-aware shared latent for down. W [E, n, m] (W_i ~ B A_i), C [E, m, m] Grams of h.
     Returns A [E, d, m], B [n, d] (float64) and the singular values of the whitened side-by-side stack."""
-    E, D, F_ = W_EDF.shape
-    W = W_EDF.double()
-    S_EFF = whiten(C_EFF, damp)
-    sing, Vh = right_singular((W @ S_EFF).transpose(1, 2).reshape(E * F_, D))  # rows: (W_i S_i)^T
+    sing, Vh = right_singular(whitened_stack(W_EDF, "down", C_EFF, damp)[0])  # rows: (W_i S_i)^T
     B_DL = Vh[:d].T.contiguous()
-    return B_DL.T @ W, B_DL, sing
+    return B_DL.T @ W_EDF.double(), B_DL, sing
 
 
 def output_error(W, W_hat, C_EII):
@@ -201,14 +212,7 @@ def factorize_kind(W, kind: str, d: int, rank_ratio=None, *, dtype=None, gram=No
 def spectrum(W, kind: str, gram=None, damp: float = 0.01) -> torch.Tensor:
     """Squared singular values (descending, float64) of one group's (whitened) stack: the error of
     latent size d is the sum of those past d (exactly; for aware gate/up, before A's refinement)."""
-    W = W.double()
-    if gram is None:
-        stack = W.transpose(1, 2).reshape(-1, W.shape[1]) if kind == "down" else W.reshape(-1, W.shape[2])
-    elif kind == "down":
-        stack = (W @ whiten(gram, damp)).transpose(1, 2).reshape(-1, W.shape[1])
-    else:
-        stack = (W @ whiten(gram.sum(0), damp)).reshape(-1, W.shape[2])
-    S, _ = right_singular(stack)
+    S, _ = right_singular(whitened_stack(W, kind, gram, damp)[0])
     return S.square()
 
 
@@ -405,6 +409,7 @@ __all__ = [
     "factorize_kind",
     "regularized_grams",
     "whiten",
+    "whitened_stack",
     "aware_gate_up",
     "aware_down",
     "output_error",
