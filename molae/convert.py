@@ -292,9 +292,9 @@ def _plan(ckpt, groups, opts: ConvertOptions, stats: dict | None, device) -> dic
             raise ValueError(f"--groups: {e}") from None
         if opts.method == "svd" and opts.budget is not None:
             r = baselines.svd_rank(opts.budget, g.n_experts, g.inter, g.dim)
-            latent = {k: r for k in KINDS if k in check_projections(opts.projections)}
+            latent = dict.fromkeys(check_projections(opts.projections), r)
         elif opts.budget is not None:
-            latent = {k: 1 for k in check_projections(opts.projections)}  # set by _allocate below
+            latent = dict.fromkeys(check_projections(opts.projections), 1)  # set by _allocate below
         else:
             latent = resolve_latent_dims(opts.latent_dim, opts.projections, g.inter, g.dim)
         for kind, d in latent.items():
@@ -560,14 +560,14 @@ def format_summary(summary: dict) -> str:
                          f"{sum(en) / len(en):.4f} / {min(en):.4f} |"
                          + (f" {sum(out) / len(out):.4f} / {max(out):.4f} |" if aware else ""))
     lines += ["", "| | before | after | change |", "|---|---:|---:|---:|"]
-    b, a = summary["before"], dict(summary["after"])
-    keys = (("total", "total parameters"), ("expert", "routed-expert parameters"))
+    b, a = summary["before"], summary["after"]
+    rows = [("total parameters", b["total"], a["total"]), ("routed-expert parameters", b["expert"], a["expert"])]
     if a.get("expert_stored", a["expert"]) != a["expert"]:  # a whole-matrix baseline: what it would store
-        a["expert_stored_"], b = a["expert_stored"], dict(b, expert_stored_=b["expert"])
-        keys += (("expert_stored_", f"routed-expert parameters the {summary['method']} method stores"),)
-    for key, label in keys + (
-                       ("non_embedding", "non-embedding parameters"), ("bytes_on_disk", "bytes on disk")):
-        lines.append(f"| {label} | {b[key]:,} | {a[key]:,} | {100 * (a[key] - b[key]) / max(b[key], 1):+.1f}% |")
+        rows.append((f"routed-expert parameters the {summary['method']} method stores", b["expert"], a["expert_stored"]))
+    rows += [("non-embedding parameters", b["non_embedding"], a["non_embedding"]),
+             ("bytes on disk", b["bytes_on_disk"], a["bytes_on_disk"])]
+    for label, x, y in rows:
+        lines.append(f"| {label} | {x:,} | {y:,} | {100 * (y - x) / max(x, 1):+.1f}% |")
     return "\n".join(lines)
 
 
@@ -618,7 +618,7 @@ def _decompress_units(ckpt, molae, latent_prefix, dtype, device, writer):
         if prefix:
             tensors = {k[len(prefix) + 1:]: t.to(device) for k, t in ckpt.read(factor_keys).items()}
             dense = multiply_out({k: t.float() if t.is_floating_point() else t for k, t in tensors.items()})
-            out_dtype = tensors["gate_A" if "gate_A" in tensors else "gate_proj"].dtype if dtype == "auto" \
+            out_dtype = next(t.dtype for t in tensors.values() if t.is_floating_point()) if dtype == "auto" \
                 else DTYPES[dtype]
             src = molae["source_layout"][str(i)]
             E, m, n = dense["gate"].shape
