@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .evaluate import load
 from .models import find_experts, layer_index, use_standard_experts
 
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst")
@@ -143,22 +144,10 @@ def collect(model, ids_BT: torch.Tensor, batch_size: int = 8, outputs: bool = Fa
     return {i: s.to_dict() for i, s in stats.items()}
 
 
-def load_for_calibration(src: Path, device, dtype=torch.float32):
-    """The source model (transformers' own class for its config) and its tokenizer (None if absent)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype).to(device)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(src))
-    except (OSError, ValueError):
-        tok = None
-    return model, tok
-
-
 def calibrate(src: Path, source, n_tokens: int, seq_len: int = 512, device="cpu", outputs=False, fisher=False,
               batch_size: int = 8) -> dict[int, dict]:
     """Load the model at `src`, draw calibration windows from `source`, collect the statistics."""
-    model, tok = load_for_calibration(src, device)
+    model, tok = load(str(src), device, "float32", need_tokenizer=False)
     if tok is None and not (Path(source) / "manifest.json").exists():
         raise ValueError(f"{src} has no tokenizer to read --calibration {source} with: pass a prepared data directory")
     ids = calibration_ids(source, tok, n_tokens, seq_len)
@@ -167,4 +156,4 @@ def calibrate(src: Path, source, n_tokens: int, seq_len: int = 512, device="cpu"
     return stats
 
 
-__all__ = ["calibration_ids", "collect", "calibrate", "load_for_calibration"]
+__all__ = ["calibration_ids", "collect", "calibrate"]

@@ -180,8 +180,9 @@ def measure_speed(model, prompt_tokens: int = 512, new_tokens: int = 64, repeats
                 peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9)
 
 
-def load(model_path: str, device: str = "cpu", dtype: str = "auto"):
-    """A causal LM (MoE or MoLAE) and its tokenizer, from a directory or hub id."""
+def load(model_path: str, device: str = "cpu", dtype: str = "auto", need_tokenizer: bool = True):
+    """A causal LM (MoE or MoLAE) and its tokenizer, from a directory or hub id; in eval mode. Without
+    need_tokenizer, a model that has none comes with tokenizer None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import resolve
@@ -191,12 +192,21 @@ def load(model_path: str, device: str = "cpu", dtype: str = "auto"):
         raise ValueError(f"{model_path} is not a model: no config.json in {path}")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{model_path} cannot be loaded as a causal LM with its tokenizer ({_first_line(e)})") from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{model_path} cannot be loaded as a causal LM with its tokenizer ({first})") from None
+        if need_tokenizer:
+            raise ValueError(f"{model_path} cannot be loaded as a causal LM with its tokenizer ({_first_line(e)})") \
+                from None
+        tokenizer = None
     model.config.output_router_logits = False  # a training setting; evaluation needs no aux loss
     return model.to(device).eval(), tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def format_eval(result: dict) -> str:

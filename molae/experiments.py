@@ -9,7 +9,6 @@ of `scripts/gpu/pretrain.sh`). Every figure is read from those files; nothing is
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

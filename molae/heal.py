@@ -74,9 +74,8 @@ def heal(dst, teacher, data_dir, tokens: int, seq_len: int = 512, batch_size: in
          held_out_batches: int = 4) -> dict:
     """Distil the MoLAE checkpoint at `dst` towards `teacher` on `tokens` training tokens; rewrite `dst`
     (with the balanced factors, healed if that lowered the held-out KL)."""
-    from transformers import AutoModelForCausalLM
-
     from .data import TokenData
+    from .evaluate import load
 
     dst = Path(resolve(dst))
     config = json.loads((dst / "config.json").read_text())
@@ -87,8 +86,8 @@ def heal(dst, teacher, data_dir, tokens: int, seq_len: int = 512, batch_size: in
         raise ValueError(f"--tokens {tokens} is less than one batch ({batch_size} x {seq_len}): raise --tokens")
     data = TokenData(data_dir)
     dev = torch.device(device)
-    student = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).to(dev)
-    teacher_model = AutoModelForCausalLM.from_pretrained(str(resolve(teacher)), dtype=torch.float32).to(dev).eval()
+    student = load(str(dst), device, "float32", need_tokenizer=False)[0]
+    teacher_model = load(str(teacher), device, "float32", need_tokenizer=False)[0]
     if student.config.vocab_size != teacher_model.config.vocab_size:
         raise ValueError(f"--teacher has vocabulary {teacher_model.config.vocab_size}, {dst} has "
                          f"{student.config.vocab_size}: give the model {dst} was converted from")

@@ -27,12 +27,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import SourceCheckpoint, resolve, write_json_atomically
 from .convert import ConvertOptions, convert_checkpoint, find_expert_groups
+from .evaluate import load
 from .layers import KINDS
+from .train import window_bytes, windows_nll
 
 BASELINES = ("svd", "d2moe", "mobe", "hcsmoe", "prune-frequency", "prune-reap")
 
@@ -43,18 +44,11 @@ def uniform_latent(fraction: float, E: int, m: int, n: int, groups: int = 1) -> 
     return max(1, min(d, E // groups * m, n))
 
 
-@torch.no_grad()
 def score(path, windows_WT: torch.Tensor, n_bytes: int, device, batch_size: int = 16) -> dict:
     """Validation loss (nats/token), perplexity and bits per byte of the model at `path` (float32)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
-    nll, count = 0.0, 0
-    for i in range(0, len(windows_WT), batch_size):
-        x = windows_WT[i:i + batch_size].to(device)
-        logits = model(input_ids=x[:, :-1]).logits
-        nll += F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
-        count += x[:, 1:].numel()
+    model = load(str(path), str(device), "float32", need_tokenizer=False)[0]
+    nll, count = windows_nll(model, windows_WT, batch_size, device).tolist()
+    count = int(count)
     del model
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -91,8 +85,7 @@ def bench_quality(args):
     src = Path(resolve(args.model))
     data = TokenData(args.data)
     windows = data.val_windows(args.seq_len, args.eval_tokens)
-    tok = data.tokenizer()
-    n_bytes = sum(len(tok.decode(w[1:].tolist()).encode()) for w in windows)
+    n_bytes = window_bytes(data.tokenizer(), windows)
     ckpt = SourceCheckpoint(src)
     g = next(iter(find_expert_groups(ckpt).values()))
     E, m, n = g.n_experts, g.inter, g.dim

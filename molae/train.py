@@ -522,27 +522,36 @@ def validation_windows(data: TokenData, cfg: TrainConfig, world: int) -> torch.T
 
 
 @torch.no_grad()
+def windows_nll(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext) -> torch.Tensor:
+    """[summed next-token NLL (nats), scored tokens] (float64, on device) over [W, T+1] windows."""
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for i in range(0, len(windows_WT), batch_size):
+        x = windows_WT[i:i + batch_size].to(device)
+        with amp():
+            logits = model(input_ids=x[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
+        total += torch.stack([loss.double(), torch.tensor(x[:, 1:].numel(), device=device, dtype=torch.float64)])
+    return total
+
+
+def window_bytes(tokenizer, windows_WT: torch.Tensor) -> int:
+    """UTF-8 bytes of the scored tokens (all but each window's first), decoded: bits per byte's denominator."""
+    return sum(len(tokenizer.decode(w[1:].tolist()).encode()) for w in windows_WT)
+
+
+@torch.no_grad()
 def validation_loss(model, data: TokenData, cfg: TrainConfig, run: Run, amp, bits_per_byte: bool = False):
     """Mean next-token cross-entropy (nats) over the fixed validation windows, split over processes.
     With bits_per_byte, also (summed NLL in bits) / (UTF-8 bytes of the scored tokens, decoded)."""
     model.eval()
     windows = validation_windows(data, cfg, run.world)
-    total = torch.zeros(2, device=run.device, dtype=torch.float64)
-    mine = windows[run.rank::run.world]
-    for i in range(0, len(mine), cfg.batch_size):
-        x = mine[i:i + cfg.batch_size].to(run.device)
-        with amp():
-            logits = model(input_ids=x[:, :-1]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
-        total += torch.stack([loss.double(), torch.tensor(x[:, 1:].numel(), device=run.device, dtype=torch.float64)])
+    total = windows_nll(model, windows[run.rank::run.world], cfg.batch_size, run.device, amp)
     run.all_reduce(total)
     model.train()
     loss = (total[0] / total[1]).item()
     if not bits_per_byte:
         return loss
-    tok = data.tokenizer()
-    n_bytes = sum(len(tok.decode(w[1:].tolist()).encode()) for w in windows)
-    return loss, total[0].item() / math.log(2) / n_bytes
+    return loss, total[0].item() / math.log(2) / window_bytes(data.tokenizer(), windows)
 
 
 def check_out(out: Path, resume: bool):
