@@ -7,7 +7,7 @@ K experts per token.
 Per MoE layer (keyed by decoder-layer index), accumulated in float64 over all calibration tokens:
   x_gram  [E, D, D]  sum of x x^T over the tokens routed to expert e (its input Gram)
   h_gram  [E, F, F]  sum of h h^T, h = silu(W_gate x) * (W_up x) its intermediate activation
-  count   [E]        routed tokens;   weight_sum [E]  summed routing weights
+  count   [E]        routed tokens
   reap    [E]        sum over routed tokens of g_e(x) * ||E_e(x)||_2 (REAP's saliency, before / count)
   out_sum [E, D]     sum over all tokens (routed or not) of E_e(x) (HC-SMoE's expert outputs); out_tokens
   fisher  [E]        sum of squared gradients of the LM loss over the expert's weights (with fisher=True)
@@ -64,7 +64,6 @@ class _LayerStats:
         self.x_gram = torch.zeros(E, D, D, **f64)
         self.h_gram = torch.zeros(E, F_, F_, **f64)
         self.count = torch.zeros(E, **f64)
-        self.weight_sum = torch.zeros(E, **f64)
         self.reap = torch.zeros(E, **f64)
         self.fisher = torch.zeros(E, **f64)
         self.out_sum = torch.zeros(E, D, **f64) if outputs else None
@@ -77,18 +76,19 @@ class _LayerStats:
         for e in range(experts.n_experts):
             tok, slot = torch.where(idx_TK == e)
             g, up, down = (W[k][e].float() for k in ("gate", "up", "down"))
+            h_all = None
             if self.out_sum is not None:  # every token through expert e
-                self.out_sum[e] += ((F.silu(x_TD @ g.T) * (x_TD @ up.T)) @ down.T).double().sum(0)
+                h_all = F.silu(x_TD @ g.T) * (x_TD @ up.T)
+                self.out_sum[e] += (h_all @ down.T).double().sum(0)
             if tok.numel() == 0:
                 continue
             x = x_TD[tok]
-            h = F.silu(x @ g.T) * (x @ up.T)
+            h = h_all[tok] if h_all is not None else F.silu(x @ g.T) * (x @ up.T)
             xd, hd = x.double(), h.double()
             self.x_gram[e] += xd.T @ xd
             self.h_gram[e] += hd.T @ hd
             w = w_TK[tok, slot].double()
             self.count[e] += tok.numel()
-            self.weight_sum[e] += w.sum()
             self.reap[e] += (w * (h @ down.T).double().norm(dim=-1)).sum()
         self.out_tokens += x_TD.shape[0]
 
