@@ -68,8 +68,9 @@ def cmd_heal(args):
 
     s = heal(args.dst, args.teacher, args.data, args.tokens, args.seq_len, args.batch_size, args.lr,
              device=args.device, seed=args.seed)
-    print(f"healed {args.dst}: {s['steps']} steps, {s['tokens']:,} tokens, KL {s['kl_first']:.4f} -> "
-          f"{s['kl_last']:.4f} nats/token in {s['seconds']:.0f} s")
+    verdict = "healed factors written" if s["applied"] else "held-out KL did not fall: converted factors kept"
+    print(f"{args.dst}: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f} s; held-out KL "
+          f"{s['held_out_kl_before']:.5f} -> {s['held_out_kl_after']:.5f} nats/token; {verdict}")
 
 
 def cmd_bench_quality(args):
