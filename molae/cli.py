@@ -95,6 +95,55 @@ def float_list(text):
         raise argparse.ArgumentTypeError(f"{text} is not a comma list of numbers") from None
 
 
+def int_list(text):
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a comma list of integers") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text} has a value below 1: token counts are positive")
+    return values
+
+
+def cmd_bench_layer(args):
+    import subprocess
+
+    import transformers
+
+    from .bench import device_name
+    from .speed import IMPLS, bench_layer, parse_shape, today, write_results
+
+    import torch
+
+    shapes = [parse_shape(s) for s in args.shape or ["qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "mixtral-8x7b",
+                                                     "deepseek-v3"]]
+    impls = [i for i in args.impls.split(",") if i]
+    bad = [i for i in impls if i not in IMPLS]
+    if bad or not impls:
+        raise ValueError(f"--impls {args.impls!r} names {bad or 'nothing'}: allowed a comma list of {', '.join(IMPLS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available: run on a GPU machine, or pass --device cpu")
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip() or "unknown"
+    result = bench_layer(shapes, impls, args.tokens, args.decode_tokens, args.device, getattr(torch, args.dtype),
+                         args.sets, args.peak_size, args.max_step_s)
+    result.update(command=args.command or "molae " + " ".join(sys.argv[1:]), device=device_name(args.device),
+                  date=today(), commit=commit, torch=torch.__version__, transformers=transformers.__version__)
+    write_results(result, args.out)
+    print((args.out / "speed.md").read_text().split("## forward:")[0].rstrip())
+    print(f"wrote speed.json and speed.md under {args.out}")
+
+
+def cmd_bench_layer_report(args):
+    from .speed import write_results
+
+    result = json.loads(args.file.read_text())
+    if args.commit:
+        result["commit_recorded_on_device"], result["commit"] = result["commit"], args.commit
+    write_results(result, args.out)
+    print(f"wrote speed.json and speed.md under {args.out}")
+
+
 def cmd_decompress(args):
     from .convert import decompress_checkpoint
 
@@ -367,6 +416,39 @@ def build_parser() -> argparse.ArgumentParser:
     bqr.add_argument("--commit", default=None, help="the commit the runs used, where the files record a wrong one")
     bqr.add_argument("--note", type=Path, default=None, help="a markdown file whose text goes under the title")
     bqr.set_defaults(func=cmd_bench_quality_report)
+
+    bl = bench.add_parser("layer", help="MoLAE experts against standard MoE kernels: time, FLOP/s, memory, decode",
+                          description="Time transformers' experts (eager, grouped_mm), our standard MoE fast path "
+                                      "and MoLAE (d = m, G = 1 and 8) side by side at real models' shapes, forward "
+                                      "and forward+backward, plus decode sizes; the matmul peak and copy bandwidth "
+                                      "measured in the same run. Writes speed.json and speed.md.")
+    bl.add_argument("--shape", action="append", default=None,
+                    help="a preset (qwen1.5-moe-a2.7b, qwen3-30b-a3b, mixtral-8x7b, deepseek-v3) or n,m,E,k; "
+                         "repeatable (default: those four presets)")
+    bl.add_argument("--impls", default="hf-eager,hf-grouped_mm,moe,molae-g1,molae-g8",
+                    help="implementations to time (default all five)")
+    bl.add_argument("--tokens", type=int_list, default=[512, 1024, 2048, 4096, 8192, 16384],
+                    help="tokens per step (default 512,1024,2048,4096,8192,16384)")
+    bl.add_argument("--decode-tokens", type=int_list, default=[1, 2, 4, 8, 16, 32, 64],
+                    help="decode batch sizes, forward only (default 1,2,4,8,16,32,64; '' for none)")
+    bl.add_argument("--device", default="cuda", help="cuda (default) or cpu (for trying the harness)")
+    bl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="weights and activations (default bfloat16)")
+    bl.add_argument("--sets", type=positive_int, default=3, help="input sets rotated between repeats (default 3)")
+    bl.add_argument("--peak-size", type=positive_int, default=8192,
+                    help="size of the square matmul that measures the peak (default 8192)")
+    bl.add_argument("--max-step-s", type=float, default=2.0,
+                    help="an implementation whose step takes longer is not timed at larger token counts (default 2)")
+    bl.add_argument("--out", type=Path, default=Path("results"), help="where speed.json and speed.md go")
+    bl.add_argument("--commit", default=None, help="the git commit measured (default: git rev-parse HEAD)")
+    bl.add_argument("--command", default=None, help="the exact command, recorded (default: this one)")
+    bl.set_defaults(func=cmd_bench_layer)
+
+    blr = bench.add_parser("layer-report", help="speed.md again from a speed.json of molae bench layer")
+    blr.add_argument("file", type=Path, help="speed.json")
+    blr.add_argument("--out", type=Path, default=Path("results"), help="where speed.json and speed.md go")
+    blr.add_argument("--commit", default=None, help="the commit the run used, where the file records a wrong one")
+    blr.set_defaults(func=cmd_bench_layer_report)
     return parser
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import swiglu_weighted, zero_idle_experts
+
 KINDS = ("gate", "up", "down")  # projection kinds of a SwiGLU expert
 
 
@@ -189,18 +191,19 @@ def _grouped_mm_supported(x_SI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     )
 
 
-def grouped_linear(x_SI, w_EOI, expert_S, offs_E, use_grouped_mm: bool | None = None):
-    """y[s] = w[expert[s]] @ x[s] for rows sorted by expert.
+def grouped_linear(x_SI, w_EOI, offs_E, use_grouped_mm: bool | None = None):
+    """y[s] = w[e] @ x[s] for the rows s of group e, rows sorted by group.
 
-    x_SI [S, I] rows sorted by expert; w_EOI [E, O, I]; expert_S [S] sorted expert ids;
-    offs_E [E] int32 cumulative row counts (end of each expert's rows). Uses grouped_mm
-    where supported (no host sync), else a padded batched matmul.
+    x_SI [S, I]; w_EOI [E, O, I]; offs_E [E] int32 cumulative row counts (end of each group's
+    rows). Rows past offs_E[-1] are padding: their outputs are left unwritten and they add nothing
+    to the weight gradient. Uses grouped_mm where supported (no host sync), else a padded
+    batched matmul.
     """
     if use_grouped_mm is None:
         use_grouped_mm = _grouped_mm_supported(x_SI, w_EOI)
     if use_grouped_mm:
         return _GroupedLinear.apply(x_SI, w_EOI, offs_E)
-    return _padded_bmm(x_SI, w_EOI, expert_S, offs_E)
+    return _padded_bmm(x_SI, w_EOI, offs_E)
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -222,22 +225,124 @@ class _GroupedLinear(torch.autograd.Function):
         dw_EOI = None
         if ctx.needs_input_grad[1]:
             dw_EOI = F.grouped_mm(g_SO.t(), x_SI, offs=offs_E)  # groups along the reduction (row) dim
-            rows_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
-            dw_EOI = torch.where((rows_E > 0)[:, None, None], dw_EOI, torch.zeros((), dtype=dw_EOI.dtype,
-                                                                                  device=dw_EOI.device))
+            dw_EOI = zero_idle_experts(dw_EOI, torch.diff(offs_E, prepend=offs_E.new_zeros(1)))
         return dx_SI, dw_EOI, None
 
 
-def _padded_bmm(x_SI, w_EOI, expert_S, offs_E):
-    """Batched fallback: scatter rows into [E, C, I] (C = most rows of one expert), one bmm."""
+def _padded_bmm(x_SI, w_EOI, offs_E):
+    """Batched fallback: scatter rows into [E, C, I] (C = most rows of one group), one bmm.
+    Padding rows (past offs_E[-1]) come out as zeros."""
     E, O, I = w_EOI.shape
     S = x_SI.shape[0]
+    rows_S = torch.arange(S, device=x_SI.device)
+    expert_S = torch.searchsorted(offs_E, rows_S.to(offs_E.dtype), right=True)  # E for padding rows
+    keep = expert_S < E
+    expert_S, rows_S = expert_S[keep], rows_S[keep]
     counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
-    C = int(counts_E.max()) if S else 0  # the one host sync of this path
-    pos_S = torch.arange(S, device=x_SI.device) - (offs_E - counts_E).long()[expert_S]
-    x_ECI = x_SI.new_zeros(E, C, I).index_put((expert_S, pos_S), x_SI)
+    C = int(counts_E.max()) if len(rows_S) else 0  # host syncs: this path is the fallback
+    pos_S = rows_S - (offs_E - counts_E).long()[expert_S]
+    x_ECI = x_SI.new_zeros(E, C, I).index_put((expert_S, pos_S), x_SI[rows_S])
     y_ECO = torch.bmm(x_ECI, w_EOI.transpose(1, 2))
-    return y_ECO[expert_S, pos_S]
+    return x_SI.new_zeros(S, O).index_put((rows_S,), y_ECO[expert_S, pos_S])
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+class _Adjoint(torch.autograd.Function):
+    """A linear map of rows whose backward is its adjoint map, both given as functions: the row
+    gathers and per-token sums below are each other's adjoints, so both directions stay gathers and
+    reshaped sums (no atomics, deterministic) instead of autograd's index_add."""
+
+    @staticmethod
+    def forward(ctx, x, op, adjoint):
+        ctx.adjoint = adjoint
+        return op(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.adjoint(g.contiguous()), None, None
+
+
+class Routing:
+    """Where each routed (token, expert) slot goes, computed once per call with no host sync.
+
+    Three row spaces: tokens T; slots S = T*K sorted by expert (the grouped GEMMs' rows); with
+    G > 1 groups also pairs P, one row per (token, group) the token touches, sorted by group (the
+    shared projections' rows: each group's B applied only to its own tokens). P is allocated at
+    its bound T*min(G, K); rows past offs_G[-1] are padding no GEMM touches. The maps move rows
+    between the spaces, summing where several slots land in one token or pair; each is the adjoint
+    of its reverse, which is its backward.
+    """
+
+    def __init__(self, idx_TK: torch.Tensor, n_experts: int, groups: int):
+        with torch.no_grad():
+            T, K = idx_TK.shape
+            E, G, dev = n_experts, groups, idx_TK.device
+            self.T, self.K, self.G = T, K, G
+            idx_S = idx_TK.reshape(-1)
+            self.expert_S, self.order_S = torch.sort(idx_S, stable=True)  # slot order_S[j] is j-th in expert order
+            self.inv_S = torch.empty_like(self.order_S)
+            self.inv_S[self.order_S] = torch.arange(T * K, device=dev)
+            self.tok_S = self.order_S // K
+            self.offs_E = torch.searchsorted(self.expert_S, torch.arange(E, device=dev), right=True).to(torch.int32)
+            if G == 1:
+                return
+            grp_TK = idx_TK // (E // G)
+            self.onehot_TGK = F.one_hot(grp_TK, G).transpose(1, 2)  # [T, G, K]: slot k of t is in group g
+            present_TG = self.onehot_TGK.any(-1)
+            count_G = present_TG.sum(0)
+            rank_TG = present_TG.cumsum(0) - present_TG.long()  # t's place among group g's tokens
+            pos_TG = (count_G.cumsum(0) - count_G) + rank_TG  # its pair row, where present
+            P = T * min(G, K)
+            dest = torch.where(present_TG, pos_TG, P).reshape(-1)  # absent pairs -> a discarded row
+            tg = torch.arange(T * G, device=dev)
+            self.tg_P = torch.full((P + 1,), T * G, device=dev).scatter_(0, dest, tg)[:P]  # t*G+g; padding T*G
+            self.tok_P = torch.clamp(self.tg_P // G, max=T - 1)
+            self.offs_G = count_G.cumsum(0).to(torch.int32)
+            self.pair_S = pos_TG.gather(1, grp_TK).reshape(-1)[self.order_S]
+
+    # -- slots <-> tokens (slot rows of a token summed: the top-k combine)
+    def slots_from_tokens(self, x_TI):
+        return _Adjoint.apply(x_TI, self._gather_tokens, self._sum_to_tokens)
+
+    def tokens_from_slots(self, u_SI):
+        return _Adjoint.apply(u_SI, self._sum_to_tokens, self._gather_tokens)
+
+    def _gather_tokens(self, x_TI):
+        return x_TI[self.tok_S]
+
+    def _sum_to_tokens(self, u_SI):
+        return u_SI[self.inv_S].view(self.T, self.K, -1).sum(1)
+
+    # -- slots <-> pairs (G > 1: slots of a token within one group summed)
+    def slots_from_pairs(self, z_PI):
+        return _Adjoint.apply(z_PI, self._gather_pairs, self._sum_to_pairs)
+
+    def pairs_from_slots(self, u_SI):
+        return _Adjoint.apply(u_SI, self._sum_to_pairs, self._gather_pairs)
+
+    def _gather_pairs(self, z_PI):
+        return z_PI[self.pair_S]
+
+    def _sum_to_pairs(self, u_SI):  # padding pair rows get some real row's sum; nothing reads them
+        u_TGI = torch.bmm(self.onehot_TGK.to(u_SI.dtype), u_SI[self.inv_S].view(self.T, self.K, -1))
+        return u_TGI.view(self.T * self.G, -1)[self.tg_P.clamp(max=self.T * self.G - 1)]
+
+    # -- pairs <-> tokens (G > 1: a token's pair rows summed)
+    def pairs_from_tokens(self, x_TI):
+        return _Adjoint.apply(x_TI, self._gather_pair_tokens, self._sum_pairs_to_tokens)
+
+    def tokens_from_pairs(self, y_PI):
+        return _Adjoint.apply(y_PI, self._sum_pairs_to_tokens, self._gather_pair_tokens)
+
+    def _gather_pair_tokens(self, x_TI):
+        return x_TI[self.tok_P]
+
+    def _sum_pairs_to_tokens(self, y_PI):  # padding rows go to a discarded row T*G
+        T, G = self.T, self.G
+        y_XI = y_PI.new_zeros(T * G + 1, y_PI.shape[1]).index_copy_(0, self.tg_P, y_PI)
+        return y_XI[: T * G].view(T, G, -1).sum(1)
 
 
 # ----------------------------------------------------------------------------- experts
@@ -337,41 +442,37 @@ class Experts(nn.Module):
         return y_TD
 
     def forward_fast(self, x_TD, idx_TK, w_TK, use_grouped_mm: bool | None = None):
-        """Shared projections once per token and group, per-expert GEMMs over tokens sorted by expert,
-        routed outputs combined in latent space before one B_down GEMM per group."""
-        T, K = idx_TK.shape
-        E, G, Eg = self.n_experts, self.groups, self.n_experts // self.groups
+        """Shared projections once per token and group, per-expert GEMMs over slots sorted by expert,
+        SwiGLU and routing weight in one pass, routed outputs summed in latent space before one
+        B_down GEMM per group. No host sync anywhere (grouped_mm path), so it can be graph-captured."""
         x_TD, param = _autocast(x_TD, self)
-        idx_TK = self.slot(idx_TK)  # from here on, experts are slots
-        idx_S = idx_TK.reshape(-1)
-        expert_S, order_S = torch.sort(idx_S, stable=True)  # slots sorted by expert
-        tok_S = order_S // K
-        offs_E = torch.cumsum(torch.bincount(idx_S, minlength=E), 0).to(torch.int32)
+        r = Routing(self.slot(idx_TK), self.n_experts, self.groups)  # from here on, experts are slots
+        gl = lambda x, w: grouped_linear(x, w, r.offs_E, use_grouped_mm)  # noqa: E731
+        factorized_in = self.latent.keys() & {"gate", "up"}
+        x_S = r.slots_from_tokens(x_TD) if len(factorized_in) < 2 else None  # a kind kept whole reads x
+        x_P = r.pairs_from_tokens(x_TD) if self.groups > 1 and factorized_in else None
 
-        def expert_input(kind):  # [S, L] latent (B_g x) or [S, D] hidden state, per sorted slot
+        def expert_input(kind):  # [S, L] latent B_g x, or [S, D] hidden state, per sorted slot
             if kind not in self.latent:
-                return x_TD[tok_S], param(f"{kind}_proj")
+                return x_S
             B_GLD = param(f"{kind}_B")
-            z_TGL = (x_TD @ B_GLD.reshape(G * B_GLD.shape[1], self.dim).T).view(T, G, -1)  # dense GEMM
-            return z_TGL[tok_S, expert_S // Eg], param(f"{kind}_A")
+            if self.groups == 1:  # one dense GEMM over all tokens
+                return r.slots_from_tokens(x_TD @ B_GLD[0].T)
+            return r.slots_from_pairs(grouped_linear(x_P, B_GLD, r.offs_G, use_grouped_mm))  # each group's tokens
 
-        gate_SF = grouped_linear(*expert_input("gate"), expert_S, offs_E, use_grouped_mm)
-        up_SF = grouped_linear(*expert_input("up"), expert_S, offs_E, use_grouped_mm)
-        h_SF = F.silu(gate_SF) * up_SF
+        gate_SF = gl(expert_input("gate"), param("gate_A" if "gate" in self.latent else "gate_proj"))
+        up_SF = gl(expert_input("up"), param("up_A" if "up" in self.latent else "up_proj"))
+        w_S = w_TK.reshape(-1)[r.order_S]
+        h_SF = swiglu_weighted(gate_SF, up_SF, w_S)  # routing weight folded in: the combine is a plain sum
 
-        if "down" in self.latent:  # u_g = sum over the token's experts in g of w_i A_down_i h_i
-            u_SL = grouped_linear(h_SF, param("down_A"), expert_S, offs_E, use_grouped_mm)
-        else:
-            u_SL = grouped_linear(h_SF, param("down_proj"), expert_S, offs_E, use_grouped_mm)  # [S, D]
-        u_TKL = torch.empty_like(u_SL).index_copy(0, order_S, u_SL).view(T, K, -1)  # back to slot order
-        w_TK = w_TK.to(x_TD.dtype)
         if "down" not in self.latent:
-            return torch.bmm(w_TK.unsqueeze(1), u_TKL).squeeze(1)  # [T, D]
-        # Routing weights spread over groups: M[t, g, k] = w[t, k] if expert idx[t, k] is in g.
-        M_TGK = F.one_hot(idx_TK // Eg, G).to(x_TD.dtype).transpose(1, 2) * w_TK.unsqueeze(1)
-        u_TGL = torch.bmm(M_TGK, u_TKL)
+            return r.tokens_from_slots(gl(h_SF, param("down_proj")))  # [T, D]
+        u_SL = gl(h_SF, param("down_A"))
         B_GDL = param("down_B")
-        return u_TGL.reshape(T, -1) @ B_GDL.permute(0, 2, 1).reshape(-1, self.dim)  # sum_g B_g u_g
+        if self.groups == 1:
+            return r.tokens_from_slots(u_SL) @ B_GDL[0].T  # u = sum_k w_k A_k h_k, then y = B_down u
+        u_PL = r.pairs_from_slots(u_SL)
+        return r.tokens_from_pairs(grouped_linear(u_PL, B_GDL, r.offs_G, use_grouped_mm))  # sum_g B_g u_g
 
 
 def _autocast(x: torch.Tensor, module: nn.Module):
@@ -546,6 +647,7 @@ __all__ = [
     "PRESETS",
     "param_counts",
     "grouped_linear",
+    "Routing",
     "Experts",
     "LatentMoEExperts",
     "Router",

@@ -66,3 +66,77 @@ def test_eval_speed_and_analyze_on_the_gpu():
     W = torch.randn(8, 64, 256, device="cuda")
     r = analyze_projection(W)
     assert r["d_for_energy"]["1"]["99"] <= 256 and r["stacked_energy"]["1"]["energy"][-1] == pytest.approx(1)
+
+
+@pytest.mark.parametrize("S,F_", [(1, 8), (257, 1408), (64, 3000)])
+def test_triton_swiglu_matches_reference_forward_and_backward(S, F_):
+    from molae.kernels import _SwiGLUWeighted, swiglu_weighted_reference
+
+    g = torch.randn(S, F_, device="cuda", dtype=torch.bfloat16) * 3
+    u = torch.randn(S, F_, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(S, device="cuda")
+    dh = torch.randn(S, F_, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for fn in (_SwiGLUWeighted.apply, swiglu_weighted_reference):
+        args = [t.clone().requires_grad_() for t in (g, u, w)]
+        h = fn(*args)
+        h.backward(dh)
+        outs.append([h] + [a.grad for a in args])
+    for got, want in zip(*outs):
+        assert got.dtype == want.dtype and torch.isfinite(got).all()
+        assert rel(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("latent,groups", [({}, 1), ({"gate": 64, "up": 64, "down": 64}, 1),
+                                           ({"gate": 64, "up": 64, "down": 64}, 4)])
+def test_fast_path_has_no_host_sync(latent, groups):
+    """Forward and backward of the bf16 fast path launch no device-to-host synchronisation
+    (so it also captures in a CUDA graph)."""
+    experts = Experts(256, 128, 16, latent, groups).cuda().bfloat16()
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    idx = torch.rand(512, 16, device="cuda").argsort(-1)[:, :4]
+    w = torch.rand(512, 4, device="cuda", requires_grad=True)
+    experts(x, idx, w).sum().backward()  # warm: kernels compiled, allocator primed
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = experts(x, idx, w)
+        y.backward(torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_standard_experts_match_transformers_grouped_mm_on_the_same_weights():
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    D, F_, E, K, T = 256, 128, 16, 4, 777
+    cfg = Qwen3MoeConfig(hidden_size=D, moe_intermediate_size=F_, num_experts=E, num_experts_per_tok=K,
+                         experts_implementation="grouped_mm")
+    hf = Qwen3MoeExperts(cfg).cuda().bfloat16()
+    torch.nn.init.normal_(hf.gate_up_proj, std=D**-0.5)
+    torch.nn.init.normal_(hf.down_proj, std=F_**-0.5)
+    ours = Experts(D, F_, E).cuda().bfloat16()
+    with torch.no_grad():
+        ours.gate_proj.copy_(hf.gate_up_proj[:, :F_])
+        ours.up_proj.copy_(hf.gate_up_proj[:, F_:])
+        ours.down_proj.copy_(hf.down_proj)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    idx = torch.rand(T, E, device="cuda").argsort(-1)[:, :K]
+    w = torch.rand(T, K, device="cuda").softmax(-1).bfloat16()
+    assert rel(ours(x, idx, w), hf(x, idx, w)) < 1e-2
+
+
+def test_triton_zero_idle_experts_writes_only_idle_experts():
+    from molae.kernels import zero_idle_experts, zero_idle_experts_reference
+
+    w = torch.randn(7, 33, 1000, device="cuda", dtype=torch.bfloat16)
+    w[2] = float("nan")  # what an unwritten gradient may hold
+    rows = torch.tensor([3, 0, 0, 5, 1, 0, 2], device="cuda", dtype=torch.int32)
+    rows[2] = 0
+    want = zero_idle_experts_reference(w.clone(), rows)
+    got = zero_idle_experts(w, rows)
+    assert got.data_ptr() == w.data_ptr() and torch.equal(got, want)
+    assert torch.equal(got[[1, 2, 5]], torch.zeros_like(got[[1, 2, 5]]))

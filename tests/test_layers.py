@@ -91,18 +91,18 @@ def test_grouped_mm_is_taken_where_supported():
     assert not _grouped_mm_supported(torch.randn(10, 30), torch.randn(4, 24, 30))  # 120-byte rows
 
 
-def test_grouped_linear_matches_a_loop_with_empty_experts():
+def test_grouped_linear_matches_a_loop_with_empty_experts_and_padding_rows():
     gen = torch.Generator().manual_seed(fresh_seed())
-    E, S = 6, 40
+    E, S, pad = 6, 40, 7
     expert_S = torch.sort(torch.randint(0, E, (S,), generator=gen)).values
     expert_S[expert_S == 2] = 3  # expert 2 receives nothing
     expert_S = torch.sort(expert_S).values
     offs = torch.cumsum(torch.bincount(expert_S, minlength=E), 0).to(torch.int32)
-    x = torch.randn(S, 16, generator=gen)
+    x = torch.randn(S + pad, 16, generator=gen)  # rows past offs[-1] are padding: outputs unspecified
     w = torch.randn(E, 8, 16, generator=gen)
     expected = torch.stack([w[e] @ x[s] for s, e in enumerate(expert_S.tolist())])
     for use in (True, False):
-        torch.testing.assert_close(grouped_linear(x, w, expert_S, offs, use), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grouped_linear(x, w, offs, use)[:S], expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
@@ -260,8 +260,41 @@ def test_grouped_linear_backward_matches_autograd_and_zeroes_idle_experts():
     grads = []
     for use in (True, False):
         x.grad = w.grad = None
-        (grouped_linear(x, w, expert_S, offs_E, use_grouped_mm=use) * g).sum().backward()
+        (grouped_linear(x, w, offs_E, use_grouped_mm=use) * g).sum().backward()
         grads.append((x.grad.clone(), w.grad.clone()))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
     assert torch.equal(grads[0][1][1], torch.zeros(8, 16))
+
+
+@pytest.mark.parametrize("T,E,K,G", [(37, 8, 3, 1), (37, 8, 3, 4), (50, 16, 4, 8), (9, 8, 2, 8)])
+def test_routing_maps_are_exact_adjoint_pairs(T, E, K, G):
+    """Each row map's backward is its reverse map, so <A x, y> = <x, A* y> must hold exactly (float64);
+    pair rows past offs_G[-1] are padding and are left out of the comparison."""
+    from molae.layers import Routing
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    idx, _ = random_routing(T, E, K, gen, torch.float64)
+    r = Routing(idx, E, G)
+    S = T * K
+    assert torch.equal(r.expert_S, idx.reshape(-1)[r.order_S]) and bool((r.expert_S.diff() >= 0).all())
+    assert r.offs_E[-1] == S and torch.equal(torch.diff(r.offs_E, prepend=r.offs_E.new_zeros(1)),
+                                            torch.bincount(idx.reshape(-1), minlength=E).int())
+    space = {"T": (T, T), "S": (S, S)}  # row space: (rows allocated, rows valid)
+    maps = [(r.slots_from_tokens, r.tokens_from_slots, "T", "S")]
+    if G > 1:
+        n_pairs = int(r.offs_G[-1])
+        assert n_pairs == sum(len(set((row // (E // G)).tolist())) for row in idx)  # distinct (token, group)s
+        space["P"] = (len(r.tok_P), n_pairs)
+        maps += [(r.slots_from_pairs, r.pairs_from_slots, "P", "S"), (r.pairs_from_tokens, r.tokens_from_pairs, "T", "P")]
+    for fwd, rev, a, b in maps:
+        (na, va), (nb, vb) = space[a], space[b]
+        x = torch.randn(na, 5, generator=gen, dtype=torch.float64)
+        y = torch.randn(nb, 5, generator=gen, dtype=torch.float64)
+        y[vb:] = 0  # padding rows carry nothing
+        lhs = (fwd(x)[:vb] * y[:vb]).sum()
+        rhs = (x[:va] * rev(y)[:va]).sum()
+        torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+        xg = x.clone().requires_grad_()  # and the backward is that adjoint
+        (fwd(xg)[:vb] * y[:vb]).sum().backward()
+        torch.testing.assert_close(xg.grad[:va], rev(y)[:va], rtol=1e-12, atol=1e-12)
