@@ -191,19 +191,24 @@ def _grouped_mm_supported(x_SI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     )
 
 
-def grouped_linear(x_SI, w_EOI, offs_E, use_grouped_mm: bool | None = None):
+def grouped_linear(x_SI, w_EOI, offs_E, backend: str | None = None):
     """y[s] = w[e] @ x[s] for the rows s of group e, rows sorted by group.
 
     x_SI [S, I]; w_EOI [E, O, I]; offs_E [E] int32 cumulative row counts (end of each group's
     rows). Rows past offs_E[-1] are padding: their outputs are left unwritten and they add nothing
-    to the weight gradient. Uses grouped_mm where supported (no host sync), else a padded
-    batched matmul.
+    to the weight gradient. backend: "grouped_mm" (torch's kernel, no host sync) or "bmm" (a padded
+    batched matmul, the reference); None: grouped_mm where it takes these operands.
     """
-    if use_grouped_mm is None:
-        use_grouped_mm = _grouped_mm_supported(x_SI, w_EOI)
-    if use_grouped_mm:
-        return _GroupedLinear.apply(x_SI, w_EOI, offs_E)
-    return _padded_bmm(x_SI, w_EOI, offs_E)
+    backend = backend or pick_backend(x_SI, w_EOI)
+    if backend == "bmm":
+        return _padded_bmm(x_SI, w_EOI, offs_E)
+    if backend != "grouped_mm":
+        raise ValueError(f"backend={backend!r} is not known: allowed 'grouped_mm', 'bmm' or None")
+    return _GroupedLinear.apply(x_SI, w_EOI, offs_E)
+
+
+def pick_backend(x_SI, w_EOI) -> str:
+    return "grouped_mm" if _grouped_mm_supported(x_SI, w_EOI) else "bmm"
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -441,13 +446,13 @@ class Experts(nn.Module):
             y_TD = y_TD.index_add(0, tok, y)
         return y_TD
 
-    def forward_fast(self, x_TD, idx_TK, w_TK, use_grouped_mm: bool | None = None):
+    def forward_fast(self, x_TD, idx_TK, w_TK, backend: str | None = None):
         """Shared projections once per token and group, per-expert GEMMs over slots sorted by expert,
         SwiGLU and routing weight in one pass, routed outputs summed in latent space before one
         B_down GEMM per group. No host sync anywhere (grouped_mm path), so it can be graph-captured."""
         x_TD, param = _autocast(x_TD, self)
         r = Routing(self.slot(idx_TK), self.n_experts, self.groups)  # from here on, experts are slots
-        gl = lambda x, w: grouped_linear(x, w, r.offs_E, use_grouped_mm)  # noqa: E731
+        gl = lambda x, w: grouped_linear(x, w, r.offs_E, backend)  # noqa: E731
         factorized_in = self.latent.keys() & {"gate", "up"}
         x_S = r.slots_from_tokens(x_TD) if len(factorized_in) < 2 else None  # a kind kept whole reads x
         x_P = r.pairs_from_tokens(x_TD) if self.groups > 1 and factorized_in else None
@@ -458,7 +463,7 @@ class Experts(nn.Module):
             B_GLD = param(f"{kind}_B")
             if self.groups == 1:  # one dense GEMM over all tokens
                 return r.slots_from_tokens(x_TD @ B_GLD[0].T)
-            return r.slots_from_pairs(grouped_linear(x_P, B_GLD, r.offs_G, use_grouped_mm))  # each group's tokens
+            return r.slots_from_pairs(grouped_linear(x_P, B_GLD, r.offs_G, backend))  # each group's tokens
 
         gate_SF = gl(expert_input("gate"), param("gate_A" if "gate" in self.latent else "gate_proj"))
         up_SF = gl(expert_input("up"), param("up_A" if "up" in self.latent else "up_proj"))
@@ -472,7 +477,7 @@ class Experts(nn.Module):
         if self.groups == 1:
             return r.tokens_from_slots(u_SL) @ B_GDL[0].T  # u = sum_k w_k A_k h_k, then y = B_down u
         u_PL = r.pairs_from_slots(u_SL)
-        return r.tokens_from_pairs(grouped_linear(u_PL, B_GDL, r.offs_G, use_grouped_mm))  # sum_g B_g u_g
+        return r.tokens_from_pairs(grouped_linear(u_PL, B_GDL, r.offs_G, backend))  # sum_g B_g u_g
 
 
 def _autocast(x: torch.Tensor, module: nn.Module):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import KINDS, PRESETS, Experts, Routing, grouped_linear
+from .layers import KINDS, PRESETS, Experts, Routing, grouped_linear, pick_backend
 
 SHAPES = ("qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3")
 IMPLS = ("hf-eager", "hf-grouped_mm", "moe", "molae-g1", "molae-g8")
@@ -273,24 +273,25 @@ def time_molae_phases(module: Experts, shape: Shape, T: int, sets: list[dict], d
         data.append((r, z, h))
     A = [module.gate_A, module.up_A, module.down_A]
 
-    def grouped(i, backward=False):
+    def grouped(i, backend, backward=False):
         r, (zg, zu), h = data[i]
         ins = [t.detach().requires_grad_(backward) for t in (zg, zu, h)]
-        outs = [grouped_linear(x, a, r.offs_E) for x, a in zip(ins, A)]
+        outs = [grouped_linear(x, a, r.offs_E, backend) for x, a in zip(ins, A)]
         if backward:
             for p in A:
                 p.grad = None
             torch.autograd.backward(outs, [o.detach() for o in outs])  # any gradient of the right shape
 
     B_gate, B_up = module.gate_B[0].detach(), module.up_B[0].detach()
-    rows = []
-    for phase, step, flops in [
-        ("grouped forward", lambda i: grouped(i), 6 * S * F_ * L),
-        ("grouped forward+backward", lambda i: grouped(i, True), 18 * S * F_ * L),
+    backend = pick_backend(data[0][2], A[2])  # the layers' kernel
+    phases = [
+        (f"grouped forward ({backend})", lambda i: grouped(i, backend), 6 * S * F_ * L),
+        (f"grouped forward+backward ({backend})", lambda i: grouped(i, backend, True), 18 * S * F_ * L),
         ("B gate, up: two GEMMs", lambda i: (sets[i]["x"] @ B_gate.T, sets[i]["x"] @ B_up.T), 4 * T * shape.dim * L),
         ("B gate, up: one GEMM, concatenated per call",
-         lambda i: sets[i]["x"] @ torch.cat([B_gate, B_up]).T, 4 * T * shape.dim * L),
-    ]:
+         lambda i: sets[i]["x"] @ torch.cat([B_gate, B_up]).T, 4 * T * shape.dim * L)]
+    rows = []
+    for phase, step, flops in phases:
         with torch.no_grad() if "backward" not in phase else contextlib.nullcontext():
             t = median_ms(step, len(sets), device)
         rows.append(dict(shape=shape.name, impl="molae-g1", mode=phase, tokens=T, ms=t["ms"], repeats=t["repeats"],
@@ -463,13 +464,14 @@ def _targets(rows, shapes, tokens) -> list[str]:
             out.append(f"- deepseek-v3, {mode}, 8192 tokens: MoLAE G=1 {r['ms']:.2f} ms vs {r['best_standard']} "
                        f"{r['ms'] * r['speedup']:.2f} ms: **{r['speedup']:.2f}x** (target >= {want}x: "
                        f"{'met' if r['speedup'] >= want else 'not met'})")
+    phase = next((r["mode"] for r in rows if r["mode"].startswith("grouped forward (")), None)  # the default kernel
     for s in shapes:
-        fr = [(T, _row(rows, shape=s, mode="grouped forward", tokens=T)) for T in tokens if T >= 8192]
+        fr = [(T, _row(rows, shape=s, mode=phase, tokens=T)) for T in tokens if T >= 8192]
         fr = [(T, r) for T, r in fr if r is not None]
         if fr:
             cells = ", ".join(f"{T}: {100 * r['peak_fraction']:.0f}%" for T, r in fr)
             ok = all(r["peak_fraction"] >= 0.6 for _, r in fr)
-            out.append(f"- grouped phase (forward) of MoLAE on {s}, fraction of the matmul peak: {cells} "
+            out.append(f"- {phase} of MoLAE on {s}, fraction of the matmul peak: {cells} "
                        f"(target >= 60%: {'met' if ok else 'not met'})")
     slower = []
     for s in shapes:

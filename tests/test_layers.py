@@ -43,10 +43,10 @@ def grads(module, x, y_grad, fn):
     return y.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
-def check_paths_agree(experts, x_TD, idx_TK, w_TK, rtol, atol, use_grouped_mm=None):
+def check_paths_agree(experts, x_TD, idx_TK, w_TK, rtol, atol, backend=None):
     y_grad = torch.randn_like(x_TD)
     ref = grads(experts, x_TD, y_grad, lambda x: experts.forward_reference(x, idx_TK, w_TK))
-    fast = grads(experts, x_TD, y_grad, lambda x: experts.forward_fast(x, idx_TK, w_TK, use_grouped_mm))
+    fast = grads(experts, x_TD, y_grad, lambda x: experts.forward_fast(x, idx_TK, w_TK, backend))
     torch.testing.assert_close(fast[0], ref[0], rtol=rtol, atol=atol)
     torch.testing.assert_close(fast[1], ref[1], rtol=rtol, atol=atol)
     for name in ref[2]:
@@ -71,8 +71,8 @@ def test_fast_path_matches_reference_float64(latent, groups):
 
 
 @pytest.mark.parametrize("latent,groups", CASES)
-@pytest.mark.parametrize("use_grouped_mm", [True, False])
-def test_fast_path_matches_reference_float32(latent, groups, use_grouped_mm):
+@pytest.mark.parametrize("backend", ["grouped_mm", "bmm"])
+def test_fast_path_matches_reference_float32(latent, groups, backend):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -80,7 +80,7 @@ def test_fast_path_matches_reference_float32(latent, groups, use_grouped_mm):
     x = torch.randn(50, 32, generator=gen)
     idx, w = random_routing(50, 7, 2, gen, torch.float32)
     idx[idx >= 5] += 1  # expert 5 receives no token
-    check_paths_agree(experts, x, idx, w, rtol=1e-4, atol=1e-5, use_grouped_mm=use_grouped_mm)
+    check_paths_agree(experts, x, idx, w, rtol=1e-4, atol=1e-5, backend=backend)
 
 
 def test_grouped_mm_is_taken_where_supported():
@@ -101,8 +101,8 @@ def test_grouped_linear_matches_a_loop_with_empty_experts_and_padding_rows():
     x = torch.randn(S + pad, 16, generator=gen)  # rows past offs[-1] are padding: outputs unspecified
     w = torch.randn(E, 8, 16, generator=gen)
     expected = torch.stack([w[e] @ x[s] for s, e in enumerate(expert_S.tolist())])
-    for use in (True, False):
-        torch.testing.assert_close(grouped_linear(x, w, offs, use)[:S], expected, rtol=1e-5, atol=1e-5)
+    for backend in ("grouped_mm", "bmm"):
+        torch.testing.assert_close(grouped_linear(x, w, offs, backend)[:S], expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
@@ -258,9 +258,9 @@ def test_grouped_linear_backward_matches_autograd_and_zeroes_idle_experts():
     w = torch.randn(4, 8, 16, requires_grad=True)
     g = torch.randn(10, 8)
     grads = []
-    for use in (True, False):
+    for backend in ("grouped_mm", "bmm"):
         x.grad = w.grad = None
-        (grouped_linear(x, w, offs_E, use_grouped_mm=use) * g).sum().backward()
+        (grouped_linear(x, w, offs_E, backend) * g).sum().backward()
         grads.append((x.grad.clone(), w.grad.clone()))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])

@@ -1,0 +1,62 @@
+"""`molae bench layer` on the CPU at tiny shapes: every implementation timed at every size and mode,
+FLOP and weight-byte accounting checked by hand, speed-ups consistent, results written whole."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from molae.speed import IMPLS, STANDARD, Shape, bench_layer, build, parse_shape, report, useful_flops, weight_bytes
+
+TINY = Shape("tiny", 64, 32, 8, 2)
+
+
+def test_accounting_of_flops_and_weight_bytes_by_hand():
+    idx = torch.tensor([[0, 1], [1, 5], [6, 7]])  # 3 tokens; experts 0,1,5,6,7; groups of 1: {0},{1},{5},{6},{7}
+    D, F_, L = 64, 32, 32
+    assert useful_flops("moe", TINY, idx) == 6 * D * F_ * 6
+    assert useful_flops("molae-g1", TINY, idx) == 6 * L * (D * 3 + F_ * 6)
+    assert useful_flops("molae-g8", TINY, idx) == 6 * L * (D * 6 + F_ * 6)  # G = E: every slot its own pair
+    for impl, expect in [("hf-grouped_mm", 5 * 3 * D * F_ * 4), ("moe", 5 * 3 * D * F_ * 4),
+                         ("molae-g1", (3 * L * D + 5 * 3 * F_ * L) * 4), ("molae-g8", 5 * 3 * (L * D + F_ * L) * 4)]:
+        module = build(impl, TINY, "cpu", torch.float32)
+        assert weight_bytes(module, TINY, impl, idx) == expect, impl
+
+
+def test_bench_layer_times_everything_and_reports(tmp_path):
+    shapes = [TINY, parse_shape("48,64,6,2")]
+    result = bench_layer(shapes, list(IMPLS), [16, 32], [1, 4], "cpu", torch.float32, sets=2, peak_size=64)
+    rows = result["rows"]
+    for s in shapes:
+        for impl in IMPLS:
+            for T, mode in [(16, "forward"), (32, "forward+backward"), (4, "decode")]:
+                r = next(r for r in rows if (r["shape"], r["impl"], r["tokens"], r["mode"]) == (s.name, impl, T, mode))
+                assert r["ms"] > 0 and r["tflops"] > 0 and r["repeats"] >= 5
+                best = min(x["ms"] for x in rows if (x["shape"], x["tokens"], x["mode"]) == (s.name, T, mode)
+                           and x["impl"] in STANDARD)
+                assert r["speedup"] == pytest.approx(best / r["ms"])
+        assert any(r["mode"] == "grouped forward (grouped_mm)" and r["shape"] == s.name for r in rows)
+    assert next(r for r in rows if r["impl"] == "molae-g8" and r["shape"] == "48,64,6,2")["groups"] == 6  # 8 !| 6
+    result.update(command="test", device="cpu", date="today", commit="abc", torch="t", transformers="x")
+    md = report(result)
+    assert "## Targets" in md and "| tiny | 16 |" in md and "decode" in md and "commit `abc`" in md
+
+
+def test_bench_layer_cli_writes_results_and_rejects_bad_input(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "molae.cli", "bench", "layer", *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    p = run("--shape", "64,32,8,2", "--impls", "moe,molae-g1", "--tokens", "16", "--decode-tokens", "1",
+            "--device", "cpu", "--dtype", "float32", "--peak-size", "64", "--out", str(tmp_path), "--commit", "c0ffee")
+    assert p.returncode == 0, p.stderr
+    data = json.loads((tmp_path / "speed.json").read_text())
+    assert data["commit"] == "c0ffee" and {r["impl"] for r in data["rows"]} == {"moe", "molae-g1"}
+    assert (tmp_path / "speed.md").read_text().startswith("# MoLAE layer speed")
+    assert not list(tmp_path.glob("*.partial"))
+    for bad, what in [(["--impls", "moe,fast"], "--impls"), (["--shape", "7,7"], "shape"),
+                      (["--device", "cuda"] if not torch.cuda.is_available() else ["--shape", "4,4,2,3"], "")]:
+        p = run(*bad, "--device", "cpu", "--out", str(tmp_path / "x")) if bad[0] != "--device" else run(
+            *bad, "--out", str(tmp_path / "x"))
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and what in p.stderr, p.stderr
+    assert not (tmp_path / "x").exists()
