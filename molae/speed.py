@@ -246,6 +246,8 @@ def time_impl(module, impl: str, shape: Shape, T: int, mode: str, sets: list[dic
     if graph:
         step = graphed(step, len(sets))
     t = median_ms(step, len(sets), device)
+    for p in module.parameters():  # gradients left by the last step must not count in the next peak
+        p.grad = None
     ms = t["ms"]
     flops = statistics.mean(useful_flops(impl, shape, s["idx"]) for s in sets) * (3 if mode == "forward+backward" else 1)
     row = dict(shape=shape.name, impl=impl, groups=groups_of(impl, shape.n_experts), mode=mode, tokens=T, **t,
@@ -278,9 +280,9 @@ def time_molae_phases(module: Experts, shape: Shape, T: int, sets: list[dict], d
         ins = [t.detach().requires_grad_(backward) for t in (zg, zu, h)]
         outs = [grouped_linear(x, a, r.offs_E, backend) for x, a in zip(ins, A)]
         if backward:
+            torch.autograd.backward(outs, [o.detach() for o in outs])  # any gradient of the right shape
             for p in A:
                 p.grad = None
-            torch.autograd.backward(outs, [o.detach() for o in outs])  # any gradient of the right shape
 
     B_gate, B_up = module.gate_B[0].detach(), module.up_B[0].detach()
     backend = pick_backend(data[0][2], A[2])  # the layers' kernel
@@ -394,7 +396,8 @@ def report(result: dict) -> str:
              "- method: medians of repeats after warm-up, CUDA events, inputs rotated over "
              f"{result['sets']} sets; uniform random top-k routing; forward under no_grad, forward+backward with "
              "gradients of input, routing weights and all weights; useful FLOPs = the layer's own arithmetic "
-             "(docstring of molae/speed.py); speed-up = fastest standard implementation's time / this time.", ""]
+             "(docstring of molae/speed.py); speed-up = fastest standard implementation's time / this time; peak GB = "
+             "all memory allocated at the step's peak (weights, the rotated input sets, activations, gradients).", ""]
     lines += _targets(rows, shapes, tokens) + [""]
     for mode in MODES:
         lines += [f"## {mode}: milliseconds (speed-up over the fastest standard)", "",
