@@ -399,28 +399,21 @@ def report(result: dict) -> str:
              "(docstring of molae/speed.py); speed-up = fastest standard implementation's time / this time; peak GB = "
              "all memory allocated at the step's peak (weights, the rotated input sets, activations, gradients).", ""]
     lines += _targets(rows, shapes, tokens) + [""]
+
+    def cell(mode, fmt):  # a table cell from the row of (shape, tokens, implementation or phase), "" if none
+        def get(s, T, col):
+            r = _row(rows, shape=s, mode=mode or col, tokens=T, **({"impl": col} if mode else {}))
+            return "" if r is None else fmt(r, col)
+        return get
+
+    timed = lambda r, i: f"{r['ms']:.3f}" + (f" ({r['speedup']:.2f}x)" if i in molae and "speedup" in r else "")  # noqa: E731
+    rate = lambda r, i: f"{r['tflops']:.0f} ({100 * r['peak_fraction']:.0f}%), " + (  # noqa: E731
+        "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.1f} GB")
     for mode in MODES:
-        lines += [f"## {mode}: milliseconds (speed-up over the fastest standard)", "",
-                  "| shape | tokens | " + " | ".join(impls) + " |", "|---|---:|" + "---:|" * len(impls)]
-        for s in shapes:
-            for T in tokens:
-                cells = []
-                for i in impls:
-                    r = _row(rows, shape=s, impl=i, mode=mode, tokens=T)
-                    cells.append("" if r is None else f"{r['ms']:.3f}" + (
-                        f" ({r['speedup']:.2f}x)" if i in molae and "speedup" in r else ""))
-                lines.append(f"| {s} | {T} | " + " | ".join(cells) + " |")
-        lines += ["", f"### {mode}: useful TFLOP/s (fraction of the measured matmul peak) and peak GB allocated", "",
-                  "| shape | tokens | " + " | ".join(impls) + " |", "|---|---:|" + "---:|" * len(impls)]
-        for s in shapes:
-            for T in tokens:
-                cells = []
-                for i in impls:
-                    r = _row(rows, shape=s, impl=i, mode=mode, tokens=T)
-                    cells.append("" if r is None else f"{r['tflops']:.0f} ({100 * r['peak_fraction']:.0f}%), " + (
-                        "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.1f} GB"))
-                lines.append(f"| {s} | {T} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _table(f"## {mode}: milliseconds (speed-up over the fastest standard)", shapes, tokens, impls,
+                        cell(mode, timed))
+        lines += _table(f"### {mode}: useful TFLOP/s (fraction of the measured matmul peak) and peak GB allocated",
+                        shapes, tokens, impls, cell(mode, rate))
     if result.get("skipped"):
         by = {}
         for x in result["skipped"]:
@@ -429,32 +422,26 @@ def report(result: dict) -> str:
                                                           for (s, i, m, why), T in by.items()) + ".", ""]
     phases = list(dict.fromkeys(r["mode"] for r in rows if r["mode"] not in MODES + ("decode",)))
     if phases:
-        lines += ["## MoLAE (G = 1) phases alone: milliseconds, useful TFLOP/s (fraction of peak)", "",
-                  "| shape | tokens | " + " | ".join(phases) + " |", "|---|---:|" + "---:|" * len(phases)]
-        for s in shapes:
-            for T in tokens:
-                cells = []
-                for p in phases:
-                    r = _row(rows, shape=s, mode=p, tokens=T)
-                    cells.append("" if r is None else f"{r['ms']:.3f}, {r['tflops']:.0f} ({100 * r['peak_fraction']:.0f}%)")
-                lines.append(f"| {s} | {T} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _table("## MoLAE (G = 1) phases alone: milliseconds, useful TFLOP/s (fraction of peak)", shapes,
+                        tokens, phases, cell(None, lambda r, _: f"{r['ms']:.3f}, {r['tflops']:.0f} "
+                                                                f"({100 * r['peak_fraction']:.0f}%)"))
     if decode:
-        lines += ["## decode: milliseconds; weight MB read per token; bandwidth (fraction of measured copy)", "",
-                  "| shape | tokens | " + " | ".join(impls) + " |", "|---|---:|" + "---:|" * len(impls)]
-        for s in shapes:
-            for T in decode:
-                cells = []
-                for i in impls:
-                    r = _row(rows, shape=s, impl=i, mode="decode", tokens=T)
-                    cells.append("" if r is None else (
-                        f"{r['ms']:.3f}{'' if r['cuda_graph'] else ' (no graph)'}; "
-                        f"{r['weight_bytes_per_token'] / 1e6:.0f} MB; {r['bandwidth_tb_s']:.2f} TB/s "
-                        f"({100 * r['bandwidth_fraction']:.0f}%)"))
-                lines.append(f"| {s} | {T} | " + " | ".join(cells) + " |")
-        lines += ["", "Decode steps are CUDA-graph replays except where marked (transformers' eager loop syncs "
+        lines += _table("## decode: milliseconds; weight MB read per token; bandwidth (fraction of measured copy)",
+                        shapes, decode, impls, cell("decode", lambda r, _: (
+                            f"{r['ms']:.3f}{'' if r['cuda_graph'] else ' (no graph)'}; "
+                            f"{r['weight_bytes_per_token'] / 1e6:.0f} MB; {r['bandwidth_tb_s']:.2f} TB/s "
+                            f"({100 * r['bandwidth_fraction']:.0f}%)")))
+        lines += ["Decode steps are CUDA-graph replays except where marked (transformers' eager loop syncs "
                   "with the host, so it cannot be captured).", ""]
     return "\n".join(lines) + "\n"
+
+
+def _table(title, shapes, tokens, columns, cell) -> list[str]:
+    """A markdown table, a row per (shape, tokens) and a column per entry of columns: cell(shape, T, column)."""
+    lines = [title, "", "| shape | tokens | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for s in shapes:
+        lines += [f"| {s} | {T} | " + " | ".join(cell(s, T, c) for c in columns) + " |" for T in tokens]
+    return lines + [""]
 
 
 def _targets(rows, shapes, tokens) -> list[str]:
