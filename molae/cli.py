@@ -108,15 +108,13 @@ def int_list(text):
 def cmd_bench_layer(args):
     import subprocess
 
+    import torch
     import transformers
 
     from .bench import device_name
-    from .speed import IMPLS, bench_layer, parse_shape, today, write_results
+    from .speed import IMPLS, SHAPES, bench_layer, parse_shape, today, write_results
 
-    import torch
-
-    shapes = [parse_shape(s) for s in args.shape or ["qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "mixtral-8x7b",
-                                                     "deepseek-v3"]]
+    shapes = [parse_shape(s) for s in args.shape or SHAPES]
     impls = [i for i in args.impls.split(",") if i]
     bad = [i for i in impls if i not in IMPLS]
     if bad or not impls:
@@ -417,20 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
     bqr.add_argument("--note", type=Path, default=None, help="a markdown file whose text goes under the title")
     bqr.set_defaults(func=cmd_bench_quality_report)
 
+    from . import speed
+
     bl = bench.add_parser("layer", help="MoLAE experts against standard MoE kernels: time, FLOP/s, memory, decode",
                           description="Time transformers' experts (eager, grouped_mm), our standard MoE fast path "
                                       "and MoLAE (d = m, G = 1 and 8) side by side at real models' shapes, forward "
                                       "and forward+backward, plus decode sizes; the matmul peak and copy bandwidth "
                                       "measured in the same run. Writes speed.json and speed.md.")
     bl.add_argument("--shape", action="append", default=None,
-                    help="a preset (qwen1.5-moe-a2.7b, qwen3-30b-a3b, mixtral-8x7b, deepseek-v3) or n,m,E,k; "
-                         "repeatable (default: those four presets)")
-    bl.add_argument("--impls", default="hf-eager,hf-grouped_mm,moe,molae-g1,molae-g8",
-                    help="implementations to time (default all five)")
-    bl.add_argument("--tokens", type=int_list, default=[512, 1024, 2048, 4096, 8192, 16384],
-                    help="tokens per step (default 512,1024,2048,4096,8192,16384)")
-    bl.add_argument("--decode-tokens", type=int_list, default=[1, 2, 4, 8, 16, 32, 64],
-                    help="decode batch sizes, forward only (default 1,2,4,8,16,32,64; '' for none)")
+                    help=f"a preset ({', '.join(speed.SHAPES)}) or n,m,E,k; repeatable (default: those four presets)")
+    bl.add_argument("--impls", default=",".join(speed.IMPLS), help="implementations to time (default all five)")
+    bl.add_argument("--tokens", type=int_list, default=list(speed.TOKENS),
+                    help=f"tokens per step (default {','.join(map(str, speed.TOKENS))})")
+    bl.add_argument("--decode-tokens", type=int_list, default=list(speed.DECODE_TOKENS),
+                    help=f"decode batch sizes, forward only (default {','.join(map(str, speed.DECODE_TOKENS))}; '' for none)")
     bl.add_argument("--device", default="cuda", help="cuda (default) or cpu (for trying the harness)")
     bl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="weights and activations (default bfloat16)")

@@ -31,7 +31,7 @@ def swiglu_weighted_reference(gate_SF: torch.Tensor, up_SF: torch.Tensor, w_S: t
 def swiglu_weighted(gate_SF: torch.Tensor, up_SF: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up * w[:, None]: the Triton kernel where it runs (CUDA, not inside torch.compile,
     which fuses the reference itself), else the reference. Same signature and result either way."""
-    if triton_ok(gate_SF) and not torch.compiler.is_compiling():
+    if triton_ok(gate_SF) and gate_SF.dim() == 2 and not torch.compiler.is_compiling():
         return _SwiGLUWeighted.apply(gate_SF, up_SF, w_S)
     return swiglu_weighted_reference(gate_SF, up_SF, w_S)
 
@@ -44,7 +44,7 @@ def zero_idle_experts_reference(w_EOI: torch.Tensor, rows_E: torch.Tensor) -> to
 def zero_idle_experts(w_EOI: torch.Tensor, rows_E: torch.Tensor) -> torch.Tensor:
     """zero_idle_experts_reference, in place where Triton runs: only idle experts' matrices are written
     (the grouped weight-gradient kernel leaves them unwritten), so the cost is theirs, not all E's."""
-    if not (triton_ok(w_EOI.view(w_EOI.shape[0], -1)) and w_EOI.is_contiguous()) or torch.compiler.is_compiling():
+    if not (triton_ok(w_EOI) and w_EOI.is_contiguous()) or torch.compiler.is_compiling():
         return zero_idle_experts_reference(w_EOI, rows_E)
     E, n = w_EOI.shape[0], w_EOI[0].numel()
     _zero_idle[(E, triton.cdiv(n, BLOCK_ZERO))](w_EOI, rows_E.contiguous(), n, BLOCK=BLOCK_ZERO)
@@ -52,7 +52,7 @@ def zero_idle_experts(w_EOI: torch.Tensor, rows_E: torch.Tensor) -> torch.Tensor
 
 
 def triton_ok(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda and x.dim() == 2
+    return triton is not None and x.is_cuda
 
 
 BLOCK_F = 1024  # one program per row, walking F in blocks of this many columns
