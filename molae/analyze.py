@@ -14,13 +14,16 @@ Weights are streamed from the checkpoint one layer and kind at a time.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, SourceCheckpoint, resolve, write_json_atomically
-from .convert import find_expert_groups, parse_layers
+from .checkpoint import (CheckpointError, SourceCheckpoint, check_destination, publish, removed_on_error, resolve,
+                         temp_dir_for)
+from .command import progress_bar
+from .convert import check_not_molae, find_expert_groups, parse_layers
 from .factorize import right_singular
 from .layers import KINDS, check_projections
 
@@ -90,11 +93,13 @@ def analyze_projection(W_EMN: torch.Tensor) -> dict:
 
 
 def analyze_checkpoint(src, out: Path | None = None, projections=KINDS, layers: str | None = None,
-                       device: str = "cpu") -> dict:
+                       device: str = "cpu", overwrite: bool = False) -> dict:
+    """The figures of the module notes, per chosen layer and kind; with `out`, analysis.json and the
+    plots, written into a temporary directory beside it and renamed at the end."""
+    if out is not None:
+        check_destination(Path(out), overwrite)
     ckpt = SourceCheckpoint(resolve(src))
-    if "molae" in ckpt.config:
-        raise CheckpointError(f"{ckpt.path} is a MoLAE checkpoint: analyze the original MoE (or `molae decompress` "
-                              "it first)")
+    check_not_molae(ckpt, "analyze")
     groups = find_expert_groups(ckpt)
     if not groups:
         raise CheckpointError(f"{ckpt.path} has no MoE expert weights to analyze")
@@ -102,7 +107,7 @@ def analyze_checkpoint(src, out: Path | None = None, projections=KINDS, layers: 
     by_layer = {g.layer: g for g in groups.values()}
     chosen = parse_layers(layers, sorted(by_layer))
     result = dict(model=str(src), layers={})
-    for i in tqdm(chosen, desc="analyze", unit="layer"):
+    for i in progress_bar(chosen, desc="analyze", unit="layer"):
         result["layers"][str(i)] = {}
         for kind in projections:
             W = by_layer[i].read_kind(ckpt, kind).to(device)
@@ -113,10 +118,13 @@ def analyze_checkpoint(src, out: Path | None = None, projections=KINDS, layers: 
             result["layers"][str(i)][kind] = analyze_projection(W)
             del W
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(out / "analysis.json", result)
-        plot_analysis(result, out)
+        tmp = temp_dir_for(Path(out))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with removed_on_error(tmp, resumable=False):
+            (tmp / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+            plot_analysis(result, tmp)
+            publish(tmp, Path(out), overwrite)
     return result
 
 
@@ -144,35 +152,43 @@ def plot_analysis(result: dict, out: Path):
     layers = list(result["layers"])
     kinds = list(result["layers"][layers[0]])
     cmap = plt.get_cmap("viridis")
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.8), squeeze=False)
+    norm = matplotlib.colors.Normalize(int(layers[0]), max(int(layers[-1]), int(layers[0]) + 1))
+
+    def layer_colorbar(fig, axes):
+        """Every per-layer line is named by its colour (a legend of dozens of layers would not fit)."""
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), label="layer (line colour)",
+                     pad=0.01)
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds) + 1, 3.8), squeeze=False,
+                             layout="constrained")
     for ax, kind in zip(axes[0], kinds):
-        for li, layer in enumerate(layers):
+        for layer in layers:
             r = result["layers"][layer][kind]
             c = r["stacked_energy"]["1"]
-            ax.plot([d / r["n"] for d in c["d"]], c["energy"], color=cmap(li / max(1, len(layers) - 1)),
-                    label=f"layer {layer}" if li in (0, len(layers) - 1) else None)
-        ax.axvline(r["m"] / r["n"], color="grey", ls=":", lw=1)
-        ax.set(title=f"{kind}: energy kept by a shared latent (G=1)", xlabel="d / n (dotted: d = m)",
+            ax.plot([d / r["n"] for d in c["d"]], c["energy"], color=cmap(norm(int(layer))))
+        ax.axvline(r["m"] / r["n"], color="grey", ls=":", lw=1, label="d = m")
+        ax.set(title=f"{kind}: energy kept by a shared latent (G=1)", xlabel="d / n",
                ylabel="share of energy kept", ylim=(0, 1.01))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.legend(fontsize=8, loc="lower right")
+    layer_colorbar(fig, axes[0])
     fig.savefig(out / "energy_vs_d.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds) + 1, 3.8), squeeze=False,
+                             layout="constrained")
     for ax, kind in zip(axes[0], kinds):
         for li, layer in enumerate(layers):
             sp = result["layers"][layer][kind]["expert_spectra"]
             vals = torch.tensor(sp["values"])
-            color = cmap(li / max(1, len(layers) - 1))
-            ax.plot(sp["index"], vals.mean(0), color=color, label=f"layer {layer}" if li in (0, len(layers) - 1) else None)
-            ax.fill_between(sp["index"], vals.min(0).values, vals.max(0).values, color=color, alpha=0.12)
-        ax.set(title=f"{kind}: experts' singular values", xlabel="index j (band: min-max over experts)",
-               ylabel="sigma_j / sigma_1", yscale="log")
+            color = cmap(norm(int(layer)))
+            ax.plot(sp["index"], vals.mean(0), color=color, label="mean over experts" if li == 0 else None)
+            ax.fill_between(sp["index"], vals.min(0).values, vals.max(0).values, color=color, alpha=0.12,
+                            label="min-max over experts" if li == 0 else None)
+        ax.set(title=f"{kind}: experts' singular values", xlabel="index j", ylabel="sigma_j / sigma_1", yscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    layer_colorbar(fig, axes[0])
     fig.savefig(out / "spectra.png", dpi=110)
     plt.close(fig)
 
@@ -199,7 +215,8 @@ def plot_analysis(result: dict, out: Path):
                      color=color, alpha=0.35, label=f"{kind}: one expert's rank @90% / n")
         axes[1].plot(x, [result["layers"][lay][kind]["overlap"] or 0 for lay in layers], style, color=color,
                      label=kind)
-        axes[1].plot(x, [result["layers"][lay][kind]["overlap_random"] or 0 for lay in layers], ":", color=color)
+        axes[1].plot(x, [result["layers"][lay][kind]["overlap_random"] or 0 for lay in layers], ":", color=color,
+                     label=f"{kind}: random subspaces of the same ranks")
     axes[0].set(title="rank needed for 90% energy", xlabel="layer", ylabel="fraction of n")
     axes[1].set(title="row-space overlap between experts (dotted: random)", xlabel="layer", ylabel="overlap")
     for ax in axes:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from .command import progress_bar
 
 from .checkpoint import INDEX, parse_size
 
@@ -52,7 +52,7 @@ def synthetic_checkpoint(config: dict, out: Path, shard_size="4GB", dtype=torch.
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(seed)
     limit, shards, buffer, size = parse_size(shard_size), [], {}, 0
-    for key, shape in tqdm(sorted(shapes.items()), desc="synthetic checkpoint", unit="tensor"):
+    for key, shape in progress_bar(sorted(shapes.items()), desc="synthetic checkpoint", unit="tensor"):
         t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02).to(dtype).cpu()
         buffer[key], size = t, size + t.numel() * t.element_size()
         if size >= limit:

@@ -20,38 +20,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .command import progress_bar
 
 from .evaluate import load
 from .models import find_experts, layer_index, use_standard_experts
 
-TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst")
-
-
-def calibration_ids(source, tokenizer, n_tokens: int, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
+def calibration_ids(source, tokenizer, n_tokens: int, seq_len: int = 512, seed: int = 0,
+                    model_vocab: int | None = None) -> torch.Tensor:
     """[B, seq_len] token windows, B = ceil(n_tokens / seq_len). `source`: a prepared data directory
-    (`molae data prepare`; windows at seeded random offsets of its training split, already in the
-    model's vocabulary when the model was trained on it), a text file, or a directory of text files
-    (sorted, read until enough text, tokenized with `tokenizer`)."""
-    source = Path(source)
-    n_windows = math.ceil(n_tokens / seq_len)
-    if (source / "manifest.json").exists() and (source / "train.bin").exists():
-        from .data import TokenData
+    (`molae data prepare`; windows at seeded random offsets of its training split; its vocabulary must
+    fit the model's, `model_vocab`), a text file, or a directory of text files (sorted, read until
+    enough text, tokenized with `tokenizer`)."""
+    from .data import TokenData, is_prepared, text_files, tokenize_files
 
-        return TokenData(source).batch(seed, 0, 0, n_windows, seq_len)[:, :seq_len]
-    if source.is_file():
-        files = [source]
-    elif source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
-    else:
-        raise ValueError(f"--calibration {source} does not exist: pass a text file, a directory of text files "
-                         "or a prepared data directory")
-    need = n_windows * seq_len
-    ids: list[int] = []
-    for f in files:
-        ids += tokenizer(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
-        if len(ids) >= need:
-            break
+    n_windows = math.ceil(n_tokens / seq_len)
+    if is_prepared(source):
+        data = TokenData(source)
+        if model_vocab is not None:
+            data.check_vocabulary(model_vocab, "--calibration")
+        return data.batch(seed, 0, 0, n_windows, seq_len)[:, :seq_len]
+    ids = tokenize_files(text_files(source, "--calibration"), tokenizer, n_windows * seq_len)
     if len(ids) < seq_len:
         raise ValueError(f"--calibration {source} holds {len(ids)} tokens: need at least {seq_len} (one window)")
     n_windows = min(n_windows, len(ids) // seq_len)
@@ -124,7 +112,7 @@ def collect(model, ids_BT: torch.Tensor, batch_size: int = 8, outputs: bool = Fa
     was_training = model.training
     model.eval()
     try:
-        for b in tqdm(range(0, len(ids_BT), batch_size), desc="calibrate", unit="batch", disable=not progress):
+        for b in progress_bar(range(0, len(ids_BT), batch_size), desc="calibrate", unit="batch", disable=not progress):
             x = ids_BT[b:b + batch_size].to(device)
             with torch.set_grad_enabled(fisher):
                 logits = model(input_ids=x).logits
@@ -147,10 +135,12 @@ def collect(model, ids_BT: torch.Tensor, batch_size: int = 8, outputs: bool = Fa
 def calibrate(src: Path, source, n_tokens: int, seq_len: int = 512, device="cpu", outputs=False, fisher=False,
               batch_size: int = 8) -> dict[int, dict]:
     """Load the model at `src`, draw calibration windows from `source`, collect the statistics."""
+    from .data import is_prepared
+
     model, tok = load(str(src), device, "float32", need_tokenizer=False)
-    if tok is None and not (Path(source) / "manifest.json").exists():
+    if tok is None and not is_prepared(source):
         raise ValueError(f"{src} has no tokenizer to read --calibration {source} with: pass a prepared data directory")
-    ids = calibration_ids(source, tok, n_tokens, seq_len)
+    ids = calibration_ids(source, tok, n_tokens, seq_len, model_vocab=model.get_input_embeddings().num_embeddings)
     stats = collect(model, ids, batch_size, outputs=outputs, fisher=fisher)
     del model
     return stats

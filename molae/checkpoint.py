@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .command import Interrupted, human_bytes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -215,9 +218,10 @@ class ShardWriter:
         if sum(t.numel() * t.element_size() for t in self._buffer.values()) >= self.max_shard_bytes:
             self.flush()
         self._units_ended += 1
-        kill_after = os.environ.get("_MOLAE_TEST_KILL_AFTER_UNITS")  # tests: a real SIGKILL mid-run
-        if kill_after and self._units_ended == int(kill_after):
-            os.kill(os.getpid(), 9)
+        # tests: a real signal mid-run, "N" (SIGKILL after N units) or "N:INT" (SIGINT, as Ctrl-C sends)
+        after, _, sig = os.environ.get("_MOLAE_TEST_SIGNAL_AFTER_UNITS", "").partition(":")
+        if after and self._units_ended == int(after):
+            os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
 
     def flush(self):
         """Write the buffer as shards of at most max_shard_bytes (a larger tensor gets a shard of its
@@ -243,7 +247,7 @@ class ShardWriter:
         except OSError as e:
             if e.errno == errno.ENOSPC or "No space" in str(e):
                 raise ResumableError(f"no space left on the device of {self.tmp}: free space, then rerun "
-                                     "with --resume") from e
+                                     "with --resume (the same command; the finished part is kept there)") from e
             raise
         os.replace(part, self.tmp / name)
         self.shards.append(dict(file=name, keys=sorted(tensors)))
@@ -278,36 +282,55 @@ def temp_dir_for(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.molae-partial"
 
 
+def _taken(dst: Path) -> bool:
+    """dst exists and is more than an empty directory."""
+    return dst.exists() and not (dst.is_dir() and not any(dst.iterdir()))
+
+
 def check_destination(dst: Path, overwrite: bool):
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst} exists: choose another --out or pass --overwrite")
+    if _taken(dst) and not overwrite:
+        raise CheckpointError(f"{dst} exists and is not empty: choose another --out or pass --overwrite")
 
 
 def check_disk_space(dst: Path, needed: int):
     dst.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dst.parent).free
     if free < needed:
-        raise CheckpointError(f"not enough disk space at {dst.parent}: need about {needed / 1e9:.1f} GB, "
-                              f"{free / 1e9:.1f} GB free; free space or choose another --out")
+        raise CheckpointError(f"not enough disk space at {dst.parent}: need about {human_bytes(needed)}, "
+                              f"{human_bytes(free)} free; free space or choose another --out")
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 @contextmanager
-def removed_on_error(tmp: Path):
-    """Delete the partial output when the run fails for good; keep it for --resume when the run
-    is interrupted or fails in a way --resume can continue from."""
+def removed_on_error(tmp: Path, resumable: bool = True):
+    """Delete the partial output when the run fails for good. A resumable run keeps it when it is
+    interrupted (re-raised as `Interrupted`, naming the directory and how to continue or remove it)
+    or fails in a way --resume can continue from (a full disk)."""
     try:
         yield
-    except (ResumableError, KeyboardInterrupt):
+    except ResumableError:
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    except KeyboardInterrupt:
+        if not resumable or not tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        raise Interrupted(f"the finished part ({human_bytes(_size(tmp))}) is kept in {tmp}: rerun the same "
+                          f"command with --resume to continue, or delete that directory") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def publish(tmp: Path, dst: Path, overwrite: bool):
-    """Move the finished temporary directory to dst (replacing it only with overwrite)."""
+    """Move the finished temporary directory to dst (replacing it only with overwrite; an empty
+    directory is replaced in any case)."""
     if dst.exists():
-        if not overwrite:
-            raise CheckpointError(f"{dst} exists: choose another --out or pass --overwrite")
+        if _taken(dst) and not overwrite:
+            raise CheckpointError(f"{dst} exists and is not empty: choose another --out or pass --overwrite")
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
     os.replace(tmp, dst)

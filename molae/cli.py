@@ -7,7 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .baselines import METHODS
+from .command import (Parser, add_command, comma_list, existing_path, fraction, positive_int, run_command,
+                      text_file)
+from .command import non_negative_float, non_negative_int, positive_float
 
 
 def cmd_demo(args):
@@ -50,9 +54,9 @@ def cmd_train(args):
 def cmd_convert(args):
     from .convert import ConvertOptions, convert_checkpoint, format_summary
 
-    projections = args.projections or ("up,gate" if args.method == "molae" else "gate,up,down")
+    projections = args.projections or (("up", "gate") if args.method == "molae" else ("gate", "up", "down"))
     opts = ConvertOptions(latent_dim=args.latent_dim, rank_ratio=args.rank_ratio, groups=args.groups,
-                          projections=tuple(p for p in projections.split(",") if p), layers=args.layers,
+                          projections=projections, layers=args.layers,
                           dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
                           method=args.method, budget=args.budget, calibration=args.calibration,
                           calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, group_by=args.group_by,
@@ -74,9 +78,16 @@ def cmd_heal(args):
 
 
 def cmd_bench_quality(args):
+    from .command import Interrupted
     from .quality import bench_quality
 
-    result = bench_quality(args)
+    try:
+        result = bench_quality(args)
+    except KeyboardInterrupt:
+        if not args.json.exists():
+            raise
+        raise Interrupted(f"the finished runs are in {args.json}: rerun the same command with --resume to skip "
+                          "them, or delete that file") from None
     o = result["original"]
     print(f"{args.name}: original perplexity {o['perplexity']:.4f}; {len(result['runs'])} runs in {args.json}")
 
@@ -90,9 +101,32 @@ def cmd_bench_quality_report(args):
 
 def float_list(text):
     try:
-        return [float(x) for x in text.split(",") if x]
+        values = [float(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text} is not a comma list of numbers") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} names no number: give a comma list, e.g. 0.5,0.25")
+    return values
+
+
+def projection_list(text):
+    """A comma list of distinct projection kinds, at least one."""
+    from .layers import check_projections
+
+    try:
+        kinds = check_projections(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not kinds:
+        raise argparse.ArgumentTypeError(f"{text!r} names no projection: allowed a comma list of gate, up, down")
+    return kinds
+
+
+def fraction_list(text):
+    values = float_list(text)
+    if any(not 0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text} has a value outside 0 < value < 1: budgets are fractions")
+    return values
 
 
 def int_list(text):
@@ -112,15 +146,10 @@ def cmd_bench_layer(args):
     import transformers
 
     from .bench import device_name
-    from .speed import IMPLS, SHAPES, bench_layer, parse_shape, today, write_results
+    from .speed import SHAPES, bench_layer, parse_shape, today, write_results
 
     shapes = [parse_shape(s) for s in args.shape or SHAPES]
-    impls = [i for i in args.impls.split(",") if i]
-    bad = [i for i in impls if i not in IMPLS]
-    if bad or not impls:
-        raise ValueError(f"--impls {args.impls!r} names {bad or 'nothing'}: allowed a comma list of {', '.join(IMPLS)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available: run on a GPU machine, or pass --device cpu")
+    impls = list(args.impls)
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip() or "unknown"
     result = bench_layer(shapes, impls, args.tokens, args.decode_tokens, args.device, getattr(torch, args.dtype),
@@ -162,7 +191,7 @@ def cmd_bench_convert(args):
 
 def cmd_eval(args):
     from .checkpoint import write_json_atomically
-    from .evaluate import efficiency, eval_text, format_eval, load, measure_speed, read_text
+    from .evaluate import check_context, efficiency, eval_text, format_eval, load, measure_speed, read_text
     from .models import find_experts
 
     tasks = [t for t in (args.tasks or "").split(",") if t]
@@ -172,6 +201,7 @@ def cmd_eval(args):
     for path in args.text or []:  # bad text files fail before the model is loaded
         read_text(path)
     model, tokenizer = load(args.model, args.device, args.dtype)
+    check_context(model, args.context, args.stride)
     result = dict(model=args.model, texts=[eval_text(model, tokenizer, path, args.context, args.stride,
                                                      args.batch_size) for path in args.text or []])
     if tasks:
@@ -189,42 +219,34 @@ def cmd_eval(args):
 def cmd_analyze(args):
     from .analyze import analyze_checkpoint, format_analysis
 
-    result = analyze_checkpoint(args.model, args.out, args.projections.split(","), args.layers, args.device)
+    result = analyze_checkpoint(args.model, args.out, args.projections, args.layers, args.device,
+                                overwrite=args.overwrite)
     print(format_analysis(result))
     if args.out:
         print(f"wrote analysis.json, energy_vs_d.png, spectra.png, groups.png and ranks.png under {args.out}")
 
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with usage errors on one line (and a pointer to --help)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def add_checkpoint_output(p: argparse.ArgumentParser):
     """The options of the streaming checkpoint writer that convert and decompress share."""
-    p.add_argument("--out", required=True, type=Path, help="destination directory (must not exist)")
+    p.add_argument("--out", required=True, type=Path, help="destination directory (new or empty)")
     p.add_argument("--max-shard-size", default="2GB", help="output shard size, e.g. 2GB (default), 500MB")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="molae", description="Mixture of Latent Experts (MoLAE) tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .layers import KINDS
 
-    demo = sub.add_parser("demo", help="train a tiny MoE on the Python standard library, convert it, compare",
-                          description="Train a tiny Qwen2-MoE on the standard library's source (whole modules held "
-                                      "out), convert it to MoLAE at several latent sizes and with per-expert SVD "
-                                      "of equal size, and print validation bits per byte of each.")
+    parser = Parser(prog="molae", description="Mixture of Latent Experts (MoLAE) tools.")
+    parser.add_argument("--version", action="version", version=f"molae {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+    dtypes = ["auto", "bfloat16", "float16", "float32"]
+
+    demo = add_command(sub, "demo", cmd_demo, outputs={"out": "dir"},
+                       help="train a tiny MoE on the Python standard library, convert it, compare",
+                       description="Train a tiny Qwen2-MoE on the standard library's source (whole modules held "
+                                   "out), convert it to MoLAE at several latent sizes and with per-expert SVD "
+                                   "of equal size, and print validation bits per byte of each.")
     demo.add_argument("--steps", type=positive_int, default=600, help="training steps (default 600)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--val-windows", type=positive_int, default=96,
@@ -232,49 +254,49 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=None,
                       help="directory for the trained model, results.json, results.md and a plot")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    demo.set_defaults(func=cmd_demo)
 
-    data = sub.add_parser("data", help="training data").add_subparsers(dest="data", required=True)
-    prep = data.add_parser("prepare", help="collect text, split by package, train a BPE tokenizer, tokenize",
-                           description="Collect files (default *.py; .txt and .jsonl too) from files and directories, "
-                                       "split them by package into train/validation (a recorded crc32 rule), train a "
-                                       "byte-level BPE tokenizer on the training split only, and write memory-mappable "
-                                       "token arrays and a manifest.")
-    prep.add_argument("sources", nargs="+", help="files and directories to collect from")
-    prep.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
+    data = sub.add_parser("data", help="training data").add_subparsers(dest="data", required=True, metavar="COMMAND")
+    prep = add_command(data, "prepare", cmd_data_prepare, outputs={"out": "dir"},
+                       help="collect text, split by package, train a BPE tokenizer, tokenize",
+                       description="Collect files (default *.py; .txt and .jsonl too) from files and directories, "
+                                   "split them by package into train/validation (a recorded crc32 rule), train a "
+                                   "byte-level BPE tokenizer on the training split only, and write memory-mappable "
+                                   "token arrays and a manifest.")
+    prep.add_argument("sources", nargs="+", type=existing_path, help="files and directories to collect from")
+    prep.add_argument("--out", required=True, type=Path, help="output directory (new or empty)")
     prep.add_argument("--vocab-size", type=positive_int, default=16384, help="BPE vocabulary size (default 16384)")
-    prep.add_argument("--val-fraction", type=float, default=0.05,
+    prep.add_argument("--val-fraction", type=fraction, default=0.05,
                       help="share of split keys (packages) held out for validation (default 0.05)")
     prep.add_argument("--pattern", action="append", help="file pattern in directories, repeatable (default *.py)")
     prep.add_argument("--text-field", default="text", help="the text field of .jsonl records (default text)")
-    prep.add_argument("--tokenizer-bytes", type=int, default=64 * 2**20,
+    prep.add_argument("--tokenizer-bytes", type=non_negative_int, default=64 * 2**20,
                       help="train the tokenizer on this many bytes of training text (default 64 MiB; 0 = all)")
-    prep.add_argument("--tokenizer", type=Path, default=None,
+    prep.add_argument("--tokenizer", type=existing_path, default=None,
                       help="use this saved tokenizer directory instead of training one")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    prep.set_defaults(func=cmd_data_prepare)
 
-    bg = data.add_parser("bigram", help="validation loss of a bigram model counted on the training split",
-                         description="The floor a language model trained on a prepared directory must clearly beat: "
-                                     "an interpolated bigram model (lambda chosen on validation) and a unigram model.")
+    bg = add_command(data, "bigram", cmd_data_bigram, outputs={"json": "file"},
+                     help="validation loss of a bigram model counted on the training split",
+                     description="The floor a language model trained on a prepared directory must clearly beat: "
+                                 "an interpolated bigram model (lambda chosen on validation) and a unigram model.")
     bg.add_argument("data", type=Path, help="a directory made by molae data prepare")
     bg.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
-    bg.set_defaults(func=cmd_data_bigram)
 
     from .train import add_train_args
 
-    tr = sub.add_parser("train", help="pretrain an MoE / MoLAE / LatentMoE model (torchrun -m molae.train for FSDP2)",
-                        description="Train a transformers MoE family (qwen2_moe, mixtral, deepseek_v3, ...) with "
-                                    "standard, MoLAE or LatentMoE experts on a prepared data directory. bf16 autocast, "
-                                    "AdamW, warmup + cosine, clipping, accumulation, router balancing, atomic "
-                                    "checkpoints (--resume). Several GPUs: torchrun --nproc-per-node K -m molae.train.")
+    tr = add_command(sub, "train", cmd_train, outputs={"out": "run-dir"}, devices=("device",),
+                     help="pretrain an MoE / MoLAE / LatentMoE model (torchrun -m molae.train for FSDP2)",
+                     description="Train a transformers MoE family (qwen2_moe, mixtral, deepseek_v3, ...) with "
+                                 "standard, MoLAE or LatentMoE experts on a prepared data directory. bf16 autocast, "
+                                 "AdamW, warmup + cosine, clipping, accumulation, router balancing, atomic "
+                                 "checkpoints (--resume). Several GPUs: torchrun --nproc-per-node K -m molae.train.")
     add_train_args(tr)
-    tr.set_defaults(func=cmd_train)
 
-    conv = sub.add_parser("convert", help="convert a Hugging Face MoE checkpoint to MoLAE (streaming)",
-                          description="Convert a Hugging Face MoE checkpoint (local directory or hub id) into a "
-                                      "MoLAE checkpoint loadable with AutoModelForCausalLM after `import molae`. "
-                                      "Reads one layer at a time; the output appears only when complete.")
+    conv = add_command(sub, "convert", cmd_convert, outputs={"out": "dir", "report": "file"}, devices=("device",),
+                       help="convert a Hugging Face MoE checkpoint to MoLAE (streaming)",
+                       description="Convert a Hugging Face MoE checkpoint (local directory or hub id) into a "
+                                   "MoLAE checkpoint loadable with AutoModelForCausalLM after `import molae`. "
+                                   "Reads one layer at a time; the output appears only when complete.")
     conv.add_argument("src", help="source checkpoint: a local directory or a hub id")
     add_checkpoint_output(conv)
     conv.add_argument("--latent-dim", type=positive_int, default=None,
@@ -282,11 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--rank-ratio", type=float, default=None,
                       help="step 1: keep ceil(R*min(m, n)) of each expert matrix's rank first (0 < R <= 1)")
     conv.add_argument("--groups", type=positive_int, default=1, help="expert groups G sharing a latent (default 1)")
-    conv.add_argument("--projections", default=None,
+    conv.add_argument("--projections", type=projection_list, default=None,
                       help="factorized projections: up,gate[,down] (default up,gate; baselines: gate,up,down)")
     conv.add_argument("--layers", default=None, help="MoE layers to convert: all (default), or e.g. 0-3,7,20-")
     conv.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda")
-    conv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    conv.add_argument("--dtype", default="auto", choices=dtypes,
                       help="dtype of the new expert tensors (default auto: the source's); others are copied as they are")
     conv.add_argument("--report", type=Path, default=None, help="write the per-layer report as JSON here")
     conv.add_argument("--method", default="molae", choices=list(METHODS),
@@ -302,99 +324,112 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--calib-seq-len", type=positive_int, default=512, help="calibration window length (default 512)")
     conv.add_argument("--group-by", default="index", choices=["index", "similarity"],
                       help="experts of a group: by index (default) or by similar row spaces")
-    conv.add_argument("--damp", type=float, default=0.01,
+    conv.add_argument("--damp", type=non_negative_float, default=0.01,
                       help="ridge added to calibration Gram matrices, relative to their mean diagonal (default 0.01)")
     conv.add_argument("--mobe-bases", type=positive_int, default=None, help="MoBE: basis matrices per layer "
                       "(default max(2, E/8))")
     conv.add_argument("--mobe-steps", type=positive_int, default=500, help="MoBE: Adam steps per matrix (default 500)")
-    conv.set_defaults(func=cmd_convert)
 
-    hl = sub.add_parser("heal", help="distil a converted model towards its original (latent factors only)",
-                        description="Train only the latent factors of a MoLAE checkpoint on KL(teacher || student) "
-                                    "over next-token distributions; the checkpoint is rewritten in place, atomically.")
-    hl.add_argument("dst", help="a MoLAE checkpoint written by molae convert (rewritten)")
+    hl = add_command(sub, "heal", cmd_heal, outputs={"dst": "writable"}, devices=("device",),
+                     help="distil a converted model towards its original (latent factors only)",
+                     description="Train only the latent factors of a MoLAE checkpoint on KL(teacher || student) "
+                                 "over next-token distributions; the checkpoint is rewritten in place, atomically.")
+    hl.add_argument("dst", type=Path, help="a MoLAE checkpoint written by molae convert (rewritten)")
     hl.add_argument("--teacher", required=True, help="the model it was converted from")
-    hl.add_argument("--data", required=True, type=Path, help="a prepared data directory (molae data prepare)")
+    hl.add_argument("--data", required=True, type=existing_path,
+                    help="training text: a text file, a directory of text files (tokenized with the model's own "
+                         "tokenizer), or a directory made by molae data prepare with the model's vocabulary")
     hl.add_argument("--tokens", required=True, type=positive_int, help="training tokens")
     hl.add_argument("--seq-len", type=positive_int, default=512, help="window length (default 512)")
     hl.add_argument("--batch-size", type=positive_int, default=8, help="windows per step (default 8)")
-    hl.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    hl.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate (default 1e-4)")
     hl.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
     hl.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    hl.set_defaults(func=cmd_heal)
 
-    dec = sub.add_parser("decompress", help="multiply a MoLAE checkpoint out into the original architecture",
-                         description="Write a checkpoint of the base architecture (experts as A @ B, in the "
-                                     "source's on-disk layout) that any engine serving the base model can load.")
+    dec = add_command(sub, "decompress", cmd_decompress, outputs={"out": "dir"}, devices=("device",),
+                      help="multiply a MoLAE checkpoint out into the original architecture",
+                      description="Write a checkpoint of the base architecture (experts as A @ B, in the "
+                                  "source's on-disk layout) that any engine serving the base model can load.")
     dec.add_argument("src", help="a MoLAE checkpoint written by molae convert")
     add_checkpoint_output(dec)
     dec.add_argument("--device", default="cpu", help="where the products run: cpu (default) or cuda")
-    dec.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    dec.add_argument("--dtype", default="auto", choices=dtypes,
                      help="dtype of the expert weights written (default auto: the factors' dtype)")
-    dec.set_defaults(func=cmd_decompress)
 
-    ev = sub.add_parser("eval", help="perplexity on text files and an efficiency report",
-                        description="Perplexity (sliding windows), bits per byte and, for MoE/MoLAE models, "
-                                    "parameters, FLOPs and all-to-all bytes per token.")
+    ev = add_command(sub, "eval", cmd_eval, outputs={"json": "file"}, devices=("device",),
+                     help="perplexity on text files and an efficiency report",
+                     description="Perplexity (sliding windows), bits per byte and, for MoE/MoLAE models, "
+                                 "parameters, FLOPs and all-to-all bytes per token.")
     ev.add_argument("model", help="a model directory or hub id (MoE or MoLAE)")
-    ev.add_argument("--text", type=Path, action="append", help="UTF-8 text file to score (repeatable)")
+    ev.add_argument("--text", type=text_file, action="append", help="UTF-8 text file to score (repeatable)")
     ev.add_argument("--context", type=positive_int, default=None,
                     help="window length in tokens (default: the model's, at most 4096)")
     ev.add_argument("--stride", type=positive_int, default=None,
                     help="tokens scored per window, at most context-1 (default context-1)")
     ev.add_argument("--tasks", default=None,
                     help="comma list of lm-eval tasks; offline: gsm8k_local, gsm8k_mc_local (with --data-dir)")
-    ev.add_argument("--data-dir", type=Path, default=None, help="local data for the offline tasks (DIR/gsm8k/*.jsonl)")
+    ev.add_argument("--data-dir", type=existing_path, default=None,
+                    help="local data for the offline tasks (DIR/gsm8k/*.jsonl)")
     ev.add_argument("--limit", type=positive_int, default=None, help="at most N examples per task")
-    ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
+    ev.add_argument("--num-fewshot", type=non_negative_int, default=None, help="few-shot examples (default: each task's)")
     ev.add_argument("--batch-size", type=positive_int, default=8, help="windows / requests per forward pass (default 8)")
     ev.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    ev.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                    help="weights dtype (default auto: as saved)")
+    ev.add_argument("--dtype", default="auto", choices=dtypes, help="weights dtype (default auto: as saved)")
     ev.add_argument("--json", type=Path, default=None, help="write every figure here as JSON")
-    ev.set_defaults(func=cmd_eval)
 
-    an = sub.add_parser("analyze", help="redundancy in a MoE checkpoint's experts: spectra, ranks, shared latents",
-                        description="Per MoE layer and projection: expert spectra and effective ranks, energy kept by "
-                                    "a shared latent as a function of d (several G), and overlap of experts' row "
-                                    "spaces. Streams the weights; JSON and plots with --out.")
+    an = add_command(sub, "analyze", cmd_analyze, outputs={"out": "dir"}, devices=("device",),
+                     help="redundancy in a MoE checkpoint's experts: spectra, ranks, shared latents",
+                     description="Per MoE layer and projection: expert spectra and effective ranks, energy kept by "
+                                 "a shared latent as a function of d (several G), and overlap of experts' row "
+                                 "spaces. Streams the weights; JSON and plots with --out.")
     an.add_argument("model", help="a MoE checkpoint directory or hub id")
-    an.add_argument("--out", type=Path, default=None, help="write analysis.json and PNG plots here")
-    an.add_argument("--projections", default="gate,up,down", help="kinds to analyze (default gate,up,down)")
+    an.add_argument("--out", type=Path, default=None, help="write analysis.json and PNG plots here (new or empty)")
+    an.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    an.add_argument("--projections", type=projection_list, default=KINDS, help="kinds to analyze (default gate,up,down)")
     an.add_argument("--layers", default=None, help="MoE layers: all (default), or e.g. 0-3,7")
     an.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    an.set_defaults(func=cmd_analyze)
 
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    bc = bench.add_parser("convert", help="convert synthetic checkpoints of real models' shapes; time and memory",
-                          description="Generate a checkpoint with a real model's exact shapes (random values) and "
-                                      "time `molae convert` on it (wall time, peak host RSS, seconds per layer).")
-    bc.add_argument("--model", action="append", required=True, choices=["qwen1.5-moe-a2.7b", "deepseek-v3-layer"],
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True, metavar="COMMAND")
+    add_bench_commands(bench)
+    return parser
+
+
+def add_bench_commands(bench):
+    from . import speed
+    from .bench import BENCH_MODELS
+    from .quality import VARIANTS
+
+    bc = add_command(bench, "convert", cmd_bench_convert, outputs={"workdir": "writable", "results": "writable"},
+                     devices=("device",), help="convert synthetic checkpoints of real models' shapes; time and memory",
+                     description="Generate a checkpoint with a real model's exact shapes (random values) and "
+                                 "time `molae convert` on it (wall time, peak host RSS, seconds per layer).")
+    bc.add_argument("--model", action="append", required=True, choices=list(BENCH_MODELS),
                     help="which checkpoint (repeatable)")
     bc.add_argument("--workdir", type=Path, required=True, help="scratch directory for the checkpoints")
     bc.add_argument("--device", default="cuda", help="device for the SVDs (default cuda)")
     bc.add_argument("--latent-dim", type=positive_int, default=None, help="passed to molae convert")
     bc.add_argument("--results", type=Path, default=Path("results"), help="where convert-*.json and convert.md go")
     bc.add_argument("--commit", default="unknown", help="the git commit being measured, recorded in the results")
-    bc.set_defaults(func=cmd_bench_convert)
 
-    bq = bench.add_parser("quality", help="MoLAE conversion variants and the baselines at several budgets, one model",
-                          description="Convert one MoE model with every MoLAE variant and baseline at each budget "
-                                      "(molae convert's code), heal where asked, score all on held-out windows of a "
-                                      "prepared corpus; results appended to --json (resumable).")
+    bq = add_command(bench, "quality", cmd_bench_quality, outputs={"workdir": "writable", "json": "resumable-file"},
+                     devices=("device",), help="MoLAE conversion variants and the baselines at several budgets, one model",
+                     description="Convert one MoE model with every MoLAE variant and baseline at each budget "
+                                 "(molae convert's code), heal where asked, score all on held-out windows of a "
+                                 "prepared corpus; results appended to --json (resumable).")
     bq.add_argument("--model", required=True, help="the MoE model (directory or hub id)")
     bq.add_argument("--name", required=True, help="a name for the tables")
-    bq.add_argument("--data", required=True, type=Path, help="prepared data directory: calibration, healing, scoring")
-    bq.add_argument("--budgets", type=float_list, default=[0.75, 0.5, 0.35, 0.25],
+    bq.add_argument("--data", required=True, type=existing_path,
+                    help="prepared data directory: calibration, healing, scoring")
+    bq.add_argument("--budgets", type=fraction_list, default=[0.75, 0.5, 0.35, 0.25],
                     help="fractions of routed-expert parameters (default 0.75,0.5,0.35,0.25)")
     bq.add_argument("--rank-ratios", type=float_list, default=[1.0, 0.8],
                     help="rank ratios of the data-free variant (1 = no step 1; default 1,0.8: the paper keeps 80%%)")
-    bq.add_argument("--methods", default="molae-free,molae-aware,molae-alloc,molae-alloc+heal," + ",".join(
-        ["svd", "d2moe", "mobe", "hcsmoe", "prune-frequency", "prune-reap"]), help="variants to run (default all)")
+    bq.add_argument("--methods", type=comma_list(VARIANTS), default=VARIANTS,
+                    help=f"variants to run (default all: {','.join(VARIANTS)})")
     bq.add_argument("--calib-tokens", type=positive_int, default=65536, help="calibration tokens (default 65536)")
     bq.add_argument("--heal-tokens", type=positive_int, default=1048576, help="healing tokens (default 1048576)")
     bq.add_argument("--heal-batch-size", type=positive_int, default=16, help="healing windows per step (default 16)")
-    bq.add_argument("--heal-lr", type=float, default=1e-4, help="healing peak learning rate (default 1e-4)")
+    bq.add_argument("--heal-lr", type=positive_float, default=1e-4, help="healing peak learning rate (default 1e-4)")
     bq.add_argument("--eval-tokens", type=positive_int, default=262144, help="validation tokens scored (default 262144)")
     bq.add_argument("--seq-len", type=positive_int, default=512, help="window length (default 512)")
     bq.add_argument("--mobe-steps", type=positive_int, default=500, help="MoBE Adam steps (default 500)")
@@ -406,25 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--device-name", default="unknown", help="the device, in words, recorded")
     bq.add_argument("--date", default="unknown", help="date, recorded")
     bq.add_argument("--command", default="", help="the exact command, recorded")
-    bq.set_defaults(func=cmd_bench_quality)
 
-    bqr = bench.add_parser("quality-report", help="tables and the Pareto plot from bench quality JSON files")
-    bqr.add_argument("files", nargs="+", type=Path, help="JSON files of molae bench quality")
+    bqr = add_command(bench, "quality-report", cmd_bench_quality_report, outputs={"out": "writable"},
+                      help="tables and the Pareto plot from bench quality JSON files")
+    bqr.add_argument("files", nargs="+", type=existing_path, help="JSON files of molae bench quality")
     bqr.add_argument("--out", type=Path, default=Path("results"), help="where quality.{json,md,png} go")
     bqr.add_argument("--commit", default=None, help="the commit the runs used, where the files record a wrong one")
-    bqr.add_argument("--note", type=Path, default=None, help="a markdown file whose text goes under the title")
-    bqr.set_defaults(func=cmd_bench_quality_report)
+    bqr.add_argument("--note", type=existing_path, default=None, help="a markdown file whose text goes under the title")
 
-    from . import speed
-
-    bl = bench.add_parser("layer", help="MoLAE experts against standard MoE kernels: time, FLOP/s, memory, decode",
-                          description="Time transformers' experts (eager, grouped_mm), our standard MoE fast path "
-                                      "and MoLAE (d = m, G = 1 and 8) side by side at real models' shapes, forward "
-                                      "and forward+backward, plus decode sizes; the matmul peak and copy bandwidth "
-                                      "measured in the same run. Writes speed.json and speed.md.")
+    bl = add_command(bench, "layer", cmd_bench_layer, outputs={"out": "writable"}, devices=("device",),
+                     help="MoLAE experts against standard MoE kernels: time, FLOP/s, memory, decode",
+                     description="Time transformers' experts (eager, grouped_mm), our standard MoE fast path "
+                                 "and MoLAE (d = m, G = 1 and 8) side by side at real models' shapes, forward "
+                                 "and forward+backward, plus decode sizes; the matmul peak and copy bandwidth "
+                                 "measured in the same run. Writes speed.json and speed.md.")
     bl.add_argument("--shape", action="append", default=None,
                     help=f"a preset ({', '.join(speed.SHAPES)}) or n,m,E,k; repeatable (default: those four presets)")
-    bl.add_argument("--impls", default=",".join(speed.IMPLS), help="implementations to time (default all five)")
+    bl.add_argument("--impls", type=comma_list(speed.IMPLS), default=speed.IMPLS,
+                    help="implementations to time (default all five)")
     bl.add_argument("--tokens", type=int_list, default=list(speed.TOKENS),
                     help=f"tokens per step (default {','.join(map(str, speed.TOKENS))})")
     bl.add_argument("--decode-tokens", type=int_list, default=list(speed.DECODE_TOKENS),
@@ -435,38 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--sets", type=positive_int, default=3, help="input sets rotated between repeats (default 3)")
     bl.add_argument("--peak-size", type=positive_int, default=8192,
                     help="size of the square matmul that measures the peak (default 8192)")
-    bl.add_argument("--max-step-s", type=float, default=2.0,
+    bl.add_argument("--max-step-s", type=positive_float, default=2.0,
                     help="an implementation whose step takes longer is not timed at larger token counts (default 2)")
     bl.add_argument("--out", type=Path, default=Path("results"), help="where speed.json and speed.md go")
     bl.add_argument("--commit", default=None, help="the git commit measured (default: git rev-parse HEAD)")
     bl.add_argument("--command", default=None, help="the exact command, recorded (default: this one)")
-    bl.set_defaults(func=cmd_bench_layer)
 
-    blr = bench.add_parser("layer-report", help="speed.md again from a speed.json of molae bench layer")
-    blr.add_argument("file", type=Path, help="speed.json")
+    blr = add_command(bench, "layer-report", cmd_bench_layer_report, outputs={"out": "writable"},
+                      help="speed.md again from a speed.json of molae bench layer")
+    blr.add_argument("file", type=existing_path, help="speed.json")
     blr.add_argument("--out", type=Path, default=Path("results"), help="where speed.json and speed.md go")
     blr.add_argument("--commit", default=None, help="the commit the run used, where the file records a wrong one")
-    blr.set_defaults(func=cmd_bench_layer_report)
-    return parser
-
-
-def run_command(func, args, name: str | None = None) -> int:
-    """Run one subcommand's function: bad input is one line on stderr and exit status 2."""
-    name = name or f"molae {args.command}"
-    try:
-        func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, OSError, FloatingPointError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return 130
-    return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(args.func, args)
+    return run_command(args)
 
 
 if __name__ == "__main__":

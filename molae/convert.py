@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
+from .command import progress_bar
 
 from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, check_destination, check_disk_space,
                          copy_aux_files, parse_size, publish, removed_on_error, resolve, temp_dir_for,
                          write_json_atomically)
 from . import baselines
+from .command import check_device
 from .factorize import (allocate_latent, factorize_projection, regularized_grams, similarity_groups, spectrum,
                         whiten)
 from .layers import KINDS, check_groups, check_latent_dim, check_projections, multiply_out, resolve_latent_dims
@@ -177,6 +178,14 @@ def _units(ckpt: SourceCheckpoint, groups: dict[str, ExpertGroup]) -> list[tuple
     return [(f"layer.{i}", by_layer.get(i, []), group_of.get(i)) for i in layers] + [("rest", rest, None)]
 
 
+def check_not_molae(ckpt: SourceCheckpoint, command: str):
+    """A MoLAE checkpoint has no whole experts to convert or analyze: say which file to use instead."""
+    model_type = str(ckpt.config.get("model_type"))
+    if "molae" in ckpt.config or model_type.startswith("molae_"):
+        raise CheckpointError(f"{ckpt.path} is a MoLAE checkpoint already ({model_type}): {command} the MoE it "
+                              "was converted from, or `molae decompress` it first and use that")
+
+
 def _check_family(ckpt: SourceCheckpoint, groups) -> str:
     model_type = ckpt.config.get("model_type")
     if model_type in SUPPORTED:
@@ -213,7 +222,9 @@ class ConvertOptions:
 
 def check_options(opts: ConvertOptions, have_stats: bool = False):
     """Every option checked alone and against the others, before any work."""
-    check_projections(opts.projections)
+    if not check_projections(opts.projections):
+        raise ValueError(f"--projections {','.join(opts.projections)!r} names no projection: allowed a comma list "
+                         "of gate, up, down")
     if opts.method not in baselines.METHODS:
         raise ValueError(f"--method {opts.method} is not known: allowed {', '.join(baselines.METHODS)}")
     if opts.rank_ratio is not None and not (0 < opts.rank_ratio <= 1):
@@ -315,7 +326,7 @@ def _allocate(ckpt, by_layer, plan, opts, stats, device):
     """--budget: latent sizes per layer and kind with the least summed relative (whitened) error;
     kinds kept whole count against the budget in full."""
     items, fixed, total = {}, 0, 0
-    for key, spec in tqdm(plan.items(), desc="allocate", unit="layer"):
+    for key, spec in progress_bar(plan.items(), desc="allocate", unit="layer"):
         g = by_layer[int(key)]
         grams = _grams(stats.get(int(key)) if stats else None)
         dense = g.n_experts * g.inter * g.dim
@@ -341,16 +352,6 @@ def _allocate(ckpt, by_layer, plan, opts, stats, device):
         plan[key]["latent"][kind] = dk
 
 
-def check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    return device
-
-
 def convert_checkpoint(src, dst, opts: ConvertOptions, report: Path | None = None, resume=False,
                        overwrite=False, stats: dict | None = None) -> dict:
     """Convert the MoE checkpoint at `src` (directory or hub id) into a MoLAE checkpoint at `dst` (or,
@@ -361,6 +362,7 @@ def convert_checkpoint(src, dst, opts: ConvertOptions, report: Path | None = Non
     check_options(opts, have_stats=stats is not None)
     device = check_device(opts.device)
     ckpt = SourceCheckpoint(resolve(src))
+    check_not_molae(ckpt, "convert")
     groups = find_expert_groups(ckpt)
     base_type = _check_family(ckpt, groups)
     if stats is None and opts.calibration is not None:
@@ -389,7 +391,7 @@ def _router_rows(ckpt, group: ExpertGroup, keys: list[str], keep: list[int]) -> 
 
 def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, report, overwrite, stats) -> dict:
     units = _units(ckpt, groups)
-    for unit, copied, group in tqdm(units, desc="convert", unit="layer"):
+    for unit, copied, group in progress_bar(units, desc="convert", unit="layer"):
         if unit in writer.done:
             continue
         t0 = time.perf_counter()
@@ -608,7 +610,7 @@ def decompress_checkpoint(src, dst, dtype: str = "auto", device: str = "cpu", ma
 
 
 def _decompress_units(ckpt, molae, latent_prefix, dtype, device, writer):
-    for unit, keys, _ in tqdm(_units(ckpt, {}), desc="decompress", unit="layer"):  # every key: no source groups
+    for unit, keys, _ in progress_bar(_units(ckpt, {}), desc="decompress", unit="layer"):  # every key: no source groups
         if unit in writer.done:
             continue
         i = None if unit == "rest" else int(unit.split(".")[1])

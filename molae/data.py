@@ -198,7 +198,7 @@ def prepare(sources, out, vocab_size: int = 16384, val_fraction: float = 0.05, p
     to this many bytes (0: all of them). tokenizer: a saved tokenizer directory to use instead.
     Writes into a temporary directory beside `out` and renames it at the end.
     """
-    from tqdm.auto import tqdm
+    from .command import progress_bar
     from transformers import AutoTokenizer
 
     from .checkpoint import check_destination, publish, temp_dir_for
@@ -217,7 +217,7 @@ def prepare(sources, out, vocab_size: int = 16384, val_fraction: float = 0.05, p
     seen, rows, docs = set(), [], {"train": [], "val": []}
     skipped = dict(undecodable=0, duplicate=0, empty=0)
     list_hash = hashlib.sha256()
-    for i, path, rel in tqdm(files, desc="read", unit="file", disable=not progress):
+    for i, path, rel in progress_bar(files, desc="read", unit="file", disable=not progress):
         content = path.read_bytes()
         digest = hashlib.sha1(content).hexdigest()
         if digest in seen:
@@ -263,7 +263,7 @@ def prepare(sources, out, vocab_size: int = 16384, val_fraction: float = 0.05, p
         for split in ("train", "val"):
             with open(tmp / f"{split}.bin", "wb") as f:
                 n = 0
-                bar = tqdm(total=len(docs[split]), desc=f"tokenize {split}", unit="file", disable=not progress)
+                bar = progress_bar(total=len(docs[split]), desc=f"tokenize {split}", unit="file", disable=not progress)
                 for j in range(0, len(docs[split]), 256):  # batches of files, encoded in parallel
                     part = docs[split][j:j + 256]
                     enc = iter(backend.encode_batch([t for _, texts, _ in part for t in texts], add_special_tokens=False))
@@ -329,6 +329,72 @@ class TokenData:
         """[W, seq_len + 1] non-overlapping validation windows spread evenly, W*seq_len <= max_tokens."""
         return eval_windows(self.val, seq_len, max(1, max_tokens // seq_len))
 
+    def check_vocabulary(self, model_vocab: int, flag: str):
+        """Token ids must index the model's embedding: a directory prepared with another tokenizer fails."""
+        if self.vocab_size > model_vocab:
+            raise ValueError(f"{flag} {self.path} was prepared with a {self.vocab_size}-token vocabulary, the model "
+                             f"has {model_vocab}: pass text files instead (tokenized with the model's own tokenizer), "
+                             "or a directory prepared with `molae data prepare --tokenizer MODEL_DIR`")
+
+
+TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst")
+
+
+def text_files(source: Path, flag: str) -> list[Path]:
+    """A text file, or the text files (TEXT_SUFFIXES) under a directory, sorted."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise ValueError(f"{flag} {source} does not exist: pass a text file, a directory of text files or a "
+                         "prepared data directory")
+    files = sorted(p for p in source.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"{flag} {source} holds no text files ({', '.join(TEXT_SUFFIXES)}): pass another directory")
+    return files
+
+
+def tokenize_files(files: list[Path], tokenizer, max_tokens: int) -> list[int]:
+    """Token ids of the files in order, concatenated, until at least max_tokens (or the files end)."""
+    ids: list[int] = []
+    for f in files:
+        ids += tokenizer(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        if len(ids) >= max_tokens:
+            break
+    return ids
+
+
+class TextTokens(TokenData):
+    """Text files tokenized with a model's own tokenizer, held in memory; batches as TokenData's."""
+
+    def __init__(self, source, tokenizer, max_tokens: int, flag: str = "--data"):
+        self.path = Path(source)
+        self.manifest = dict(source=str(source), tokenizer=getattr(tokenizer, "name_or_path", None))
+        ids = tokenize_files(text_files(source, flag), tokenizer, max_tokens)
+        self.train = np.asarray(ids, dtype=np.int64)
+        self.vocab_size = len(tokenizer)
+        self._tokenizer = tokenizer
+
+    def tokenizer(self):
+        return self._tokenizer
+
+
+def is_prepared(path) -> bool:
+    return all((Path(path) / f).exists() for f in PREPARED_FILES)
+
+
+def training_tokens(source, tokenizer, model_vocab: int, max_tokens: int, flag: str = "--data") -> TokenData:
+    """What a command trains on: a prepared directory whose vocabulary fits the model (memory-mapped),
+    or text (a file or a directory of text files) tokenized with the model's `tokenizer` up to
+    max_tokens."""
+    if is_prepared(source):
+        data = TokenData(source)
+        data.check_vocabulary(model_vocab, flag)
+        return data
+    if tokenizer is None:
+        raise ValueError(f"{flag} {source} is text, and the model has no tokenizer to read it with: pass a "
+                         "directory made by `molae data prepare` in the model's vocabulary")
+    return TextTokens(source, tokenizer, max_tokens, flag)
 
 def bigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> dict:
     """Validation cross-entropy (nats/token) of an interpolated bigram model counted on `train`:

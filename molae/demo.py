@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .command import progress_bar
 
 from .models import find_experts, to_molae
 from .train import TrainConfig, make_optimizer
@@ -74,7 +74,7 @@ def train(model, data, cfg: DemoConfig) -> list[float]:
                                                    weight_decay=0.1, betas=(0.9, 0.95)))
     model.train()
     losses = []
-    bar = tqdm(range(cfg.steps), desc="train", unit="step")
+    bar = progress_bar(range(cfg.steps), desc="train", unit="step")
     for step in bar:
         x = random_batch(data, cfg.batch_size, cfg.seq_len - 1, gen)
         loss = model(input_ids=x, labels=x).loss  # next-byte loss + router aux loss
@@ -118,16 +118,43 @@ def variants(cfg: DemoConfig) -> list[dict]:
     return out
 
 
+DEMO_THREADS = 2  # the figures depend on the thread count: fixed, so every machine computes the same sums
+KERNELS = "avx2"  # and on the vector kernels MKL and PyTorch pick per CPU: pinned to AVX2, which x86-64 CPUs share
+
+
+def pin_numerics() -> dict:
+    """Fix what the demo's figures depend on beyond its seed: the thread count, and the vector kernels
+    of MKL (MKL_CBWR, its conditional numerical reproducibility) and of PyTorch (ATEN_CPU_CAPABILITY).
+    Both variables are read at the first computation, so this must run before any; what took effect is
+    returned (a process that computed before would keep its native kernels) and recorded."""
+    import platform
+
+    import transformers
+
+    os.environ.setdefault("MKL_CBWR", KERNELS.upper())
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", KERNELS)
+    torch.set_num_threads(DEMO_THREADS)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return dict(threads=torch.get_num_threads(), kernels=torch.backends.cpu.get_cpu_capability(),
+                mkl_cbwr=os.environ["MKL_CBWR"], cpu=cpu, python=platform.python_version(), torch=torch.__version__,
+                transformers=transformers.__version__)
+
+
 def run_demo(cfg: DemoConfig, out: Path | None = None, overwrite: bool = False) -> dict:
     if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty: choose a new directory or pass --overwrite")
+    numerics = pin_numerics()
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
     corpus = load_stdlib_corpus()
     print(f"corpus: {corpus.manifest['root']}: train {corpus.manifest['bytes']['train']:,} bytes in "
           f"{corpus.manifest['files']['train']} files, validation {corpus.manifest['bytes']['val']:,} bytes in "
           f"{corpus.manifest['files']['val']} files ({len(corpus.manifest['val_modules'])} held-out modules)")
+    print(f"numerics: {numerics['threads']} threads, {numerics['kernels']} kernels (MKL_CBWR={numerics['mkl_cbwr']}), "
+          f"Python {numerics['python']}, torch {numerics['torch']}, transformers {numerics['transformers']}; "
+          f"{numerics['cpu']}", flush=True)
     model = build_model(cfg)
     losses = train(model, corpus.train, cfg)
     windows = eval_windows(corpus.val, cfg.seq_len, cfg.val_windows)
@@ -135,7 +162,7 @@ def run_demo(cfg: DemoConfig, out: Path | None = None, overwrite: bool = False) 
     rows = [dict(variant="original MoE", method="original", projections="", latent_dim=None, groups=None,
                  expert_params=expert_params(model), total_params=sum(p.numel() for p in model.parameters()),
                  val_bpb=base_bpb, delta_bpb=0.0, rel_error=0.0)]
-    for v in tqdm(variants(cfg), desc="convert+eval", unit="variant"):
+    for v in progress_bar(variants(cfg), desc="convert+eval", unit="variant"):
         converted = copy.deepcopy(model)
         report = to_molae(converted, latent_dim=v["latent_dim"], groups=v["groups"], projections=("up", "gate"))
         bpb = bits_per_byte(converted, windows)
@@ -148,7 +175,7 @@ def run_demo(cfg: DemoConfig, out: Path | None = None, overwrite: bool = False) 
     result = dict(config=asdict(cfg), corpus=corpus.manifest, train_loss_first=losses[0],
                   train_loss_last=sum(losses[-10:]) / len(losses[-10:]), val_windows=len(windows),
                   val_bytes=int(windows[:, 1:].numel()), seconds=time.time() - t0, rows=rows,
-                  torch=torch.__version__)
+                  torch=torch.__version__, numerics=numerics)
     table = markdown_table(rows)
     print(table)
     if out is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .command import progress_bar
 
 from .layers import Experts
 from .models import find_experts, hf_expert_weights, is_embedding
@@ -22,6 +22,8 @@ from .models import find_experts, hf_expert_weights, is_embedding
 
 def read_text(path: Path) -> str:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--text {path} is a directory: pass a UTF-8 text file")
     if not path.is_file():
         raise ValueError(f"--text {path} does not exist: pass a UTF-8 text file")
     try:
@@ -53,7 +55,7 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
     device = next(model.parameters()).device
     wins = windows(len(ids), context, stride)
     total, count = 0.0, 0
-    for i in tqdm(range(0, len(wins), batch_size), desc="perplexity", unit="batch", disable=not progress):
+    for i in progress_bar(range(0, len(wins), batch_size), desc="perplexity", unit="batch", disable=not progress):
         batch = wins[i:i + batch_size]
         width = max(end - begin for begin, _, end in batch)
         x = torch.zeros(len(batch), width, dtype=torch.long)
@@ -88,6 +90,17 @@ def eval_text(model, tokenizer, path: Path, context: int | None = None, stride: 
 def model_context(model) -> int:
     n = getattr(model.config, "max_position_embeddings", None)
     return int(min(n, 4096)) if n else 2048
+
+
+def check_context(model, context: int | None, stride: int | None):
+    """--context within the model's positions and --stride within the context, before any scoring."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and n and context > n:
+        raise ValueError(f"--context {context} is longer than the model's {n} positions (max_position_embeddings): "
+                         f"pass --context {n} or less")
+    c = context or model_context(model)
+    if stride is not None and not 1 <= stride < c:
+        raise ValueError(f"stride={stride} is out of range: allowed 1 <= stride <= context - 1 = {c - 1}")
 
 
 # ----------------------------------------------------------------------------- efficiency
@@ -185,11 +198,13 @@ def load(model_path: str, device: str = "cpu", dtype: str = "auto", need_tokeniz
     need_tokenizer, a model that has none comes with tokenizer None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import resolve
+    from .checkpoint import SourceCheckpoint, resolve
 
     path = resolve(model_path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{model_path} is not a model: no config.json in {path}")
+    if any(path.glob("*.safetensors")):  # every shard's header, read up front: damage is one line, not a traceback
+        SourceCheckpoint(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     except (OSError, ValueError, KeyError) as e:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .command import progress_bar
 
 from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, copy_aux_files, parse_size, publish,
                          removed_on_error, resolve, temp_dir_for)
@@ -72,9 +72,10 @@ def kl_loss(student_logits, teacher_logits, temperature: float = 1.0):
 def heal(dst, teacher, data_dir, tokens: int, seq_len: int = 512, batch_size: int = 8, lr: float = 1e-4,
          warmup: int = 10, device: str = "cpu", seed: int = 0, progress: bool = True,
          held_out_batches: int = 4) -> dict:
-    """Distil the MoLAE checkpoint at `dst` towards `teacher` on `tokens` training tokens; rewrite `dst`
-    (with the balanced factors, healed if that lowered the held-out KL)."""
-    from .data import TokenData
+    """Distil the MoLAE checkpoint at `dst` towards `teacher` on `tokens` training tokens of `data_dir`
+    (a prepared directory in the model's vocabulary, or text tokenized with the model's tokenizer);
+    rewrite `dst` (with the balanced factors, healed if that lowered the held-out KL)."""
+    from .data import training_tokens
     from .evaluate import load
 
     dst = Path(resolve(dst))
@@ -84,13 +85,15 @@ def heal(dst, teacher, data_dir, tokens: int, seq_len: int = 512, batch_size: in
                               "the output of molae convert")
     if tokens < seq_len * batch_size:
         raise ValueError(f"--tokens {tokens} is less than one batch ({batch_size} x {seq_len}): raise --tokens")
-    data = TokenData(data_dir)
     dev = torch.device(device)
-    student = load(str(dst), device, "float32", need_tokenizer=False)[0]
-    teacher_model = load(str(teacher), device, "float32", need_tokenizer=False)[0]
+    student, tokenizer = load(str(dst), device, "float32", need_tokenizer=False)
+    teacher_model, teacher_tokenizer = load(str(teacher), device, "float32", need_tokenizer=False)
     if student.config.vocab_size != teacher_model.config.vocab_size:
         raise ValueError(f"--teacher has vocabulary {teacher_model.config.vocab_size}, {dst} has "
                          f"{student.config.vocab_size}: give the model {dst} was converted from")
+    held_out_tokens = held_out_batches * batch_size * (seq_len + 1)
+    data = training_tokens(data_dir, tokenizer or teacher_tokenizer, student.get_input_embeddings().num_embeddings,
+                           max(tokens, held_out_tokens) + seq_len + 2)
     factors = latent_factors(student)
     for p in student.parameters():
         p.requires_grad_(False)
@@ -117,7 +120,7 @@ def heal(dst, teacher, data_dir, tokens: int, seq_len: int = 512, batch_size: in
     start = {k: p.detach().clone() for k, p in factors.items()}
     log, t0 = [], time.perf_counter()
     student.train()
-    for step in tqdm(range(steps), desc="heal", unit="step", disable=not progress):
+    for step in progress_bar(range(steps), desc="heal", unit="step", disable=not progress):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         x = data.batch(seed, step, 0, batch_size, seq_len)[:, :seq_len].to(dev)
@@ -153,7 +156,7 @@ def _write_back(dst: Path, factors: dict, summary: dict):
         raise CheckpointError(f"{dst} lacks tensors for {sorted(factors)}: the checkpoint and its model disagree")
     tmp = temp_dir_for(dst)
     writer = ShardWriter(tmp, dict(op="heal"), parse_size("2GB"))
-    with removed_on_error(tmp):
+    with removed_on_error(tmp, resumable=False):  # heal has no --resume: nothing partial is kept
         for i, k in enumerate(ckpt.keys()):
             t = ckpt.read([k])[k]
             writer.add(k, by_key[k].to(t.dtype) if k in by_key else t)

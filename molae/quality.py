@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .command import progress_bar
 
 from .checkpoint import SourceCheckpoint, resolve, write_json_atomically
 from .convert import ConvertOptions, convert_checkpoint, find_expert_groups
@@ -36,6 +36,7 @@ from .layers import KINDS
 from .train import window_bytes, windows_nll
 
 BASELINES = ("svd", "d2moe", "mobe", "hcsmoe", "prune-frequency", "prune-reap")
+VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES)  # --methods names
 
 
 def uniform_latent(fraction: float, E: int, m: int, n: int, groups: int = 1) -> int:
@@ -108,9 +109,9 @@ def bench_quality(args):
     result["calibration_seconds"] = time.perf_counter() - t0
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    methods = set(args.methods.split(","))
+    methods = set(args.methods)
     todo = [v for v in variants(args.budgets, args.rank_ratios, methods) if (v[0], v[1]) not in done]
-    for name, f, spec in tqdm(todo, desc=f"quality {args.name}", unit="run"):
+    for name, f, spec in progress_bar(todo, desc=f"quality {args.name}", unit="run"):
         dst = work / f"{name.replace(' ', '_')}-{f:g}"
         t0 = time.perf_counter()
         if "heal" in spec:

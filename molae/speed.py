@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .command import progress_bar
 
 from .layers import KINDS, PRESETS, Experts, Routing, grouped_linear, pick_backend
 
@@ -324,7 +324,7 @@ def bench_layer(shapes: list[Shape], impls: list[str], tokens: list[int], decode
     rows, skipped = [], []
     gen = torch.Generator(device).manual_seed(seed)
     work = [(s, i) for s in shapes for i in impls]
-    for shape, impl in tqdm(work, desc="bench layer", unit="impl"):
+    for shape, impl in progress_bar(work, desc="bench layer", unit="impl"):
         module = build(impl, shape, device, dtype)
         for T in tokens:
             batch = inputs(shape, T, sets, device, dtype, gen)

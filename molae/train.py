@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -32,6 +33,8 @@ import random
 import shutil
 import sys
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -42,6 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import write_json_atomically
+from .command import (Interrupted, Parser, check_device, declare, positive_float, positive_int, progress_bar,
+                      run_command)
 from .data import TokenData
 from .evaluate import efficiency
 from .layers import Experts, LatentMoEExperts, check_projections, resolve_latent_dims
@@ -78,9 +83,97 @@ class TrainConfig:
     ckpt_every: int = 250
     time_budget_s: float | None = None  # set `steps` from the step time measured during warmup
 
+    def __post_init__(self):
+        """Every field of its declared type and in range, so that a JSON file, a --set or a flag with
+        a bad value fails here, before anything is built or written."""
+        for f in fields(self):
+            setattr(self, f.name, _typed(f.name, _field_types()[f.name], getattr(self, f.name)))
+        _check_ranges(self)
+        _check_sections(self)
+
     @property
     def tokens_per_step(self) -> int:
         return self.seq_len * self.batch_size * self.grad_accum  # per process
+
+
+@functools.cache
+def _field_types() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _describe(hint) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(hint))
+    origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if origin is tuple:
+        return f"a list of {len(args)} " + ("numbers" if set(args) == {float} else "values")
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+            dict: "a JSON object", list: "a JSON list"}.get(origin, str(hint))
+
+
+def _typed(name: str, hint, value):
+    """`value` as the type `hint` declares (an int where a float is declared becomes a float, a
+    list where a tuple is declared a tuple), or a ValueError that says what the field takes."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        origin, args = typing.get_origin(option) or option, typing.get_args(option)
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value)
+        if origin in (str, dict) and isinstance(value, origin):
+            return value
+        if origin is list and isinstance(value, (list, tuple)):
+            return list(value)
+        if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_typed(f"{name}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+    raise ValueError(f"{name}={value!r} is not {_describe(hint)}: {name} takes {_describe(hint)}")
+
+
+def _check_ranges(c: TrainConfig):
+    bad = [f"{k}={getattr(c, k)!r} (allowed >= 1)" for k in ("steps", "batch_size", "grad_accum", "log_every",
+                                                             "eval_every", "eval_tokens", "ckpt_every")
+           if getattr(c, k) < 1]
+    bad += [f"seq_len={c.seq_len} (allowed >= 2)"] if c.seq_len < 2 else []
+    bad += [f"{k}={getattr(c, k)!r} (allowed > 0)" for k in ("lr", "grad_clip", "init_std") if getattr(c, k) <= 0]
+    bad += [f"{k}={getattr(c, k)!r} (allowed >= 0)" for k in ("warmup", "weight_decay", "aux_loss_coef",
+                                                             "bias_update_speed") if getattr(c, k) < 0]
+    bad += [f"min_lr_ratio={c.min_lr_ratio} (allowed 0 to 1)"] if not 0 <= c.min_lr_ratio <= 1 else []
+    bad += [f"betas={list(c.betas)} (allowed 0 <= beta < 1)"] if not all(0 <= b < 1 for b in c.betas) else []
+    bad += [f"time_budget_s={c.time_budget_s} (allowed > 0, or null)"] if c.time_budget_s is not None \
+        and c.time_budget_s <= 0 else []
+    bad += [f"dtype={c.dtype!r} (allowed auto, bfloat16, float16, float32)"] if c.dtype not in (
+        "auto", "bfloat16", "float16", "float32") else []
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: out of range; give values in the ranges shown")
+    if c.family not in SUPPORTED:
+        raise ValueError(f"family {c.family!r} is not supported: choose one of {', '.join(SUPPORTED)}")
+
+
+MOLAE_KEYS = {"latent_dim": int | dict | None, "groups": int, "projections": list | str, "latent_moe_dim": int}
+
+
+def _check_sections(c: TrainConfig):
+    """The `model` section's values have the types of the family config's defaults; the `molae`
+    section has only known keys of the right types."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    defaults = CONFIG_MAPPING[c.family]()
+    for key, value in c.model.items():
+        default = getattr(defaults, key, None)
+        if value is not None and default is not None and not isinstance(default, (dict, list)):
+            _typed(f"model.{key}", float if type(default) is float else type(default), value)
+    if c.molae is not None:
+        unknown = set(c.molae) - set(MOLAE_KEYS)
+        if unknown:
+            raise ValueError(f"molae section has unknown keys {sorted(unknown)}: allowed {', '.join(MOLAE_KEYS)}")
+        for key, value in c.molae.items():
+            _typed(f"molae.{key}", MOLAE_KEYS[key], value)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -149,16 +242,14 @@ def config_from_dict(d: dict) -> TrainConfig:
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}: allowed {sorted(known)}")
-    d = dict(d)
-    if "betas" in d:
-        d["betas"] = tuple(d["betas"])
     return TrainConfig(**d)
 
 
 def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
-    """`key=value` (JSON value, or a bare string); `model.key=value` and `molae.key=value` set one
-    entry of those sections; `molae=null` makes a standard MoE."""
-    d = asdict(cfg)
+    """`key=value` (a JSON value, or else a bare string), typed by the field it sets (TrainConfig's
+    annotations; `model.key` by the family config's default, `molae.key` by MOLAE_KEYS);
+    `model.key=value` and `molae.key=value` set one entry of those sections; `molae=null` makes a
+    standard MoE. Each pair is checked as it is applied, so an error names the pair."""
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
@@ -167,6 +258,7 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        d = asdict(cfg)
         section, _, sub = key.partition(".")
         if sub:
             if section not in ("model", "molae"):
@@ -175,7 +267,11 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
             d[section][sub] = value
         else:
             d[key] = value
-    return config_from_dict(d)
+        try:
+            cfg = config_from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"--set {pair}: {e}") from None
+    return cfg
 
 
 # ----------------------------------------------------------------------------- model
@@ -202,11 +298,7 @@ def layer_spec(cfg: TrainConfig, vocab_size: int) -> dict:
     base = base_config(cfg, vocab_size)
     m = getattr(base, "moe_intermediate_size", None) or base.intermediate_size
     n = base.hidden_size
-    spec = dict(cfg.molae or {})
-    unknown = set(spec) - {"latent_dim", "groups", "projections", "latent_moe_dim"}
-    if unknown:
-        raise ValueError(f"molae section has unknown keys {sorted(unknown)}: allowed latent_dim, groups, "
-                         "projections, latent_moe_dim")
+    spec = dict(cfg.molae or {})  # keys and types checked by TrainConfig
     if "latent_moe_dim" in spec:
         one = {"latent_moe": int(spec["latent_moe_dim"])}
     elif spec:
@@ -224,8 +316,6 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     """The family's causal LM with our experts modules, freshly initialised (seeded by cfg.seed)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if cfg.family not in SUPPORTED:
-        raise ValueError(f"family {cfg.family!r} is not supported: choose one of {', '.join(SUPPORTED)}")
     molae = layer_spec(cfg, vocab_size)
     kwargs = {**cfg.model, "vocab_size": vocab_size, "initializer_range": cfg.init_std, "molae": molae,
               "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
@@ -278,7 +368,10 @@ def export_pretrained(model, config_molae: dict, state: dict, out: Path, tokeniz
 
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """Median FLOP/s of a large square matmul in the training dtype on this device (the MFU denominator)."""
+    """FLOP/s of a large square matmul in the training dtype on this device (the MFU denominator): the
+    fastest of six timed repeats, since a machine busy with other work during the measurement slows
+    some repeats (a median then made MFU read above 100% on a shared CPU). On a CPU this is the rate
+    of one float32 1024^3 matmul on the cores torch uses, not a datasheet peak."""
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -293,7 +386,7 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
             torch.cuda.synchronize()
         if i >= 2:
             times.append((time.perf_counter() - t0) / 4)
-    return 2 * n**3 / float(np.median(times))
+    return 2 * n**3 / min(times)
 
 
 def train_flops_per_token(config, forward_flops: int, seq_len: int) -> float:
@@ -364,6 +457,7 @@ class Run:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_device(device)
         self.device = torch.device(f"cuda:{local}" if device == "cuda" else device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -560,24 +654,44 @@ def check_out(out: Path, resume: bool):
         raise FileNotFoundError(f"--resume: {out} has no checkpoint.pt: start the run without --resume")
     if not resume and (ck.exists() or (out / "model").exists()):
         raise FileExistsError(f"{out} holds a run: pass --resume to continue it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file: pass a directory path")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} holds other files: choose a new or empty directory")
+
+
+RUN_FILES = ("train_config.json", "log.jsonl", "tb", "checkpoint.pt.partial", ".model.partial")
 
 
 def train(cfg: TrainConfig, data_dir, out, resume: bool = False, device: str | None = None,
           progress: bool = True) -> dict:
-    """Train; returns the summary (also written to OUT/summary.json). See the module notes."""
-    from tqdm.auto import tqdm
-
+    """Train; returns the summary (also written to OUT/summary.json). See the module notes. An
+    interruption keeps the last checkpoint (`Interrupted` says how to continue); before the first
+    one, it removes what the run wrote."""
     out = Path(out)
     check_out(out, resume)
     data = TokenData(data_dir)
     run = Run(device)
+    created = not out.exists()
+    on_disk = {"step": None}  # the step of the checkpoint on disk, kept up to date by _train
     try:
-        return _train(cfg, data, out, resume, run, progress, tqdm)
+        return _train(cfg, data, out, resume, run, progress, on_disk)
+    except KeyboardInterrupt:
+        if on_disk["step"] is not None:
+            raise Interrupted(f"{out / 'checkpoint.pt'} holds step {on_disk['step']}: rerun the same command with "
+                              f"--resume to continue, or delete {out}") from None
+        if run.main:  # nothing worth keeping: leave the directory as it was
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            for name in RUN_FILES if not created else ():
+                p = out / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
     finally:
         run.close()
 
 
-def _train(cfg, data, out, resume, run, progress, tqdm):
+def _train(cfg, data, out, resume, run, progress, on_disk):
     if resume:
         saved = config_from_dict(json.loads((out / "train_config.json").read_text()))
         if asdict(replace(cfg, steps=saved.steps)) != asdict(saved):
@@ -601,7 +715,7 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
     start = 0
     if resume:
         ck = load_checkpoint(out / "checkpoint.pt", model, opt, sched)
-        start = ck["step"]
+        start = on_disk["step"] = ck["step"]
     if run.main:
         write_json_atomically(out / "train_config.json", asdict(cfg))
     run.barrier()
@@ -616,7 +730,7 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
                         world=run.world, device=str(run.device), data=data.manifest.get("file_list_sha256"),
                         tokenizer=data.manifest.get("tokenizer_sha256")))
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.name, unit="step", disable=not (progress and run.main))
+    bar = progress_bar(total=cfg.steps, initial=start, desc=cfg.name, unit="step", disable=not (progress and run.main))
     window = _new_window()
     step_times = []
     skipped = bad_streak = 0
@@ -696,6 +810,7 @@ def _train(cfg, data, out, resume, run, progress, tqdm):
                 logger.log(dict(step=step, val_loss=val, tokens=step * cfg.tokens_per_step * run.world), bar)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run)
+            on_disk["step"] = step
             window["t0"] = time.perf_counter()  # checkpoint time is not training throughput
     bar.close()
     if val is None:  # resumed a run that had already reached --steps
@@ -768,22 +883,24 @@ def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_to
 
 def add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--config", required=True, help=f"a preset ({', '.join(PRESETS)}) or a TrainConfig JSON file")
-    p.add_argument("--data", required=True, help="a directory made by `molae data prepare`")
-    p.add_argument("--out", required=True, help="run directory (log, checkpoint, final model)")
+    p.add_argument("--data", required=True, type=Path, help="a directory made by `molae data prepare`")
+    p.add_argument("--out", required=True, type=Path,
+                   help="run directory (log, checkpoint, final model): new or empty, or a run to --resume")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (a larger --steps extends it)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence")
-    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, help="sequences per micro-batch per process")
+    p.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=positive_int, help="tokens per sequence")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="seed of the initialisation and of the data order")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile each decoder layer")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+    p.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
                    help="set --steps from the step time measured in the first steps, to train about this long")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any TrainConfig field: lr=1e-3, model.num_hidden_layers=4, molae.groups=4, molae=null")
+                   help="override any TrainConfig field, typed by the field: lr=1e-3, model.num_hidden_layers=4, "
+                        "molae.groups=4, molae=null")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -804,12 +921,10 @@ def cmd_train(args):
 
 
 def main(argv=None) -> int:
-    from .cli import Parser, run_command
-
     p = Parser(prog="python -m molae.train", description="pretrain an MoE / MoLAE model (one process or torchrun)")
     add_train_args(p)
-    args = p.parse_args(argv)
-    return run_command(cmd_train, args, name="molae train")
+    declare(p, cmd_train, name="molae train", outputs={"out": "run-dir"}, devices=("device",))
+    return run_command(p.parse_args(argv))
 
 
 if __name__ == "__main__":
