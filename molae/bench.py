@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -29,17 +30,30 @@ QWEN15_MOE_A27B = dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=20
                        num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                        moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60,
                        num_experts_per_tok=4, qkv_bias=True, tie_word_embeddings=False, max_position_embeddings=8192)
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                     moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                     head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                     tie_word_embeddings=False, max_position_embeddings=40960)
+MIXTRAL_8X7B = dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                    num_experts_per_tok=2, tie_word_embeddings=False, max_position_embeddings=32768)
+# DeepSeek-V3's MoE layers (its first three are dense: first_k_dense_replace=0 keeps every benchmarked layer MoE)
 DEEPSEEK_V3_LAYER = dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
                          moe_intermediate_size=2048, n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
                          n_group=8, topk_group=4, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536,
                          kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
                          num_hidden_layers=1, first_k_dense_replace=0, tie_word_embeddings=False)
+# the whole models' MoE layer counts, for extrapolating a per-layer time
+FULL_MOE_LAYERS = {"qwen1.5-moe-a2.7b": 24, "qwen3-30b-a3b": 48, "mixtral-8x7b": 32, "deepseek-v3-layer": 58}
+FP8_BLOCK = (128, 128)
 
 
 def synthetic_checkpoint(config: dict, out: Path, shard_size="4GB", dtype=torch.bfloat16, device="cpu",
-                         seed: int = 0) -> dict:
+                         seed: int = 0, fp8: bool = False) -> dict:
     """Write a checkpoint with `config`'s tensor names and shapes (hub layout), random normal values
-    (std 0.02), in shards of about `shard_size`. Returns {"bytes", "tensors", "seconds"}."""
+    (std 0.02), in shards of about `shard_size`. fp8: the 2-D projection weights (attention, experts,
+    shared experts; not embeddings, norms or routers) block-quantized to float8_e4m3fn with
+    `weight_scale_inv` per 128 x 128 block, as DeepSeek-V3 ships. Returns {"bytes", "tensors", "seconds"}."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -53,8 +67,12 @@ def synthetic_checkpoint(config: dict, out: Path, shard_size="4GB", dtype=torch.
     gen = torch.Generator(device=device).manual_seed(seed)
     limit, shards, buffer, size = parse_size(shard_size), [], {}, 0
     for key, shape in progress_bar(sorted(shapes.items()), desc="synthetic checkpoint", unit="tensor"):
-        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02).to(dtype).cpu()
-        buffer[key], size = t, size + t.numel() * t.element_size()
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02)
+        parts = {key: t.to(dtype).cpu()}
+        if fp8 and len(shape) == 2 and key.endswith("proj.weight"):
+            parts = dict(zip((key, key.removesuffix("weight") + "weight_scale_inv"), (x.cpu() for x in fp8_blocks(t))))
+        for k, p in parts.items():
+            buffer[k], size = p, size + p.numel() * p.element_size()
         if size >= limit:
             shards.append(_write_shard(out, len(shards), buffer))
             buffer, size = {}, 0
@@ -69,8 +87,22 @@ def synthetic_checkpoint(config: dict, out: Path, shard_size="4GB", dtype=torch.
     (out / INDEX).write_text(json.dumps(dict(metadata=dict(total_size=total), weight_map=weight_map), indent=2))
     cfg_dict = cfg.to_dict()
     cfg_dict["architectures"] = [AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
+    if fp8:
+        cfg_dict["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                               weight_block_size=list(FP8_BLOCK))
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
-    return dict(bytes=total, tensors=len(shapes), shards=len(shards), seconds=time.perf_counter() - t0)
+    return dict(bytes=total, tensors=len(shapes), shards=len(shards), seconds=time.perf_counter() - t0, fp8=fp8)
+
+
+def fp8_blocks(W: torch.Tensor, block=FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn [r, c], scale_inv float32 [ceil(r/b), ceil(c/b)]) with W ~ q * scale_inv per block."""
+    (r, c), (br, bc) = W.shape, block
+    pad = torch.zeros(-(-r // br) * br, -(-c // bc) * bc, dtype=torch.float32, device=W.device)
+    pad[:r, :c] = W.float()
+    blocks = pad.view(pad.shape[0] // br, br, pad.shape[1] // bc, bc)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / 448.0  # e4m3's largest finite value
+    q = (blocks / scale[:, None, :, None]).view_as(pad)[:r, :c].to(torch.float8_e4m3fn)
+    return q, scale
 
 
 def _write_shard(out: Path, i: int, tensors: dict):
@@ -97,67 +129,98 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-BENCH_MODELS = {"qwen1.5-moe-a2.7b": QWEN15_MOE_A27B, "deepseek-v3-layer": DEEPSEEK_V3_LAYER}
+BENCH_MODELS = {"qwen1.5-moe-a2.7b": QWEN15_MOE_A27B, "qwen3-30b-a3b": QWEN3_30B_A3B, "mixtral-8x7b": MIXTRAL_8X7B,
+                "deepseek-v3-layer": DEEPSEEK_V3_LAYER}
 
 
-def bench_convert(workdir: Path, which: str, config: dict, device: str, convert_args: list[str]) -> dict:
-    """Generate a synthetic checkpoint of `config` (named `which`), convert it with `molae convert`
-    in a child process, and measure it."""
+def bench_convert(workdir: Path, which: str, config: dict, device: str, convert_args: list[str],
+                  layers: int | None = None, fp8: bool = False) -> dict:
+    """Generate a synthetic checkpoint of `config` (named `which`; `layers` decoder layers if given, fp8
+    sources if asked), convert it with `molae convert` in a child process that reports its own peak GPU
+    memory, and measure it (wall time, peak host RSS, seconds per layer, the budget's first pass)."""
+    config = dict(config, num_hidden_layers=layers or config["num_hidden_layers"])
     src, dst, report = workdir / f"{which}-src", workdir / f"{which}-molae", workdir / f"{which}-report.json"
+    peak = workdir / f"{which}-peak.json"
     for p in (src, dst):
         shutil.rmtree(p, ignore_errors=True)
-    made = synthetic_checkpoint(config, src, device=device if device.startswith("cuda") else "cpu")
-    cmd = [sys.executable, "-m", "molae.cli", "convert", str(src), "--out", str(dst), "--device", device,
-           "--report", str(report), *convert_args]
-    measured = run_measured(cmd)
+    made = synthetic_checkpoint(config, src, device=device if device.startswith("cuda") else "cpu", fp8=fp8)
+    args = ["convert", str(src), "--out", str(dst), "--device", device, "--report", str(report), *convert_args]
+    measured = run_measured([sys.executable, "-m", "molae.bench", str(peak), *args])
     summary = json.loads(report.read_text())
     layer_s = [r.get("unit_seconds") for r in summary["layers"] if r["kind"] == "gate"]  # one row per layer
-    result = dict(model=which, config=config, device=device_name(device), torch=torch.__version__,
-                  date=date.today().isoformat(), command=" ".join(["molae", *cmd[3:]]), source=made,
-                  **measured, before=summary["before"], after=summary["after"],
-                  layers_converted=summary["layers_converted"], layer_seconds=layer_s,
+    L, calibrated = config["num_hidden_layers"], "--calibration" in convert_args
+    startup = measured["wall_s"] - sum(layer_s) - (summary.get("allocate_seconds") or 0)
+    per_layer = statistics.median(layer_s) + (summary.get("allocate_seconds") or 0) / max(len(layer_s), 1)
+    full = FULL_MOE_LAYERS.get(which)
+    result = dict(model=which, config=config, layers=L, fp8=fp8, calibrated=calibrated,
+                  device=device_name(device), torch=torch.__version__, date=date.today().isoformat(),
+                  command=" ".join(["molae", *args]), source=made, **measured,
+                  peak_gpu_gb=json.loads(peak.read_text())["peak_gpu_gb"], before=summary["before"],
+                  after=summary["after"], layers_converted=summary["layers_converted"], layer_seconds=layer_s,
+                  allocate_seconds=summary.get("allocate_seconds"), startup_seconds=startup,
+                  seconds_per_layer=per_layer,
+                  extrapolated_minutes=None if full is None else (startup + full * per_layer) / 60,
                   mean_rel_error={k: _mean(summary, k, "rel_error") for k in ("gate", "up", "down")},
-                  mean_energy_kept={k: _mean(summary, k, "energy_kept") for k in ("gate", "up", "down")})
+                  mean_rel_output_error={k: _mean(summary, k, "rel_output_error") for k in ("gate", "up", "down")})
     for p in (src, dst):
         shutil.rmtree(p, ignore_errors=True)
     report.unlink()
+    peak.unlink()
     return result
 
 
 def _mean(summary, kind, field):
-    xs = [r[field] for r in summary["layers"] if r["kind"] == kind and r["latent_dim"]]
+    xs = [r[field] for r in summary["layers"] if r["kind"] == kind and r.get(field) is not None]
     return sum(xs) / len(xs) if xs else None
 
 
+def result_name(result: dict) -> str:
+    mode = ("calibrated" if result.get("calibrated") else "data-free") + ("-fp8" if result.get("fp8") else "")
+    return f"{result['model']}-{result.get('layers', result.get('layers_converted'))}L-{mode}"
+
+
 def write_convert_results(result: dict, results: Path, commit: str):
-    """results/convert-<model>.json, then results/convert.md rendered from every such JSON there."""
-    results.mkdir(parents=True, exist_ok=True)
+    """results/convert/<name>.json, then results/convert.md rendered from every such JSON there."""
+    (results / "convert").mkdir(parents=True, exist_ok=True)
     result = dict(result, commit=commit)
-    (results / f"convert-{result['model']}.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = [json.loads(p.read_text()) for p in sorted(results.glob("convert-*.json"))]
+    (results / "convert" / f"{result_name(result)}.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = [json.loads(p.read_text()) for p in sorted((results / "convert").glob("*.json"))]
     lines = ["# `molae convert` on real-sized checkpoints", "",
              "Synthetic checkpoints with the exact tensor names, shapes and hub-style sharding of the model "
-             "(random bf16 values), generated on the device, then converted by `molae convert` in a child "
-             "process. Wall time and peak host RSS are that process's; source and output on the device's "
-             "local disk. Written by `molae bench convert` from the JSON files beside this one.", ""]
+             "(random bf16 values, or fp8 with 128 x 128 block scales as DeepSeek-V3 ships), generated on the "
+             "device, then converted by `molae convert` in a child process. Wall time, peak host RSS and peak "
+             "GPU memory (torch's allocator) are that process's; source and output on the device's local disk. "
+             "Seconds per layer: the median layer's read, calibration, conversion and write, plus an even share "
+             "of --budget's first pass (every layer's spectra, before any is converted); the whole-model time "
+             "is start-up plus the model's MoE layer count times that. Written by `molae bench convert` from "
+             "the JSON files in convert/.", "",
+             "| model | layers | source | mode | wall | start-up | s per layer | peak GPU | peak host RSS | source | "
+             "output | whole model (extrapolated) |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        b, a = r["before"], r["after"]
-        lines += [f"## {r['model']}", "",
-                  f"- command: `{r['command']}` (via `molae bench convert --model {r['model']}`)",
-                  f"- device: {r['device']}, torch {r['torch']}; date {r['date']}; commit `{r['commit']}`", "",
-                  "| wall time | peak host RSS | layers | s per layer (min-max) | source | output |",
-                  "|---:|---:|---:|---:|---:|---:|",
-                  f"| {r['wall_s']:.1f} s | {r['peak_rss_gb']:.2f} GB | {r['layers_converted']} | "
-                  f"{min(r['layer_seconds']):.2f}-{max(r['layer_seconds']):.2f} | "
-                  f"{b['bytes_on_disk'] / 1e9:.2f} GB | {a['bytes_on_disk'] / 1e9:.2f} GB |", "",
-                  f"Parameters: total {b['total']:,} -> {a['total']:,}; routed experts {b['expert']:,} -> "
-                  f"{a['expert']:,} ({100 * (a['expert'] - b['expert']) / b['expert']:+.1f}%). "
-                  f"Mean relative error (random weights): "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in r["mean_rel_error"].items() if v is not None) + "."]
-        if r["model"] == "deepseek-v3-layer":
-            per_layer = max(r["layer_seconds"])
-            lines += ["", f"Extrapolated to DeepSeek-V3's 58 MoE layers: 58 x {per_layer:.1f} s = "
-                          f"{58 * per_layer / 60:.1f} min of per-layer work (reading, factorizing and writing its shards), "
-                          "plus start-up and the dense layers."]
-        lines.append("")
-    (results / "convert.md").write_text("\n".join(lines))
+        mode = "calibrated" if r.get("calibrated") else "data-free"
+        extra = r["command"].split("--report")[1].split(" ", 2)[-1] if "--report" in r["command"] else ""
+        whole = f"{r['extrapolated_minutes']:.1f} min" if r.get("extrapolated_minutes") else "-"
+        lines.append(f"| {r['model']} | {r.get('layers', r['layers_converted'])} | {'fp8' if r.get('fp8') else 'bf16'} | "
+                     f"{mode} `{extra}` | {r['wall_s']:.1f} s | {r.get('startup_seconds', 0):.1f} s | "
+                     f"{r.get('seconds_per_layer', max(r['layer_seconds'])):.2f} | "
+                     f"{r.get('peak_gpu_gb', float('nan')):.1f} GB | {r['peak_rss_gb']:.1f} GB | "
+                     f"{r['source']['bytes'] / 1e9:.1f} GB | {r['after']['bytes_on_disk'] / 1e9:.1f} GB | {whole} |")
+    lines += ["", "Each run's command, device, date and commit:", ""]
+    for r in rows:
+        lines.append(f"- {result_name(r)}: `{r['command']}` ({r['device']}, torch {r['torch']}, {r['date']}, "
+                     f"commit `{r['commit']}`)")
+    (results / "convert.md").write_text("\n".join(lines) + "\n")
+
+
+def _child(peak_json: str, *argv: str) -> int:
+    """`python -m molae.bench PEAK.json convert ...`: the molae command, then its peak GPU memory."""
+    from .cli import main
+
+    code = main(list(argv))
+    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+    Path(peak_json).write_text(json.dumps(dict(peak_gpu_gb=peak)))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_child(*sys.argv[1:]))

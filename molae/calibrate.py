@@ -1,29 +1,35 @@
-"""Calibration: what each MoE layer's experts see on real text, for activation-aware conversion,
+"""Calibration: what one MoE layer's experts see on real text, for activation-aware conversion,
 budget allocation and the data-driven baselines (merging, pruning, D²-MoE's Fisher weights).
 
-Shape legend: B windows, T tokens, E experts, D hidden size n, F expert intermediate size m,
-K experts per token.
+Shape legend: B windows, T tokens, S = T*K routed slots, E experts, D hidden size n, F expert
+intermediate size m, K experts per token, L latent size.
 
-Per MoE layer (keyed by decoder-layer index), accumulated in float64 over all calibration tokens:
-  x_gram  [E, D, D]  sum of x x^T over the tokens routed to expert e (its input Gram)
-  h_gram  [E, F, F]  sum of h h^T, h = silu(W_gate x) * (W_up x) its intermediate activation
-  count   [E]        routed tokens
-  reap    [E]        sum over routed tokens of g_e(x) * ||E_e(x)||_2 (REAP's saliency, before / count)
-  out_sum [E, D]     sum over all tokens (routed or not) of E_e(x) (HC-SMoE's expert outputs); out_tokens
-  fisher  [E]        sum of squared gradients of the LM loss over the expert's weights (with fisher=True)
+The layer-by-layer pipeline (molae.sequential) captures, per MoE layer, the inputs its experts
+module was called with on the calibration windows: x [T, D], top-k expert ids [T, K] and weights
+[T, K]. `LayerInputs` holds them (on the device) and derives every statistic a method asks for one
+expert, or one group, at a time, so that nothing of size E x D x D is ever held:
+
+  count [E]                  routed tokens per expert
+  gram(e), C_e [D, D]        sum of x x^T over the tokens routed to e (float64), from its rows
+  group_gram(g), total_gram  the same summed over a group's experts, or all (each routed slot once)
+  inputs(e) [N_e, D]         the rows routed to e, found from one stable sort of the routed slots
+                             (the fast path's routing plan), not a scan per expert
+  hidden(e, W) [N_e, F]      h = silu(W_gate x) * (W_up x), expert e's intermediate activations
+  reap(W) [E]                sum over routed tokens of g_e(x) * ||E_e(x)|| (REAP's saliency, / count)
+  mean_outputs(W) [E, D]     mean over all tokens (routed or not) of E_e(x) (HC-SMoE)
+  fisher(W) [E]              D²-MoE's Fisher weights, approximated layer-locally (see the method)
+
+The regularisation the activation-aware solutions use is here too: C_e' = C_e + prior * C_mean with
+C_mean = total_gram / total count (rarely routed experts borrow `prior` tokens' worth of the layer's
+mean second moment), and a ridge damp * mean(diag) on whatever matrix is inverted or whitened.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from .command import progress_bar
-
-from .evaluate import load
-from .models import find_experts, layer_index, use_standard_experts
 
 def calibration_ids(source, tokenizer, n_tokens: int, seq_len: int = 512, seed: int = 0,
                     model_vocab: int | None = None) -> torch.Tensor:
@@ -46,104 +52,108 @@ def calibration_ids(source, tokenizer, n_tokens: int, seq_len: int = 512, seed: 
     return torch.tensor(ids[:n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
 
 
-class _LayerStats:
-    def __init__(self, E, D, F_, device, outputs: bool):
-        f64 = dict(dtype=torch.float64, device=device)
-        self.x_gram = torch.zeros(E, D, D, **f64)
-        self.h_gram = torch.zeros(E, F_, F_, **f64)
-        self.count = torch.zeros(E, **f64)
-        self.reap = torch.zeros(E, **f64)
-        self.fisher = torch.zeros(E, **f64)
-        self.out_sum = torch.zeros(E, D, **f64) if outputs else None
-        self.out_tokens = 0
+class LayerInputs:
+    """One MoE layer's captured expert inputs and routing (module notes). x [T, D] in its own dtype on
+    its device; every statistic is float64."""
 
-    @torch.no_grad()
-    def update(self, experts, x_TD, idx_TK, w_TK):
-        W = experts.dense_weights()
-        x_TD = x_TD.float()
-        for e in range(experts.n_experts):
-            tok, slot = torch.where(idx_TK == e)
-            g, up, down = (W[k][e].float() for k in ("gate", "up", "down"))
-            h_all = None
-            if self.out_sum is not None:  # every token through expert e
-                h_all = F.silu(x_TD @ g.T) * (x_TD @ up.T)
-                self.out_sum[e] += (h_all @ down.T).double().sum(0)
-            if tok.numel() == 0:
-                continue
-            x = x_TD[tok]
-            h = h_all[tok] if h_all is not None else F.silu(x @ g.T) * (x @ up.T)
-            xd, hd = x.double(), h.double()
-            self.x_gram[e] += xd.T @ xd
-            self.h_gram[e] += hd.T @ hd
-            w = w_TK[tok, slot].double()
-            self.count[e] += tok.numel()
-            self.reap[e] += (w * (h @ down.T).double().norm(dim=-1)).sum()
-        self.out_tokens += x_TD.shape[0]
+    chunk_rows = 8192  # rows of x cast to float64 at a time
 
-    def to_dict(self) -> dict:
-        d = {k: v.cpu() for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-        d["out_tokens"] = self.out_tokens
-        return d
+    def __init__(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, n_experts: int,
+                 prior_tokens: float = 64.0):
+        self.x_TD, self.idx_TK, self.w_TK, self.E, self.prior = x_TD, idx_TK, w_TK, n_experts, prior_tokens
+        T, K = idx_TK.shape
+        flat_S = idx_TK.reshape(-1)
+        self.order_S = torch.argsort(flat_S, stable=True)  # slots sorted by expert
+        self.tok_S = self.order_S // K  # the token of each sorted slot
+        counts = torch.bincount(flat_S, minlength=n_experts)
+        self.offs = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
+        self.count = counts.double().cpu()
+        self.tokens = T
+        self._total = None
+
+    # ---- rows
+    def rows(self, e: int) -> torch.Tensor:
+        """Token indices routed to expert e (ascending)."""
+        return self.tok_S[self.offs[e]:self.offs[e + 1]]
+
+    def inputs(self, e: int, dtype=torch.float64) -> torch.Tensor:
+        return self.x_TD[self.rows(e)].to(dtype)
+
+    def route_weights(self, e: int) -> torch.Tensor:
+        return self.w_TK.reshape(-1)[self.order_S[self.offs[e]:self.offs[e + 1]]].double()
+
+    # ---- Grams
+    def gram(self, e: int) -> torch.Tensor:
+        X = self.inputs(e)
+        return X.T @ X
+
+    def _weighted_gram(self, c_T: torch.Tensor) -> torch.Tensor:
+        """sum_t c_t x_t x_t^T over all tokens, in float64, a chunk of rows at a time."""
+        D = self.x_TD.shape[1]
+        out = torch.zeros(D, D, dtype=torch.float64, device=self.x_TD.device)
+        for i in range(0, self.tokens, self.chunk_rows):
+            X = self.x_TD[i:i + self.chunk_rows].double()
+            out.addmm_((X * c_T[i:i + self.chunk_rows, None]).T, X)
+        return out
+
+    def group_gram(self, experts) -> torch.Tensor:
+        """sum over the group's experts of C_e: each token weighted by how many of them it reaches."""
+        member = torch.zeros(self.E, dtype=torch.float64, device=self.x_TD.device)
+        member[torch.as_tensor(list(experts), device=member.device)] = 1
+        return self._weighted_gram(member[self.idx_TK].sum(1))
+
+    def total_gram(self) -> torch.Tensor:
+        if self._total is None:
+            self._total = self.group_gram(range(self.E))
+        return self._total
+
+    def mean_gram(self) -> torch.Tensor:
+        """C_mean: the layer's second moment per routed slot."""
+        return self.total_gram() / max(float(self.count.sum()), 1.0)
+
+    def regularized_gram(self, e: int) -> torch.Tensor:
+        """C_e + prior * C_mean (what `factorize.regularized_grams` gives for one expert)."""
+        return self.gram(e) + self.prior * self.mean_gram()
+
+    def regularized_grams(self) -> torch.Tensor:
+        """[E, D, D] of every expert at once: the slow, obvious reference (tests, small models only)."""
+        return torch.stack([self.regularized_gram(e) for e in range(self.E)])
+
+    # ---- activations
+    def hidden(self, e: int, W: dict[str, torch.Tensor], X: torch.Tensor | None = None) -> torch.Tensor:
+        """h = silu(W_gate x) * (W_up x) for expert e's routed rows (or the rows X given), float64."""
+        X = self.inputs(e) if X is None else X
+        return F.silu(X @ W["gate"][e].double().T) * (X @ W["up"][e].double().T)
+
+    def hidden_gram(self, e: int, W) -> torch.Tensor:
+        h = self.hidden(e, W)
+        return h.T @ h
+
+    def outputs(self, e: int, W, X: torch.Tensor | None = None) -> torch.Tensor:
+        return self.hidden(e, W, X) @ W["down"][e].double().T
+
+    def reap(self, W) -> torch.Tensor:
+        """[E] sum over routed tokens of g_e(x) * ||E_e(x)||_2."""
+        return torch.tensor([(self.route_weights(e) * self.outputs(e, W).norm(dim=1)).sum().item()
+                             for e in range(self.E)], dtype=torch.float64)
+
+    def mean_outputs(self, W) -> torch.Tensor:
+        """[E, D] mean over every token of E_e(x): each expert run on all tokens (E times the compute of
+        the routed layer), a chunk of rows at a time."""
+        out = torch.zeros(self.E, self.x_TD.shape[1], dtype=torch.float64)
+        for i in range(0, self.tokens, self.chunk_rows):
+            X = self.x_TD[i:i + self.chunk_rows].double()
+            for e in range(self.E):
+                out[e] += self.outputs(e, W, X).sum(0).cpu()
+        return out / max(self.tokens, 1)
+
+    def fisher(self, W) -> torch.Tensor:
+        """[E] sum over routed tokens of (g_e(x) ||E_e(x)||)^2: the squared norm of the LM loss's gradient
+        with respect to the expert's output scale, if the gradient reaching the layer's output had the
+        same size for every token. A layer-local stand-in for D²-MoE's Fisher weights (the exact ones need
+        the whole model's backward pass; molae/methods/d2moe.py says what the difference measured)."""
+        return torch.tensor([((self.route_weights(e) * self.outputs(e, W).norm(dim=1)) ** 2).sum().item()
+                             for e in range(self.E)], dtype=torch.float64)
 
 
-def collect(model, ids_BT: torch.Tensor, batch_size: int = 8, outputs: bool = False, fisher: bool = False,
-            progress: bool = True) -> dict[int, dict]:
-    """Run the calibration windows through `model` (its experts replaced, in place, by our standard
-    `Experts` with the same weights) and return {layer: stats} as the module docstring lists.
-    outputs: also HC-SMoE's mean outputs (every expert on every token: E times the expert compute).
-    fisher: also backpropagate the LM loss for D²-MoE's Fisher weights (expert weights only)."""
-    use_standard_experts(model)
-    device = next(model.parameters()).device
-    found = find_experts(model)
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no MoE experts: calibration needs an MoE model")
-    stats, hooks = {}, []
-    for name, experts in found:
-        i = layer_index(name)
-        stats[i] = _LayerStats(experts.n_experts, experts.dim, experts.inter, device, outputs)
-        hooks.append(experts.register_forward_hook(  # the call may pass its three inputs by name
-            lambda mod, args, kwargs, out, s=stats[i]: s.update(mod, *args, *kwargs.values()), with_kwargs=True))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if fisher:
-        for _, experts in found:
-            for p in experts.parameters():
-                p.requires_grad_(True)
-    was_training = model.training
-    model.eval()
-    try:
-        for b in progress_bar(range(0, len(ids_BT), batch_size), desc="calibrate", unit="batch", disable=not progress):
-            x = ids_BT[b:b + batch_size].to(device)
-            with torch.set_grad_enabled(fisher):
-                logits = model(input_ids=x).logits
-                if fisher:
-                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
-                    loss.backward()
-            if fisher:
-                for name, experts in found:
-                    s = stats[layer_index(name)]
-                    for p in experts.parameters():
-                        s.fisher += p.grad.double().square().flatten(1).sum(1)
-                        p.grad = None
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return {i: s.to_dict() for i, s in stats.items()}
-
-
-def calibrate(src: Path, source, n_tokens: int, seq_len: int = 512, device="cpu", outputs=False, fisher=False,
-              batch_size: int = 8) -> dict[int, dict]:
-    """Load the model at `src`, draw calibration windows from `source`, collect the statistics."""
-    from .data import is_prepared
-
-    model, tok = load(str(src), device, "float32", need_tokenizer=False)
-    if tok is None and not is_prepared(source):
-        raise ValueError(f"{src} has no tokenizer to read --calibration {source} with: pass a prepared data directory")
-    ids = calibration_ids(source, tok, n_tokens, seq_len, model_vocab=model.get_input_embeddings().num_embeddings)
-    stats = collect(model, ids, batch_size, outputs=outputs, fisher=fisher)
-    del model
-    return stats
-
-
-__all__ = ["calibration_ids", "collect", "calibrate"]
+__all__ = ["calibration_ids", "LayerInputs"]

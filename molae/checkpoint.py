@@ -32,6 +32,11 @@ NOT_COPIED = {"config.json", INDEX, "progress.json"}
 NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written as asked; the message says what to do."""
 
@@ -89,6 +94,35 @@ class SourceCheckpoint:
         if absent:
             raise CheckpointError(f"{path}: {len(absent)} tensors of the index are in no shard "
                                   f"(e.g. {sorted(absent)[0]}): the checkpoint is incomplete")
+        self.scales = self._fp8_scales()
+
+    def _fp8_scales(self) -> dict[str, str]:
+        """{fp8 weight key: its block scale key} of a block-quantized fp8 checkpoint (DeepSeek-V3's and the
+        Qwen3 FP8 releases' layout: `W.weight_scale_inv` [ceil(rows/b), ceil(cols/b)] beside `W.weight`,
+        b from quantization_config.weight_block_size); every fp8 tensor must have one."""
+        fp8 = [k for k, (_, dt) in self._meta.items() if dt.startswith("F8")]
+        if not fp8:
+            return {}
+        qc = self.config.get("quantization_config") or {}
+        block = qc.get("weight_block_size")
+        if qc.get("quant_method") != "fp8" or not block or len(block) != 2:
+            raise CheckpointError(f"{self.path} holds fp8 tensors (e.g. {fp8[0]}) but its config.json has no "
+                                  "fp8 quantization_config with weight_block_size: molae reads block-quantized fp8 "
+                                  "(DeepSeek-V3, Qwen3 FP8); restore config.json")
+        self.block = tuple(block)
+        scales = {}
+        for k in fp8:
+            sk = k.removesuffix("weight") + "weight_scale_inv"
+            if sk not in self.weight_map:
+                raise CheckpointError(f"{self.path}: fp8 tensor {k} has no {sk}: the checkpoint lacks its scales; "
+                                      "download it again")
+            shape = self._meta[k][0]
+            want = tuple(-(-d // b) for d, b in zip(shape, self.block))
+            if len(shape) != 2 or self._meta[sk][0] != want:
+                raise CheckpointError(f"{self.path}: {sk} is {self._meta[sk][0]}, expected {want} for {k} {shape} "
+                                      f"in blocks of {self.block}: the checkpoint is inconsistent")
+            scales[k] = sk
+        return scales
 
     def _open(self, file):
         try:
@@ -109,7 +143,24 @@ class SourceCheckpoint:
         return out
 
     def keys(self) -> list[str]:
-        return list(self.weight_map)
+        """Every tensor, fp8 block scales excepted (they are folded into their weights on read)."""
+        scale_keys = set(self.scales.values())
+        return [k for k in self.weight_map if k not in scale_keys]
+
+    def dtype(self, key) -> torch.dtype:
+        """The dtype `read` returns for `key` (bfloat16 for an fp8 tensor)."""
+        name = self._meta[key][1]
+        return torch.bfloat16 if key in self.scales else _SAFETENSORS_DTYPES.get(name, torch.float32)
+
+    def _dequantized(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        if key not in self.scales:
+            return t
+        sk = self.scales[key]
+        with self._open(self.weight_map[sk]) as f:
+            scale = f.get_tensor(sk).float()
+        (r, c), (br, bc) = t.shape, self.block
+        full = scale.repeat_interleave(br, 0)[:r].repeat_interleave(bc, 1)[:, :c]
+        return (t.float() * full).to(torch.bfloat16)
 
     def shape(self, key) -> tuple[int, ...]:
         return self._meta[key][0]
@@ -125,6 +176,8 @@ class SourceCheckpoint:
 
     def read_slice(self, key: str, index: tuple) -> torch.Tensor:
         """Part of one tensor (e.g. index (slice(None), slice(0, m))), reading only that part."""
+        if key in self.scales:  # blocks do not slice: dequantize the whole tensor, then take the part
+            return self.read([key])[key][index]
         with self._open(self.weight_map[key]) as f:
             try:
                 return f.get_slice(key)[index]
@@ -142,7 +195,7 @@ class SourceCheckpoint:
             with self._open(file) as f:
                 for k in ks:
                     try:
-                        out[k] = f.get_tensor(k)
+                        out[k] = self._dequantized(k, f.get_tensor(k))
                     except (SafetensorError, OSError, RuntimeError) as e:
                         raise CheckpointError(f"{self.path / file}: tensor {k} cannot be read ({e}): "
                                               "the shard is corrupt; download it again") from e
@@ -183,6 +236,9 @@ class ShardWriter:
     resume: bool = False
     done: dict = field(default_factory=dict)  # unit id -> info recorded when the unit finished
     shards: list = field(default_factory=list)  # [{"file", "keys"}]
+    state: dict = field(default_factory=dict)  # what else a resumed run needs (the plan, the carry file)
+    before_progress: object = None  # called before finished units are recorded; returns updates to `state`
+    flushes: int = 0
     _buffer: dict = field(default_factory=dict)
     _pending: dict = field(default_factory=dict)
     _units_ended: int = 0
@@ -194,7 +250,7 @@ class ShardWriter:
             if state["options"] != self.options:
                 raise CheckpointError(f"the unfinished run in {self.tmp} was started with other options "
                                       f"({state['options']}): rerun without --resume to start again")
-            self.done, self.shards = state["done"], state["shards"]
+            self.done, self.shards, self.state = state["done"], state["shards"], state.get("state", {})
             for s in self.shards:
                 if not (self.tmp / s["file"]).is_file():
                     raise CheckpointError(f"{self.tmp / s['file']} is missing: rerun without --resume")
@@ -205,7 +261,7 @@ class ShardWriter:
         self._save_progress()
 
     def _save_progress(self):
-        state = dict(options=self.options, done=self.done, shards=self.shards)
+        state = dict(options=self.options, done=self.done, shards=self.shards, state=self.state)
         part = self.tmp / "progress.json.partial"
         part.write_text(json.dumps(state))
         os.replace(part, self.tmp / "progress.json")
@@ -235,9 +291,16 @@ class ShardWriter:
                 chunk[k] = self._buffer.pop(k)
                 size += t.numel() * t.element_size()
             self._write_shard(chunk)
+        self.flushes += 1
+        old = dict(self.state)
+        if self.before_progress is not None and self._pending:
+            self.state.update(self.before_progress())
         self.done.update(self._pending)
         self._pending = {}
         self._save_progress()
+        for key in ("carry",):  # a file the new progress no longer names
+            if old.get(key) and old[key] != self.state.get(key):
+                (self.tmp / old[key]).unlink(missing_ok=True)
 
     def _write_shard(self, tensors: dict):
         name = f"shard-{len(self.shards) + 1:05d}.safetensors"

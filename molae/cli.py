@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .baselines import METHODS
+from .methods import METHODS
 from .command import (Parser, add_command, comma_list, existing_path, fraction, positive_int, run_command,
                       text_file)
 from .command import non_negative_float, non_negative_int, positive_float
@@ -59,7 +59,9 @@ def cmd_convert(args):
                           projections=projections, layers=args.layers,
                           dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
                           method=args.method, budget=args.budget, calibration=args.calibration,
-                          calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, group_by=args.group_by,
+                          calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
+                          calib_batch=args.calib_batch, carry=args.carry, heal_steps=args.heal_steps,
+                          heal_lr=args.heal_lr, group_by=args.group_by,
                           damp=args.damp, mobe_bases=args.mobe_bases, mobe_steps=args.mobe_steps)
     summary = convert_checkpoint(args.src, args.out, opts, report=args.report, resume=args.resume,
                                  overwrite=args.overwrite)
@@ -183,10 +185,15 @@ def cmd_bench_convert(args):
     from .bench import BENCH_MODELS, bench_convert, write_convert_results
 
     extra = ["--latent-dim", str(args.latent_dim)] if args.latent_dim else []
+    extra += ["--budget", str(args.budget)] if args.budget else []
+    extra += ["--projections", ",".join(args.projections)] if args.projections else []
+    if args.calibration:
+        extra += ["--calibration", str(args.calibration), "--calib-tokens", str(args.calib_tokens)]
     for model in args.model:
-        result = bench_convert(args.workdir, model, BENCH_MODELS[model], args.device, extra)
+        result = bench_convert(args.workdir, model, BENCH_MODELS[model], args.device, extra, args.layers, args.fp8)
         write_convert_results(result, args.results, args.commit)
-        print(json.dumps({k: result[k] for k in ("model", "device", "wall_s", "peak_rss_gb", "layer_seconds")}))
+        print(json.dumps({k: result[k] for k in ("model", "layers", "calibrated", "fp8", "wall_s", "peak_rss_gb",
+                                                 "peak_gpu_gb", "seconds_per_layer", "extrapolated_minutes")}))
 
 
 def cmd_eval(args):
@@ -322,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "factorization (and the data the baselines score experts on)")
     conv.add_argument("--calib-tokens", type=positive_int, default=65536, help="calibration tokens (default 65536)")
     conv.add_argument("--calib-seq-len", type=positive_int, default=512, help="calibration window length (default 512)")
+    conv.add_argument("--calib-batch", type=positive_int, default=8,
+                      help="calibration windows per forward pass of a layer (default 8)")
+    conv.add_argument("--calib-carry", dest="carry", default="converted", choices=["converted", "original"],
+                      help="what each layer's calibration sees: the converted earlier layers' outputs (default), "
+                           "or the original model's")
+    conv.add_argument("--heal-steps", type=non_negative_int, default=0,
+                      help="layer-wise healing: Adam steps per converted layer, fitting its original's outputs on "
+                           "its calibration inputs (default 0: none; molae heal is the whole-model pass)")
+    conv.add_argument("--heal-lr", type=positive_float, default=1e-3, help="layer-wise healing learning rate "
+                      "(default 1e-3)")
     conv.add_argument("--group-by", default="index", choices=["index", "similarity"],
                       help="experts of a group: by index (default) or by similar row spaces")
     conv.add_argument("--damp", type=non_negative_float, default=0.01,
@@ -408,6 +425,14 @@ def add_bench_commands(bench):
     bc.add_argument("--workdir", type=Path, required=True, help="scratch directory for the checkpoints")
     bc.add_argument("--device", default="cuda", help="device for the SVDs (default cuda)")
     bc.add_argument("--latent-dim", type=positive_int, default=None, help="passed to molae convert")
+    bc.add_argument("--budget", type=fraction, default=None, help="passed to molae convert")
+    bc.add_argument("--projections", type=projection_list, default=None, help="passed to molae convert")
+    bc.add_argument("--calibration", type=existing_path, default=None,
+                    help="calibration text or prepared directory, passed to molae convert (the calibrated pipeline)")
+    bc.add_argument("--calib-tokens", type=positive_int, default=16384, help="calibration tokens (default 16384)")
+    bc.add_argument("--layers", type=positive_int, default=None,
+                    help="decoder layers of the synthetic checkpoint (default: the model's)")
+    bc.add_argument("--fp8", action="store_true", help="write block-quantized fp8 sources (DeepSeek-V3's format)")
     bc.add_argument("--results", type=Path, default=Path("results"), help="where convert-*.json and convert.md go")
     bc.add_argument("--commit", default="unknown", help="the git commit being measured, recorded in the results")
 

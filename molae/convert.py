@@ -16,24 +16,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from .command import progress_bar
 
 from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, check_destination, check_disk_space,
                          copy_aux_files, parse_size, publish, removed_on_error, resolve, temp_dir_for,
                          write_json_atomically)
-from . import baselines
-from .command import check_device
-from .factorize import (allocate_latent, factorize_projection, regularized_grams, similarity_groups, spectrum,
-                        whiten)
-from .layers import KINDS, check_groups, check_latent_dim, check_projections, multiply_out, resolve_latent_dims
-from .models import SUPPORTED, is_embedding, layer_index
+from . import methods
+from .calibrate import LayerInputs, calibration_ids
+from .command import check_device, progress_bar
+from .factorize import allocate_latent
+from .layers import KINDS, check_projections, multiply_out
+from .models import SUPPORTED, find_experts, is_embedding, layer_index, set_submodule
 
 PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<name>gate_proj|up_proj|down_proj|w1|w2|w3)"
                         r"\.weight$")
@@ -209,24 +211,27 @@ class ConvertOptions:
     dtype: str = "auto"
     device: str = "cpu"
     max_shard_size: str = "2GB"
-    method: str = "molae"  # or a baseline (molae.baselines.METHODS)
+    method: str = "molae"  # a name in molae.methods.METHODS
     budget: float | None = None  # fraction of the routed-expert parameters to keep
     calibration: str | None = None  # text file, directory or prepared data directory
     calib_tokens: int = 65536
     calib_seq_len: int = 512
+    calib_batch: int = 8  # calibration windows per forward pass of a layer
+    carry: str = "converted"  # what the next layer sees: the converted layer's outputs, or the original's
+    heal_steps: int = 0  # layer-wise healing: Adam steps per converted layer on its captured inputs (0: none)
+    heal_lr: float = 1e-3
     group_by: str = "index"  # or "similarity"
     damp: float = 0.01  # ridge on calibration Grams, relative to their mean diagonal
     mobe_bases: int | None = None  # MoBE's J (None: max(2, E // 8))
     mobe_steps: int = 500
 
 
-def check_options(opts: ConvertOptions, have_stats: bool = False):
+def check_options(opts: ConvertOptions):
     """Every option checked alone and against the others, before any work."""
     if not check_projections(opts.projections):
         raise ValueError(f"--projections {','.join(opts.projections)!r} names no projection: allowed a comma list "
                          "of gate, up, down")
-    if opts.method not in baselines.METHODS:
-        raise ValueError(f"--method {opts.method} is not known: allowed {', '.join(baselines.METHODS)}")
+    method = methods.get(opts.method)
     if opts.rank_ratio is not None and not (0 < opts.rank_ratio <= 1):
         raise ValueError(f"--rank-ratio {opts.rank_ratio} is out of range: allowed 0 < rank_ratio <= 1")
     if opts.dtype not in ("auto", *DTYPES):
@@ -236,146 +241,269 @@ def check_options(opts: ConvertOptions, have_stats: bool = False):
                          "routed-expert parameters)")
     if opts.group_by not in ("index", "similarity"):
         raise ValueError(f"--group-by {opts.group_by} is not known: allowed index or similarity")
-    calibrated = have_stats or opts.calibration is not None
+    if opts.carry not in ("converted", "original"):
+        raise ValueError(f"--calib-carry {opts.carry} is not known: allowed converted or original")
+    calibrated = opts.calibration is not None
     if opts.rank_ratio is not None and calibrated:
         raise ValueError("--rank-ratio is the data-free method's step 1: leave it out with --calibration")
-    if opts.budget is not None and opts.latent_dim is not None:
-        raise ValueError("--budget and --latent-dim both choose the latent size: give one of them")
-    if opts.method != "molae":
-        if opts.budget is None and not (opts.method == "svd" and opts.latent_dim):
-            raise ValueError(f"--method {opts.method} needs --budget FRACTION (the routed-expert parameters to keep)")
-        if opts.groups != 1 or opts.group_by != "index" or opts.rank_ratio is not None:
-            raise ValueError(f"--groups, --group-by and --rank-ratio are MoLAE options: leave them out with "
-                             f"--method {opts.method}")
-    if opts.method in baselines.NEEDS_CALIBRATION and not calibrated:
+    if not method.latent and (opts.groups != 1 or opts.group_by != "index" or opts.rank_ratio is not None):
+        raise ValueError(f"--groups, --group-by and --rank-ratio are MoLAE options: leave them out with "
+                         f"--method {opts.method}")
+    method.check(opts)
+    if method.calibration == "required" and not calibrated:
         raise ValueError(f"--method {opts.method} needs --calibration FILE_OR_DIR (it scores experts on data)")
-    if opts.method in baselines.PRUNE_METHODS and opts.layers not in (None, "all"):
-        raise ValueError(f"--method {opts.method} changes the model's expert count: it prunes all layers, "
-                         "leave out --layers")
-    if opts.calib_tokens < 1 or opts.calib_seq_len < 2:
-        raise ValueError("--calib-tokens must be >= 1 and --calib-seq-len >= 2")
+    if method.calibration == "none" and calibrated:
+        raise ValueError(f"--method {opts.method} uses no calibration data: leave out --calibration")
+    if opts.heal_steps and not (calibrated and method.latent):
+        raise ValueError("--heal-steps trains latent factors on the layers' calibration inputs: it needs "
+                         "--calibration and a MoLAE or svd --method")
+    if opts.calib_tokens < 1 or opts.calib_seq_len < 2 or opts.calib_batch < 1:
+        raise ValueError("--calib-tokens and --calib-batch must be >= 1 and --calib-seq-len >= 2")
 
 
-def _grams(stats: dict | None, prior_tokens: float = 64.0) -> dict[str, torch.Tensor] | None:
-    """One layer's regularized per-expert input Grams per kind (gate/up: x, down: h), or None."""
-    if stats is None:
-        return None
-    x = regularized_grams(stats["x_gram"], stats["count"], prior_tokens)
-    return {"gate": x, "up": x, "down": regularized_grams(stats["h_gram"], stats["count"], prior_tokens)}
-
-
-def _similarity_perm(ckpt, g: "ExpertGroup", kinds, groups: int, grams, device) -> list[int]:
-    """Slot order of one layer's experts: equal groups with similar (whitened) row spaces in R^n."""
-    mats = []
-    for kind in kinds:
-        W = g.read_kind(ckpt, kind).to(device).double()
-        W = W.transpose(1, 2) if kind == "down" else W  # down's columns live in R^n: compare W^T
-        if grams is not None and kind != "down":
-            W = W @ whiten(grams[kind].sum(0).to(device))
-        mats.append(W)
-    return similarity_groups(mats, groups).tolist()
-
-
-def _plan(ckpt, groups, opts: ConvertOptions, stats: dict | None, device) -> dict[str, dict]:
-    """{layer: spec} for the layers to convert: MoLAE form {"latent": {kind: d}, "groups": G
-    [, "perm": slot order]}, {"method": name} for the whole-matrix baselines, {"keep": [experts]} for
-    pruning. Every argument checked against every layer before anything is written."""
+def _plan(ckpt, groups, opts: ConvertOptions, method) -> dict[str, dict]:
+    """{layer: spec} for the layers to convert, each method's plan from the shapes alone (MoLAE:
+    {"latent": {kind: d}, "groups": G}; its --budget sizes come later, from the layers' spectra).
+    Every argument checked against every layer before anything is written."""
     by_layer = {g.layer: g for g in groups.values()}
-    chosen = parse_layers(opts.layers, sorted(by_layer))
-    if stats is not None:
-        missing = [i for i in chosen if i not in stats]
-        if missing:
-            raise ValueError(f"the calibration statistics have no layers {missing}: they come from another model")
     plan = {}
-    for i in chosen:
+    for i in parse_layers(opts.layers, sorted(by_layer)):
         g = by_layer[i]
-        if opts.method in baselines.DENSE_METHODS:
-            plan[str(i)] = dict(method=opts.method)
-            continue
-        if opts.method in baselines.PRUNE_METHODS:
-            top_k = ckpt.config.get("num_experts_per_tok", 1)
-            plan[str(i)] = dict(keep=baselines.keep_experts(stats[i], opts.budget, top_k, opts.method))
-            continue
-        G = g.n_experts if opts.method == "svd" else opts.groups
-        try:
-            check_groups(G, g.n_experts)
-        except ValueError as e:
-            raise ValueError(f"--groups: {e}") from None
-        if opts.method == "svd" and opts.budget is not None:
-            r = baselines.svd_rank(opts.budget, g.n_experts, g.inter, g.dim)
-            latent = dict.fromkeys(check_projections(opts.projections), r)
-        elif opts.budget is not None:
-            latent = dict.fromkeys(check_projections(opts.projections), 1)  # set by _allocate below
-        else:
-            latent = resolve_latent_dims(opts.latent_dim, opts.projections, g.inter, g.dim)
-        for kind, d in latent.items():
-            try:
-                check_latent_dim(d, g.n_experts // G * g.inter, g.dim, name="latent_dim")
-            except ValueError as e:
-                raise ValueError(f"--latent-dim for layer {i}: {e}") from None
-        plan[str(i)] = dict(latent=latent, groups=G)
-        if opts.group_by == "similarity" and G > 1:
-            plan[str(i)]["perm"] = _similarity_perm(ckpt, g, list(latent) or list(KINDS), G,
-                                                    _grams(stats.get(i) if stats else None), device)
-    if opts.method == "molae" and opts.budget is not None:
-        _allocate(ckpt, by_layer, plan, opts, stats, device)
+        shape = methods.LayerShape(i, g.n_experts, g.inter, g.dim, ckpt.config.get("num_experts_per_tok", 1))
+        plan[str(i)] = dict(method.plan(shape, opts), layer=i)
     return plan
 
 
-def _allocate(ckpt, by_layer, plan, opts, stats, device):
+def _allocate(plan: dict, spectra: dict, by_layer: dict, opts: ConvertOptions):
     """--budget: latent sizes per layer and kind with the least summed relative (whitened) error;
-    kinds kept whole count against the budget in full."""
+    kinds kept whole count against the budget in full. spectra: {(layer key, kind): sigma2}."""
     items, fixed, total = {}, 0, 0
-    for key, spec in progress_bar(plan.items(), desc="allocate", unit="layer"):
+    for key, spec in plan.items():
         g = by_layer[int(key)]
-        grams = _grams(stats.get(int(key)) if stats else None)
         dense = g.n_experts * g.inter * g.dim
         total += 3 * dense
-        perm = spec.get("perm")
-        G, Eg = spec["groups"], g.n_experts // spec["groups"]
         for kind in KINDS:
             if kind not in spec["latent"]:
                 fixed += dense
                 continue
-            W = g.read_kind(ckpt, kind).to(device)
-            gram = None if grams is None else grams[kind].to(device)
-            if perm is not None:
-                W, gram = W[perm], None if gram is None else gram[perm]
-            sig = [spectrum(W[j * Eg:(j + 1) * Eg], kind, None if gram is None else gram[j * Eg:(j + 1) * Eg],
-                            opts.damp).cpu() for j in range(G)]
-            n = max(len(s) for s in sig)
-            sigma2 = sum(torch.nn.functional.pad(s, (0, n - len(s))) for s in sig)
-            items[(key, kind)] = dict(sigma2=sigma2, energy=sigma2.sum().item(), cost=G * g.dim + g.n_experts * g.inter,
-                                      dense=dense)
-    d = allocate_latent(items, int(opts.budget * total) - fixed)
-    for (key, kind), dk in d.items():
-        plan[key]["latent"][kind] = dk
+            s2 = spectra[(key, kind)]
+            items[(key, kind)] = dict(sigma2=s2, energy=s2.sum().item(), dense=dense,
+                                      cost=spec["groups"] * g.dim + g.n_experts * g.inter)
+    for (key, kind), d in allocate_latent(items, int(opts.budget * total) - fixed).items():
+        plan[key]["latent"][kind] = d
+
+
+def _source_dtype(ckpt: SourceCheckpoint) -> torch.dtype:
+    """The dtype the source's layers run in: that of its floating tensors (fp8 ones are read as bfloat16)."""
+    for k in ckpt.keys():
+        dt = ckpt.dtype(k)
+        if dt.is_floating_point:
+            return torch.bfloat16 if dt.itemsize == 1 else dt
+    return torch.float32
 
 
 def convert_checkpoint(src, dst, opts: ConvertOptions, report: Path | None = None, resume=False,
-                       overwrite=False, stats: dict | None = None) -> dict:
+                       overwrite=False) -> dict:
     """Convert the MoE checkpoint at `src` (directory or hub id) into a MoLAE checkpoint at `dst` (or,
-    with a baseline --method, a compressed checkpoint of the source's own family). `stats`: calibration
-    statistics already collected for this source (`molae.calibrate`), instead of opts.calibration."""
+    with a baseline --method, a compressed checkpoint of the source's own family): one decoder layer at
+    a time, with calibration on hidden states carried from layer to layer (module notes)."""
     dst = Path(dst)
     check_destination(dst, overwrite)
-    check_options(opts, have_stats=stats is not None)
+    check_options(opts)
+    method = methods.get(opts.method)
     device = check_device(opts.device)
     ckpt = SourceCheckpoint(resolve(src))
     check_not_molae(ckpt, "convert")
     groups = find_expert_groups(ckpt)
     base_type = _check_family(ckpt, groups)
-    if stats is None and opts.calibration is not None:
-        from .calibrate import calibrate
-        stats = calibrate(ckpt.path, opts.calibration, opts.calib_tokens, opts.calib_seq_len, device,
-                          outputs=opts.method == "hcsmoe", fisher=opts.method == "d2moe")
-    plan = _plan(ckpt, groups, opts, stats, device)
+    ids = _calibration_windows(ckpt, opts) if opts.calibration is not None else None
+    plan = _plan(ckpt, groups, opts, method)
     check_disk_space(dst, ckpt.disk_bytes() + 2**20)
     options = dict(asdict(opts), src=str(ckpt.path), projections=list(opts.projections))
     options.pop("device")  # a run may resume on another device
     writer = ShardWriter(temp_dir_for(dst), options, parse_size(opts.max_shard_size), resume=resume)
     with removed_on_error(writer.tmp):
-        return _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, report, overwrite, stats)
+        pipe = Pipeline(ckpt, groups, opts, method, device, writer, ids)
+        if "plan" in writer.state:  # a resumed run: the plan its first pass settled
+            plan = writer.state["plan"]
+        elif method.allocates and opts.budget is not None:
+            t0 = time.perf_counter()
+            pipe.allocate(plan)
+            writer.state["allocate_seconds"] = time.perf_counter() - t0
+        writer.state["plan"] = plan
+        pipe.convert(plan)
+        return _finish(ckpt, groups, plan, opts, method, base_type, writer, dst, report, overwrite)
+
+
+def _calibration_windows(ckpt: SourceCheckpoint, opts: ConvertOptions) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from .data import is_prepared
+
+    tokenizer = None
+    if not is_prepared(opts.calibration):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
+        except (OSError, ValueError, KeyError):
+            raise ValueError(f"{ckpt.path} has no tokenizer to read --calibration {opts.calibration} with: pass a "
+                             "prepared data directory") from None
+    vocab = ckpt.config.get("vocab_size")
+    return calibration_ids(opts.calibration, tokenizer, opts.calib_tokens, opts.calib_seq_len, model_vocab=vocab)
+
+
+class KindLoader(Mapping):
+    """One layer's expert weights, read from the shards onto the device one projection kind at a time
+    (asking for another kind drops the last): a data-free layer never holds more than one kind's stack."""
+
+    def __init__(self, ckpt, group: ExpertGroup, device):
+        self.ckpt, self.group, self.device, self._kind, self._W = ckpt, group, device, None, None
+
+    def __getitem__(self, kind: str) -> torch.Tensor:
+        if kind not in KINDS:
+            raise KeyError(kind)
+        if kind != self._kind:
+            self._W = None
+            self._W, self._kind = self.group.read_kind(self.ckpt, kind).to(self.device), kind
+        return self._W
+
+    def __iter__(self):
+        return iter(KINDS)
+
+    def __len__(self):
+        return len(KINDS)
+
+
+class Pipeline:
+    """The streaming loop every method goes through (module notes): per decoder layer, read it (and,
+    with calibration, run it on the carried hidden states, capturing its experts' inputs), let the method
+    convert its experts, write the layer, carry its outputs on, free it."""
+
+    def __init__(self, ckpt, groups, opts: ConvertOptions, method, device, writer: ShardWriter, ids):
+        self.ckpt, self.opts, self.method, self.device, self.writer, self.ids = ckpt, opts, method, device, writer, ids
+        self.by_layer = {g.layer: g for g in groups.values()}
+        self.units = _units(ckpt, groups)
+        self.runner = None
+        if ids is not None:
+            from .sequential import LayerRunner
+
+            self.runner = LayerRunner(ckpt, self.by_layer, device, _source_dtype(ckpt))
+
+    # ---- reading
+    def _weights(self, i: int, layer):
+        """One layer's experts {kind: [E, m, n] / [E, n, m]} on the device: from the loaded layer, or read
+        from the shards one kind at a time (`KindLoader`)."""
+        if layer is not None:
+            (_, ex), = find_experts(layer)
+            return {kind: getattr(ex, f"{kind}_proj").detach() for kind in KINDS}
+        return KindLoader(self.ckpt, self.by_layer[i], self.device)
+
+    def _inputs(self, layer, i, hidden):
+        """The layer's outputs on the carried hidden states, and its experts' captured inputs."""
+        out, (x, idx, w) = self.runner.run(layer, i, hidden, capture=True)
+        return out, LayerInputs(x, idx, w, self.by_layer[i].n_experts)
+
+    # ---- first pass: spectra for --budget
+    def allocate(self, plan: dict):
+        spectra = {}
+        hidden = self.runner.start(self.ids, self.opts.calib_batch) if self.runner else None
+        for unit, _, group in progress_bar(self.units, desc="allocate", unit="layer"):
+            i = None if group is None else group.layer
+            if unit == "rest" or (i is None and self.runner is None):
+                continue
+            layer = self.runner.load(int(unit.split(".")[1])) if self.runner else None
+            spec = plan.get(str(i)) if i is not None else None
+            inputs = None
+            if self.runner is not None and spec is not None:
+                hidden, inputs = self._inputs(layer, i, hidden)
+            elif self.runner is not None:
+                hidden = self.runner.run(layer, int(unit.split(".")[1]), hidden)[0]
+            if spec is not None:
+                for kind, s2 in self.method.spectra(self._weights(i, layer), inputs, spec, self.opts).items():
+                    spectra[(str(i), kind)] = s2
+            del layer, inputs
+        _allocate(plan, spectra, self.by_layer, self.opts)
+
+    # ---- the converting pass
+    def convert(self, plan: dict):
+        w = self.writer
+        self.hidden = None
+        if self.runner is not None:
+            self.hidden = self.runner.start(self.ids, self.opts.calib_batch)
+            if w.state.get("carry"):  # resumed: the hidden states after the last finished layer
+                self.hidden = [h.to(self.device) for h in torch.load(w.tmp / w.state["carry"], weights_only=True)]
+            w.before_progress = self._save_carry
+        for unit, copied, group in progress_bar(self.units, desc="convert", unit="layer"):
+            if unit in w.done:
+                continue
+            t0 = time.perf_counter()
+            if unit == "rest":
+                copy_tensors(self.ckpt, copied, w)
+                w.end_unit(unit, {})
+                continue
+            i = int(unit.split(".")[1])
+            layer = self.runner.load(i) if self.runner else None
+            spec = plan.get(str(i)) if group is not None else None
+            info = {}
+            if spec is None:
+                copy_tensors(self.ckpt, copied + (group.keys if group is not None else []), w)
+                if layer is not None:
+                    self.hidden = self.runner.run(layer, i, self.hidden)[0]
+            else:
+                info = self._convert_layer(i, layer, group, copied, spec)
+            del layer
+            for r in info.get("rows", []):
+                r["unit_seconds"] = time.perf_counter() - t0  # read, calibrate, convert, write
+            w.end_unit(unit, info)
+
+    def _convert_layer(self, i, layer, group, copied, spec) -> dict:
+        inputs = None
+        if layer is not None:
+            orig_out, inputs = self._inputs(layer, i, self.hidden)
+            unrouted = int((inputs.count == 0).sum())
+            if unrouted:  # the stated fallback: such experts' statistics are the layer's mean (the prior)
+                print(f"molae convert: layer {i}: {unrouted} of {inputs.E} experts got no calibration tokens; their "
+                      "input statistics are the layer's mean (raise --calib-tokens for their own)", file=sys.stderr)
+        W = self._weights(i, layer)
+        try:
+            out = self.method.convert(W, inputs, spec, self.opts)
+        except ValueError as e:
+            raise ValueError(f"layer {i} ({group.prefix}): {e}") from None
+        if self.opts.heal_steps and inputs is not None and out.latent is not None:
+            from .heal import heal_layer
+
+            (_, original), = find_experts(layer)
+            healed = heal_layer(out.module, original, inputs.x_TD, inputs.idx_TK, inputs.w_TK, self.opts.heal_steps,
+                                self.opts.heal_lr)
+            out.latent.update({n: t.detach() for n, t in out.module.named_parameters()})
+            for r in out.rows:
+                r["layer_heal"] = healed
+        out_dtype = W["gate"].dtype if self.opts.dtype == "auto" else DTYPES[self.opts.dtype]
+        if out.latent is not None:
+            for name, t in out.latent.items():
+                self.writer.add(f"{group.prefix}.{name}", t.to(out_dtype) if t.is_floating_point() else t)
+        else:
+            kept = out.dense["gate"].shape[0]
+            ExpertGroup(group.prefix, group.layer, group.layout, kept, group.inter, group.dim, [], group.names).write(
+                self.writer, {k: v.to(out_dtype).cpu().contiguous() for k, v in out.dense.items()})
+        copy_tensors(self.ckpt, copied, self.writer,
+                     rows=None if out.keep is None else _router_rows(self.ckpt, group, copied, out.keep))
+        if layer is not None:
+            if self.opts.carry == "converted" and out.module is not None:
+                (name, _), = find_experts(layer)
+                set_submodule(layer, name, out.module)
+                self.hidden = self.runner.run(layer, i, self.hidden)[0]
+            else:
+                self.hidden = orig_out
+        return dict(rows=out.rows, record=out.record, keep=out.keep)
+
+    def _save_carry(self) -> dict:
+        """Called by the writer before it records finished layers: the hidden states the next layer
+        takes, saved beside the shards (a new file each time; progress.json names the valid one)."""
+        name = f"carry-{self.writer.flushes:05d}.pt"
+        part = self.writer.tmp / (name + ".partial")
+        torch.save([h.cpu() for h in self.hidden], part)
+        os.replace(part, self.writer.tmp / name)
+        return dict(carry=name)
 
 
 def _router_rows(ckpt, group: ExpertGroup, keys: list[str], keep: list[int]) -> dict:
@@ -389,36 +517,23 @@ def _router_rows(ckpt, group: ExpertGroup, keys: list[str], keep: list[int]) -> 
     return rows
 
 
-def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, report, overwrite, stats) -> dict:
-    units = _units(ckpt, groups)
-    for unit, copied, group in progress_bar(units, desc="convert", unit="layer"):
-        if unit in writer.done:
-            continue
-        t0 = time.perf_counter()
-        spec = plan.get(str(group.layer)) if group is not None else None
-        copy_tensors(ckpt, copied, writer, rows=_router_rows(ckpt, group, copied, spec["keep"])
-                     if spec and "keep" in spec else None)
-        rows = []
-        if spec is not None:
-            layer_stats = stats.get(group.layer) if stats else None
-            rows = _convert_group(ckpt, group, spec, opts, device, writer, layer_stats)
-        elif group is not None:
-            copy_tensors(ckpt, group.keys, writer)  # a layer left out by --layers: as it is
-        writer.end_unit(unit, rows)
-        seconds = time.perf_counter() - t0  # read, factorize and write (when the shard filled)
-        for r in rows:  # the same dicts the writer holds: the report gets them
-            r["unit_seconds"] = seconds
+def _finish(ckpt, groups, plan, opts, method, base_type, writer, dst, report, overwrite) -> dict:
+    """Shards renamed, the config (molae section or molae_compression), auxiliary files, the report; published."""
     weight_map = writer.finish()
+    for f in writer.tmp.glob("carry-*.pt"):
+        f.unlink()
+    infos = {unit: writer.done.get(unit) or {} for unit, *_ in _units(ckpt, groups)}
     tmp = writer.tmp
-    rows = [r for unit, *_ in units for r in writer.done.get(unit, [])]
+    rows = [r for info in infos.values() for r in info.get("rows", [])]
     summary = _summary(ckpt, groups, plan, rows, weight_map, tmp)
-    summary["method"] = opts.method
+    summary.update(method=opts.method, allocate_seconds=writer.state.get("allocate_seconds"))
     options = dict(method=opts.method, budget=opts.budget, latent_dim=opts.latent_dim, rank_ratio=opts.rank_ratio,
                    groups=opts.groups, group_by=opts.group_by, projections=list(check_projections(opts.projections)),
-                   calibration=opts.calibration, calib_tokens=opts.calib_tokens if stats else None)
-    if opts.method in ("molae", "svd"):
-        layers = {k: {"latent": v["latent"], "groups": v["groups"], **({"permuted": True} if "perm" in v else {})}
-                  for k, v in plan.items()}
+                   calibration=None if opts.calibration is None else str(opts.calibration),
+                   calib_tokens=opts.calib_tokens if opts.calibration else None,
+                   carry=opts.carry if opts.calibration else None, heal_steps=opts.heal_steps or None)
+    if method.latent:
+        layers = {unit.split(".")[1]: info["record"] for unit, info in infos.items() if info.get("record")}
         molae = dict(version=1, base_model_type=base_type, layers=layers, options=options,
                      source_layout={str(g.layer): dict(layout=g.layout, names=g.names) for g in groups.values()})
         config = dict(ckpt.config, model_type=f"molae_{base_type}", molae=molae,
@@ -426,95 +541,18 @@ def _convert_units(ckpt, groups, plan, opts, base_type, device, writer, dst, rep
     else:  # the source's own architecture; what the method stores, recorded
         config = dict(ckpt.config, molae_compression=dict(options, routed_params_stored=summary["after"]["expert_stored"],
                                                           routed_params_before=summary["before"]["expert"]))
-        if opts.method in baselines.PRUNE_METHODS:
-            kept = len(next(iter(plan.values()))["keep"])
+        if method.prunes:
+            kept = len(next(info["keep"] for info in infos.values() if info.get("keep")))
             for key in ("num_experts", "num_local_experts", "n_routed_experts"):
                 if key in config:
                     config[key] = kept
+    config.pop("quantization_config", None)  # fp8 sources are written dequantized
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_aux_files(ckpt.path, tmp)
     if report is not None:
         write_json_atomically(Path(report), summary)
     publish(tmp, dst, overwrite)
     return summary
-
-
-def _convert_group(ckpt, group: ExpertGroup, spec: dict, opts: ConvertOptions, device, writer,
-                   stats: dict | None) -> list[dict]:
-    """One layer's experts: MoLAE form one projection kind at a time (read, factorize on `device`, hand
-    over); a baseline on the whole layer."""
-    if "latent" not in spec:
-        return _baseline_group(ckpt, group, spec, opts, device, writer, stats)
-    grams = _grams(stats)
-    perm = torch.tensor(spec["perm"]) if "perm" in spec else None
-    rows = []
-    for kind in KINDS:
-        W = group.read_kind(ckpt, kind)
-        out_dtype = W.dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
-        gram = None
-        if kind in spec["latent"]:  # a kind kept whole needs no trip to the device
-            W = W.to(device)
-            gram = None if grams is None else grams[kind].to(device)
-        try:
-            params, row = factorize_projection(W, kind, spec["latent"].get(kind), spec["groups"], opts.rank_ratio,
-                                               gram=gram, perm=perm, damp=opts.damp)
-        except ValueError as e:
-            raise ValueError(f"layer {group.layer} ({group.prefix}): {e}") from None
-        del W, gram
-        for name, t in params.items():
-            writer.add(f"{group.prefix}.{name}", t.to(out_dtype))
-        rows.append(dict(layer=group.layer, **row))
-    if perm is not None:  # router id -> slot
-        writer.add(f"{group.prefix}.expert_slot", torch.argsort(perm))
-    return rows
-
-
-def _baseline_group(ckpt, group: ExpertGroup, spec, opts: ConvertOptions, device, writer, stats) -> list[dict]:
-    """Whole-matrix baselines and pruning: the layer's experts in the source layout, and what the
-    method stores per kind (params_after; params_on_disk is what the whole matrices take)."""
-    W = {kind: group.read_kind(ckpt, kind) for kind in KINDS}
-    out_dtype = W["gate"].dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
-    E, m, n = group.n_experts, group.inter, group.dim
-    rows, info, layer_info = [], {}, {}  # per kind (d2moe, mobe); for the layer (kept experts, clusters)
-    if "keep" in spec:
-        keep = torch.tensor(spec["keep"])
-        out = {k: v[keep] for k, v in W.items()}
-        stored = {k: v.numel() for k, v in out.items()}
-        layer_info = dict(kept=spec["keep"])
-    elif spec["method"] == "hcsmoe":
-        out, total, labels = baselines.hcsmoe({k: v.to(device) for k, v in W.items()}, stats, opts.budget)
-        stored = {k: total // 3 for k in KINDS}
-        layer_info = dict(clusters=labels)
-    else:
-        grams = _grams(stats)
-        out, stored = {}, {}
-        for kind in KINDS:
-            Wk = W[kind].to(device)
-            if kind not in check_projections(opts.projections):
-                out[kind], stored[kind] = Wk, Wk.numel()
-                continue
-            if spec["method"] == "d2moe":
-                gram = None if grams is None else grams[kind].to(device)
-                out[kind], stored[kind], r = baselines.d2moe(Wk, opts.budget, None if stats is None else stats["fisher"],
-                                                             gram, opts.damp)
-                info[kind] = dict(rank=r)
-            else:  # mobe; down fitted transposed (A_i the smaller side)
-                fit = Wk.transpose(1, 2) if kind == "down" else Wk
-                W_hat, stored[kind], info[kind] = baselines.mobe(fit, opts.budget, opts.mobe_bases, opts.mobe_steps)
-                out[kind] = W_hat.transpose(1, 2) if kind == "down" else W_hat
-    for kind in KINDS:
-        Wd, Od = W[kind].double(), out[kind].double().cpu()
-        if "keep" in spec:  # the pruned experts' share of the weights' norm
-            err = (1 - Od.square().sum() / Wd.square().sum().clamp_min(1e-300)).clamp_min(0).sqrt()
-        else:
-            err = (Wd - Od).norm() / Wd.norm().clamp_min(1e-300)
-        rows.append(dict(layer=group.layer, kind=kind, method=opts.method, rel_error=err.item(), latent_dim=None,
-                         params_before=W[kind].numel(), params_after=int(stored[kind]),
-                         params_on_disk=out[kind].numel(), info=info.get(kind, layer_info)))
-    kept_E = out["gate"].shape[0]
-    ExpertGroup(group.prefix, group.layer, group.layout, kept_E, m, n, [], group.names).write(
-        writer, {k: v.to(out_dtype).cpu().contiguous() for k, v in out.items()})
-    return rows
 
 
 def _summary(ckpt, groups, plan, rows, weight_map, tmp: Path) -> dict:
@@ -591,7 +629,6 @@ def decompress_checkpoint(src, dst, dtype: str = "auto", device: str = "cpu", ma
         raise ValueError(f"--dtype {dtype} is not known: allowed auto, {', '.join(DTYPES)}")
     device = check_device(device)
     check_disk_space(dst, 4 * ckpt.disk_bytes())
-    layouts = molae["source_layout"]
     latent_prefix = {}
     for k in ckpt.keys():  # the converted layers' experts prefixes
         if re.search(r"\.experts\.(gate|up|down)_(A|B|proj)$", k) and str(layer_index(k)) in molae["layers"]:

@@ -141,7 +141,7 @@ def efficiency(model, dtype_bytes: int | None = None) -> dict:
     active_routed, dispatch, combine, dispatch_std, combine_std = 0, 0, 0, 0, 0
     for _, m in experts:
         s = experts_shapes(m)
-        E, F_, D, G, lat = s["E"], s["m"], s["n"], s["groups"], s["latent"]
+        F_, D, G, lat = s["m"], s["n"], s["groups"], s["latent"]
         t = min(k, G)
         for kind in ("gate", "up", "down"):
             if kind in lat:

@@ -18,8 +18,8 @@ import torch
 from .layers import KINDS, Experts, MoE, MoLAE, MoLAEConfig, check_groups, check_latent_dim, check_projections
 
 
-def _check_finite(W, name="W"):
-    bad = (~torch.isfinite(W)).sum().item()
+def _check_finite(W, name="W", chunk: int = 8):
+    bad = sum((~torch.isfinite(W[i:i + chunk])).sum().item() for i in range(0, W.shape[0], chunk))
     if bad:
         raise ValueError(f"{name} has {bad} NaN/Inf values of {W.numel()}: allowed finite weights only")
 
@@ -92,7 +92,23 @@ def shared_latent_svd(W_EMN, d, rank_ratio=None, *, dtype=None, method="auto"):
     check_latent_dim(d, E * M, N, name="d")
     _check_rank_ratio(rank_ratio)
     _check_finite(W_EMN)
-    W = W_EMN.to(_compute_dtype(W_EMN, dtype))
+    cdt = _compute_dtype(W_EMN, dtype)
+    if method == "auto":
+        method = "gram" if E * M >= 4 * N else "svd"
+    if method == "gram":  # a few experts at a time: no copy of the stack in the compute dtype or float64
+        r = None if rank_ratio is None else math.ceil(rank_ratio * min(M, N))
+        gram = torch.zeros(N, N, dtype=torch.float64, device=W_EMN.device)
+        for i in range(0, E, 8):
+            Wc = W_EMN[i:i + 8].double() if r is None else best_rank(W_EMN[i:i + 8], r).double()
+            gram += (Wc.transpose(1, 2) @ Wc).sum(0)
+        evals, evecs = _top_eigh(gram)
+        S, B_LN = evals[:min(E * M, N)].sqrt().to(cdt), evecs[:, :d].T.contiguous().to(cdt)
+        A_EML = torch.empty(E, M, d, dtype=cdt, device=W_EMN.device)
+        for i in range(0, E, 8):
+            Wc = W_EMN[i:i + 8] if r is None else best_rank(W_EMN[i:i + 8], r)
+            A_EML[i:i + 8] = Wc.to(cdt) @ B_LN.T  # A_i = W_i V_d
+        return A_EML, B_LN, S
+    W = W_EMN.to(cdt)
     if rank_ratio is not None:
         W = rank_reduce(W, rank_ratio)
     S, Vh = right_singular(W.reshape(E * M, N), method)
@@ -135,7 +151,7 @@ def regularized_grams(C_EII: torch.Tensor, count_E: torch.Tensor, prior_tokens: 
     return C + prior_tokens * mean_II
 
 
-def _ridged(C_II: torch.Tensor, damp: float) -> torch.Tensor:
+def ridged(C_II: torch.Tensor, damp: float) -> torch.Tensor:
     """C + damp * mean(diag C) * I in float64; batched over leading dims."""
     C = C_II.double()
     ridge = damp * C.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
@@ -144,7 +160,7 @@ def _ridged(C_II: torch.Tensor, damp: float) -> torch.Tensor:
 
 def whiten(C_II: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """Lower-triangular S (float64) with S S^T = C + damp * mean(diag C) * I; batched over leading dims."""
-    S, info = torch.linalg.cholesky_ex(_ridged(C_II, damp))
+    S, info = torch.linalg.cholesky_ex(ridged(C_II, damp))
     if bool((info != 0).any()):
         raise ValueError(f"calibration Gram matrix is not positive definite with damp={damp}: raise --damp")
     return S
@@ -170,7 +186,7 @@ def aware_gate_up(W_EMN, d, C_ENN, damp=0.01):
     stack, S_NN = whitened_stack(W, "up", C_ENN, damp)
     sing, Vh = right_singular(stack)
     B_LN = torch.linalg.solve_triangular(S_NN.T, Vh[:d].T.contiguous(), upper=True).T  # B S = V_d^T
-    P_ENL = _ridged(C_ENN, damp) @ B_LN.T
+    P_ENL = ridged(C_ENN, damp) @ B_LN.T
     Q_ELL = B_LN @ P_ENL  # B C_i B^T, positive definite
     A_EML = torch.linalg.solve(Q_ELL, (W @ P_ENL).transpose(1, 2)).transpose(1, 2)
     return A_EML, B_LN, sing
@@ -182,6 +198,105 @@ def aware_down(W_EDF, d, C_EFF, damp=0.01):
     sing, Vh = right_singular(whitened_stack(W_EDF, "down", C_EFF, damp)[0])  # rows: (W_i S_i)^T
     B_DL = Vh[:d].T.contiguous()
     return B_DL.T @ W_EDF.double(), B_DL, sing
+
+
+def _top_eigh(M_NN: torch.Tensor):
+    """Eigenvalues (descending, clamped at 0) and eigenvectors (columns, same order) of a symmetric matrix."""
+    evals, evecs = torch.linalg.eigh(M_NN)
+    return evals.flip(0).clamp_min(0), evecs.flip(1)
+
+
+def weight_gram(W_EMN: torch.Tensor, kind: str, chunk: int = 8) -> torch.Tensor:
+    """sum_i W_i^T W_i [n, n] (gate/up) or sum_i W_i W_i^T [n, n] (down, W_i [n, m]) in float64, a few
+    experts at a time: the stack's Gram without a float64 copy of the stack."""
+    n = W_EMN.shape[1] if kind == "down" else W_EMN.shape[2]
+    out = torch.zeros(n, n, dtype=torch.float64, device=W_EMN.device)
+    for i in range(0, W_EMN.shape[0], chunk):
+        Wc = W_EMN[i:i + chunk].double()
+        out += (Wc @ Wc.transpose(1, 2) if kind == "down" else Wc.transpose(1, 2) @ Wc).sum(0)
+    return out
+
+
+def aware_gate_up_streaming(W_EMN, d: int, inputs, experts, damp: float = 0.01):
+    """`aware_gate_up(W, d, C)` with C the regularized Grams of `experts` (ids in `inputs`, a
+    `calibrate.LayerInputs`, in W's order), computed from the captured inputs without any [E, n, n]:
+    B from the group's summed Gram and the stack's weight Gram (both [n, n]); then for each expert, with
+    Z = X_i B^T and Y = X_i W_i^T over its routed rows X_i (and C_mean the layer's mean Gram),
+        B C_i' B^T = Z^T Z + prior B C_mean B^T + lam_i B B^T
+        W_i C_i' B^T = Y^T Z + prior W_i C_mean B^T + lam_i W_i B^T,  lam_i = damp tr(C_i + prior C_mean) / n.
+    Returns A [E, m, d], B [d, n] (float64), the whitened stack's singular values, and the output error
+    terms (sum_i ||(W_i - A_i B) X_i||^2, sum_i ||W_i X_i||^2) on the unregularized inputs."""
+    experts = list(experts)
+    n, prior = W_EMN.shape[2], inputs.prior
+    C_mean = inputs.mean_gram()
+    S_NN = whiten(_group_gram(inputs, experts) + len(experts) * prior * C_mean, damp)
+    Gw = weight_gram(W_EMN, "up")
+    evals, evecs = _top_eigh(S_NN.T @ Gw @ S_NN)
+    B_LN = torch.linalg.solve_triangular(S_NN.T, evecs[:, :d].contiguous(), upper=True).T  # B S = V_d^T
+    CmBt_NL = C_mean @ B_LN.T
+    BCmB, BB = B_LN @ CmBt_NL, B_LN @ B_LN.T
+    tr_mean = C_mean.diagonal().sum()
+    A = torch.empty(len(experts), W_EMN.shape[1], d, dtype=torch.float64, device=W_EMN.device)
+    err2 = total2 = 0.0
+    for j, e in enumerate(experts):
+        X = inputs.inputs(e)
+        W = W_EMN[j].double()
+        Z, Y = X @ B_LN.T, X @ W.T
+        lam = damp * (X.square().sum() + prior * tr_mean).clamp_min(1e-30) / n
+        Q = Z.T @ Z + prior * BCmB + lam * BB
+        R = Y.T @ Z + prior * (W @ CmBt_NL) + lam * (W @ B_LN.T)
+        A[j] = torch.linalg.solve(Q, R.T).T
+        err2 += (Y - Z @ A[j].T).square().sum().item()
+        total2 += Y.square().sum().item()
+    return A, B_LN, evals.sqrt(), (err2, total2)
+
+
+def _group_gram(inputs, experts: list[int]) -> torch.Tensor:
+    """sum of the group's input Grams: one weighted pass over all tokens for a large group, the
+    experts' own rows for a small one (each token counted once per expert of the group it reaches)."""
+    if len(experts) * inputs.idx_TK.shape[1] >= inputs.E:
+        return inputs.group_gram(experts)
+    return sum(inputs.gram(e) for e in experts)
+
+
+def down_whitened_gram(W_EDF, inputs, experts, W_layer, h_mean_FF, damp: float = 0.01):
+    """sum_i W_i C_i' W_i^T [n, n] for down (W_i [n, m], C_i' = ridged(C^h_i + prior C^h_mean)): its
+    eigenvectors are the whitened side-by-side stack's left singular vectors. h of each expert is
+    computed from its routed inputs and the layer's gate/up weights `W_layer` (ids in `inputs`)."""
+    prior, m = inputs.prior, W_EDF.shape[2]
+    out = torch.zeros(W_EDF.shape[1], W_EDF.shape[1], dtype=torch.float64, device=W_EDF.device)
+    for j, e in enumerate(experts):
+        W = W_EDF[j].double()
+        Ch = inputs.hidden_gram(e, W_layer) + prior * h_mean_FF
+        lam = damp * Ch.diagonal().sum().clamp_min(1e-30) / m
+        out += W @ Ch @ W.T + lam * (W @ W.T)
+    return out
+
+
+def aware_down_streaming(W_EDF, d: int, inputs, experts, W_layer, h_mean_FF, damp: float = 0.01):
+    """`aware_down(W, d, C)` with C the regularized Grams of the experts' intermediate activations,
+    from the captured inputs: B = the top-d eigenvectors of sum_i W_i C_i' W_i^T ([n, n]), A_i = B^T W_i.
+    Returns A [E, d, m], B [n, d] (float64), the singular values, and the output error terms on the
+    unregularized activations."""
+    experts = list(experts)
+    evals, evecs = _top_eigh(down_whitened_gram(W_EDF, inputs, experts, W_layer, h_mean_FF, damp))
+    B_DL = evecs[:, :d].contiguous()
+    A = torch.empty(len(experts), d, W_EDF.shape[2], dtype=torch.float64, device=W_EDF.device)
+    err2 = total2 = 0.0
+    for j, e in enumerate(experts):
+        W = W_EDF[j].double()
+        A[j] = B_DL.T @ W
+        h = inputs.hidden(e, W_layer)
+        Y = h @ W.T
+        err2 += (Y - (h @ A[j].T) @ B_DL.T).square().sum().item()
+        total2 += Y.square().sum().item()
+    return A, B_DL, evals.sqrt(), (err2, total2)
+
+
+def hidden_mean_gram(inputs, W_layer) -> torch.Tensor:
+    """C^h_mean [m, m]: the layer's mean second moment of intermediate activations per routed slot."""
+    total = sum(inputs.hidden_gram(e, W_layer) for e in range(inputs.E))
+    return total / max(float(inputs.count.sum()), 1.0)
 
 
 def output_error(W, W_hat, C_EII):
@@ -251,6 +366,21 @@ def allocate_latent(items: dict, budget: int) -> dict:
 # ----------------------------------------------------------------------------- grouping by similarity
 
 
+def gram_cosines(W_ERN: torch.Tensor, chunk_entries: int = 2**28) -> torch.Tensor:
+    """[E, E] cosines <W_i^T W_i, W_j^T W_j>_F / (|.| |.|) of the experts' Gram matrices [n, n], a block of
+    the Grams' columns at a time (never E x n x n; about chunk_entries floats of them at once), in the
+    weights' dtype upcast to float32 at least, accumulated in float64."""
+    E, _, N = W_ERN.shape
+    dt = torch.float64 if W_ERN.dtype == torch.float64 else torch.float32
+    cols = max(1, chunk_entries // (E * N))
+    dots = torch.zeros(E, E, dtype=torch.float64, device=W_ERN.device)
+    for c in range(0, N, cols):
+        G = torch.stack([w.to(dt).T @ w[:, c:c + cols].to(dt) for w in W_ERN]).reshape(E, -1)  # [E, N * cols]
+        dots += (G @ G.T).double()
+    norm = dots.diagonal().clamp_min(1e-300).sqrt()
+    return (dots / norm[:, None] / norm[None, :]).cpu()
+
+
 def similarity_groups(W_list, groups: int, sweeps: int = 10) -> torch.Tensor:
     """Equal groups of experts with similar row spaces. W_list: per kind, [E, rows, n] matrices whose
     row spaces (in R^n) should be shared (gate/up as stored, down transposed). Affinity of experts i, j:
@@ -263,10 +393,7 @@ def similarity_groups(W_list, groups: int, sweeps: int = 10) -> torch.Tensor:
     Eg = E // groups
     aff = torch.zeros(E, E, dtype=torch.float64)
     for W in W_list:
-        W = W.double().cpu()
-        gram_EX = torch.stack([(w.T @ w).reshape(-1) for w in W])
-        gram_EX = gram_EX / gram_EX.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        aff += gram_EX @ gram_EX.T
+        aff += gram_cosines(W)
     group_of = torch.full((E,), -1, dtype=torch.long)
     for g in range(groups):
         free = (group_of < 0).nonzero().squeeze(1)

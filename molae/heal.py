@@ -62,6 +62,55 @@ def balance_factors(model) -> int:
     return n
 
 
+def heal_layer(experts, original, x_TD, idx_TK, w_TK, steps: int, lr: float = 1e-3, batch: int = 4096,
+               held_out: float = 0.1, seed: int = 0) -> dict:
+    """Layer-wise healing: train a converted experts module's latent factors (in place) to reproduce the
+    original experts' outputs on the layer's captured calibration inputs, by Adam on the relative squared
+    error ||y - y_orig||^2 / ||y_orig||^2 over batches of tokens. Factors are balanced first (as `heal`);
+    the trained ones are kept only if the error on held-out tokens (the last `held_out` share) fell.
+    One layer's inputs at a time: any model size."""
+    T = x_TD.shape[0]
+    n_val = max(1, int(held_out * T))
+    val = slice(T - n_val, T)
+    params = [p for n, p in experts.named_parameters() if n.endswith(("_A", "_B"))]
+    with torch.no_grad():
+        target = original(x_TD, idx_TK, w_TK).float()
+
+    def error(sl, grad=False):
+        with torch.set_grad_enabled(grad):
+            y = experts(x_TD[sl], idx_TK[sl], w_TK[sl]).float()
+            return (y - target[sl]).square().sum() / target[sl].square().sum().clamp_min(1e-30)
+
+    balance_factors(experts)
+    before = error(val).item()
+    start = [p.detach().clone() for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    first = last = None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        pick = torch.randint(0, T - n_val, (min(batch, T - n_val),), generator=gen).to(x_TD.device)
+        loss = error(pick, grad=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+        last = loss.item()
+    for p in params:
+        p.requires_grad_(False)
+    after = error(val).item()
+    kept = after < before
+    if not kept:
+        with torch.no_grad():
+            for p, s0 in zip(params, start):
+                p.copy_(s0)
+    return dict(steps=steps, held_out_error_before=before, held_out_error_after=after, applied=kept,
+                train_error_first=first, train_error_last=last)
+
+
 def kl_loss(student_logits, teacher_logits, temperature: float = 1.0):
     """Mean over tokens of KL(teacher || student) at `temperature`, in nats (times T^2, as usual)."""
     s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, -1)
@@ -168,4 +217,4 @@ def _write_back(dst: Path, factors: dict, summary: dict):
         publish(tmp, dst, overwrite=True)
 
 
-__all__ = ["heal", "kl_loss", "latent_factors"]
+__all__ = ["heal", "heal_layer", "kl_loss", "latent_factors"]

@@ -63,7 +63,8 @@ def standard_experts(module: nn.Module) -> Experts:
         return latent_experts(hf_expert_weights(module), {})[0]  # no kind factorized: the weights as they are
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+def set_submodule(model: nn.Module, name: str, module: nn.Module):
+    """Replace the submodule at dotted path `name` of `model` by `module`."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -90,7 +91,7 @@ def to_molae(model: nn.Module, latent_dim=None, groups: int = 1, projections=("u
         latent = resolve_latent_dims(latent_dim, projections, F_, D)
         experts, report = latent_experts(weights, latent, groups, rank_ratio, dtype=dtype)
         experts.impl = getattr(module, "impl", "fast")
-        _set_submodule(model, name, experts)
+        set_submodule(model, name, experts)
         rows += [dict(module=name, **r) for r in report]
     return rows
 
@@ -100,7 +101,7 @@ def use_standard_experts(model: nn.Module) -> int:
     (same weights, our fast path). Returns how many were replaced."""
     todo = [(n, m) for n, m in find_experts(model) if not isinstance(m, Experts)]
     for name, module in todo:
-        _set_submodule(model, name, standard_experts(module))
+        set_submodule(model, name, standard_experts(module))
     return len(todo)
 
 
@@ -137,7 +138,7 @@ def install_experts(model: nn.Module, layers: dict) -> int:
         else:
             experts = Experts(D, F2 // 2, E, spec["latent"], spec["groups"], spec.get("permuted", False))
         experts = experts.to(device=ref.device, dtype=ref.dtype)
-        _set_submodule(model, name, experts)
+        set_submodule(model, name, experts)
         done.add(str(layer_index(name)))
     missing = set(layers) - done
     if missing:
@@ -186,4 +187,4 @@ def register_all():
 
 
 __all__ = ["is_hf_experts", "find_experts", "hf_expert_weights", "standard_experts", "to_molae",
-           "use_standard_experts", "SUPPORTED", "is_embedding", "layer_index", "install_experts", "register_family", "register_all"]
+           "use_standard_experts", "set_submodule", "SUPPORTED", "is_embedding", "layer_index", "install_experts", "register_family", "register_all"]

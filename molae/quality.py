@@ -9,11 +9,11 @@ a fresh directory, is loaded back with transformers and scored on the same held-
       molae-aware         activation-aware factorization, uniform d
       molae-alloc         activation-aware + d per layer and projection from --budget
       molae-alloc+heal    the same, then `molae heal` (latent factors only, KL to the original)
-      svd, d2moe, mobe, hcsmoe, prune-frequency, prune-reap   (molae/baselines)
+      every other method of the registry (molae/methods): svd, d2moe, mobe, hcsmoe, prune-frequency, prune-reap
 
 All MoLAE variants factorize gate, up and down with G = 1 (the budgets go below the third that a
-whole down projection would take). Every method gets the same calibration statistics (one pass,
---calib-tokens of the training split). Results are appended to --json after each run; --resume
+whole down projection would take). Every calibrated method gets the same calibration windows
+(--calib-tokens of the training split), run through the layer-by-layer pipeline. Results are appended to --json after each run; --resume
 skips the variants already there. `molae bench quality-report FILES --out results` renders
 quality.md (one table per model) and quality.png (validation perplexity against parameters).
 """
@@ -35,7 +35,9 @@ from .evaluate import load
 from .layers import KINDS
 from .train import window_bytes, windows_nll
 
-BASELINES = ("svd", "d2moe", "mobe", "hcsmoe", "prune-frequency", "prune-reap")
+from .methods import METHODS
+
+BASELINES = tuple(name for name in METHODS if name != "molae")
 VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES)  # --methods names
 
 
@@ -72,13 +74,12 @@ def variants(budgets, rank_ratios, methods) -> list[tuple[str, float, dict]]:
                 out.append(("molae-alloc+heal", f, dict(heal="molae-alloc")))
         for b in BASELINES:
             if b in methods:
-                out.append((b, f, dict(method=b, budget=f, calibrated=b != "mobe")))
+                out.append((b, f, dict(method=b, budget=f, calibrated=METHODS[b].calibration != "none")))
     return out
 
 
 def bench_quality(args):
     """Run every variant on one model; results appended to args.json as they finish."""
-    from .calibrate import calibrate
     from .data import TokenData
     from .heal import heal
 
@@ -104,9 +105,6 @@ def bench_quality(args):
         result["original"] = dict(score(src, windows, n_bytes, device), seconds=time.perf_counter() - t0,
                                   params=_params(ckpt))
         save()
-    t0 = time.perf_counter()
-    stats = calibrate(src, args.data, args.calib_tokens, args.seq_len, device, outputs=True, fisher=True)
-    result["calibration_seconds"] = time.perf_counter() - t0
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     methods = set(args.methods)
@@ -127,9 +125,10 @@ def bench_quality(args):
             opts = ConvertOptions(projections=KINDS, device=args.device, method=spec.get("method", "molae"),
                                   budget=spec.get("budget"), rank_ratio=spec.get("rank_ratio"),
                                   mobe_steps=args.mobe_steps,
-                                  latent_dim=uniform_latent(f, E, m, n) if spec.get("uniform") else None)
-            summary = convert_checkpoint(src, dst, opts, overwrite=True,
-                                         stats=stats if spec.get("calibrated") else None)
+                                  latent_dim=uniform_latent(f, E, m, n) if spec.get("uniform") else None,
+                                  **(dict(calibration=str(args.data), calib_tokens=args.calib_tokens,
+                                          calib_seq_len=args.seq_len) if spec.get("calibrated") else {}))
+            summary = convert_checkpoint(src, dst, opts, overwrite=True)
             write_json_atomically(dst / "convert_summary.json", summary)
             extra = dict(latent=sorted({(r["kind"], r["latent_dim"]) for r in summary["layers"]
                                         if r.get("latent_dim")}), rank_ratio=spec.get("rank_ratio"))

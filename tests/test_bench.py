@@ -32,7 +32,29 @@ def test_bench_convert_measures_and_records(tmp_path):
     assert result["after"]["expert"] < result["before"]["expert"]
     assert not any((tmp_path / "work").iterdir())  # scratch checkpoints removed
     write_convert_results(result, tmp_path / "results", commit="abc1234")
-    saved = json.loads((tmp_path / "results" / "convert-tiny-qwen.json").read_text())
+    saved = json.loads((tmp_path / "results" / "convert" / "tiny-qwen-2L-data-free.json").read_text())
     assert saved["commit"] == "abc1234" and saved["wall_s"] == result["wall_s"]
     md = (tmp_path / "results" / "convert.md").read_text()
-    assert "## tiny-qwen" in md and f"{result['wall_s']:.1f} s" in md and "`abc1234`" in md
+    assert "| tiny-qwen | 2 | bf16 | data-free" in md and f"{result['wall_s']:.1f} s" in md and "`abc1234`" in md
+    assert result["startup_seconds"] > 0 and result["seconds_per_layer"] > 0 and result["peak_gpu_gb"] == 0.0
+
+
+def test_bench_convert_calibrated_from_fp8_sources(tmp_path):
+    """The calibrated, budgeted pipeline on an fp8 synthetic checkpoint, measured and recorded."""
+    from molae.data import prepare
+    import sysconfig
+    from pathlib import Path
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    prepare([stdlib / "json", stdlib / "email"], tmp_path / "data", vocab_size=300, val_fraction=0.3, progress=False)
+    cfg = dict(TINY_DSV3, vocab_size=320, moe_intermediate_size=32, hidden_size=64)
+    args = ["--budget", "0.5", "--projections", "gate,up,down", "--calibration", str(tmp_path / "data"),
+            "--calib-tokens", "256", "--calib-seq-len", "32"]
+    result = bench_convert(tmp_path / "work", "tiny-dsv3", cfg, "cpu", args, layers=2, fp8=True)
+    assert result["fp8"] and result["calibrated"] and result["layers"] == 2 and result["layers_converted"] == 2
+    assert result["allocate_seconds"] > 0 and result["source"]["fp8"]
+    assert result["after"]["expert"] <= 0.5 * result["before"]["expert"] + 64
+    assert all(v is not None for k, v in result["mean_rel_output_error"].items())
+    write_convert_results(result, tmp_path / "results", commit="def5678")
+    assert (tmp_path / "results" / "convert" / "tiny-dsv3-2L-calibrated-fp8.json").is_file()
+    assert "| tiny-dsv3 | 2 | fp8 | calibrated" in (tmp_path / "results" / "convert.md").read_text()

@@ -12,16 +12,20 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import molae  # noqa: F401  (registers the molae_<family> model types)
-from molae import baselines
 from molae import data as D
-from molae.baselines.lowrank import d2moe, svd_rank, truncated
-from molae.baselines.merging import average_linkage
-from molae.baselines.mobe import mobe
-from molae.calibrate import calibration_ids, collect
+from molae import methods
+from molae.calibrate import LayerInputs, calibration_ids
+from molae.checkpoint import SourceCheckpoint
 from molae.cli import main
-from molae.convert import ConvertOptions, convert_checkpoint, decompress_checkpoint
+from molae.convert import ConvertOptions, convert_checkpoint, decompress_checkpoint, find_expert_groups
 from molae.factorize import (allocate_latent, best_rank, factorize_kind, factorize_projection, output_error,
-                             regularized_grams, similarity_groups, spectrum)
+                             similarity_groups, spectrum)
+from molae.methods.d2moe import d2moe, truncated
+from molae.methods.hcsmoe import average_linkage
+from molae.methods.mobe import mobe
+from molae.methods.pruning import keep_experts
+from molae.methods.svd import svd_rank
+from molae.sequential import LayerRunner
 from molae.heal import balance_factors, heal
 from molae.layers import Experts
 from molae.models import find_experts, use_standard_experts
@@ -195,10 +199,10 @@ def test_average_linkage_finds_planted_clusters():
 
 
 def test_pruning_keeps_the_top_scorers():
-    stats = dict(count=torch.tensor([10.0, 0, 5, 30]), reap=torch.tensor([10.0, 0, 50, 3]))
-    assert baselines.keep_experts(stats, 0.5, 1, "prune-frequency") == [0, 3]
-    assert baselines.keep_experts(stats, 0.5, 1, "prune-reap") == [0, 2]
-    assert baselines.keep_experts(stats, 0.25, 2, "prune-reap") == [0, 2]  # never fewer than top-k
+    count, reap = torch.tensor([10.0, 0, 5, 30]), torch.tensor([10.0, 0, 50, 3])
+    assert keep_experts(count, 0.5, 1, "prune-frequency") == [0, 3]
+    assert keep_experts(count, 0.5, 1, "prune-reap", reap) == [0, 2]
+    assert keep_experts(count, 0.25, 2, "prune-reap", reap) == [0, 2]  # never fewer than top-k
 
 
 # ----------------------------------------------------------------------------- real tiny models
@@ -222,28 +226,44 @@ def saved(family, path, **kw):
 
 
 def test_calibration_statistics_match_a_direct_count(data_dir, tmp_path):
+    """The layer-by-layer capture sees exactly what the experts of the whole model see, and every
+    statistic LayerInputs derives equals a direct count over those inputs."""
     src = saved("qwen2_moe", tmp_path / "src")
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float64)
-    use_standard_experts(model)  # what collect does first: hook the modules it will run
+    use_standard_experts(model)  # the same experts module the runner installs
     ids = calibration_ids(data_dir, None, 256, 32)
     assert ids.shape == (8, 32)
     seen = {}
     for name, module in find_experts(model):
         module.register_forward_hook(lambda m, a, k, o, n=name: seen.setdefault(n, []).append(
             (a + tuple(k.values()))), with_kwargs=True)
-    stats = collect(model, ids, batch_size=4, outputs=True, fisher=True, progress=False)
-    assert sorted(stats) == [0, 1]
-    s = stats[0]
-    assert s["count"].sum().item() == ids.numel() * 2  # every token, top-2
-    assert (s["fisher"] > 0).any() and s["out_tokens"] == ids.numel()
-    # x_gram of expert 0 against a direct computation from the layer's own inputs
-    name = next(n for n, _ in find_experts(model) if ".0." in n)
-    expect = torch.zeros(32, 32, dtype=f64)
-    assert len(seen[name]) == 2  # two batches of four windows
-    for x, idx, _ in seen[name]:
-        xe = x[(idx == 0).any(-1)]
-        expect += xe.T @ xe
-    torch.testing.assert_close(s["x_gram"][0], expect)
+    for b in range(0, 8, 4):
+        model(input_ids=ids[b:b + 4])
+    ckpt = SourceCheckpoint(src)
+    groups = {g.layer: g for g in find_expert_groups(ckpt).values()}
+    runner = LayerRunner(ckpt, groups, "cpu", torch.float64)
+    hidden = runner.start(ids, 4)
+    for i, (name, experts) in enumerate(find_experts(model)):
+        hidden, (x, idx, w) = runner.run(runner.load(i), i, hidden, capture=True)
+        assert len(seen[name]) == 2  # two batches of four windows
+        for got, want in zip((x, idx, w), (torch.cat([t[j] for t in seen[name]]) for j in range(3))):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        inputs = LayerInputs(x, idx, w, 8)
+        assert inputs.count.sum().item() == ids.numel() * 2  # every token, top-2
+        W = experts.dense_weights()
+        for e in (0, 5):
+            xe = x[(idx == e).any(-1)]
+            torch.testing.assert_close(inputs.gram(e), xe.T @ xe)
+            he = torch.nn.functional.silu(xe @ W["gate"][e].T) * (xe @ W["up"][e].T)
+            torch.testing.assert_close(inputs.hidden_gram(e, W), he.T @ he)
+            out = he @ W["down"][e].T
+            g = w[idx == e]
+            assert inputs.reap(W)[e].item() == pytest.approx((g * out.norm(dim=1)).sum().item(), rel=1e-9)
+            assert inputs.fisher(W)[e].item() == pytest.approx(((g * out.norm(dim=1)) ** 2).sum().item(), rel=1e-9)
+            all_out = (torch.nn.functional.silu(x @ W["gate"][e].T) * (x @ W["up"][e].T)) @ W["down"][e].T
+            torch.testing.assert_close(inputs.mean_outputs(W)[e], all_out.mean(0))
+        torch.testing.assert_close(inputs.total_gram(), sum(inputs.gram(e) for e in range(8)))
+        torch.testing.assert_close(inputs.group_gram([1, 2, 6]), sum(inputs.gram(e) for e in (1, 2, 6)))
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3"])
@@ -253,7 +273,7 @@ def test_every_method_converts_loads_and_keeps_its_budget(family, data_dir, tmp_
     before = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     ref = before(input_ids=ids).logits
     calib = dict(calibration=str(data_dir), calib_tokens=512, calib_seq_len=64)
-    for method in baselines.METHODS:
+    for method in methods.METHODS:
         opts = ConvertOptions(method=method, budget=0.5, projections=("gate", "up", "down"), mobe_steps=20,
                               **(calib if method != "mobe" else {}))
         s = convert_checkpoint(src, tmp_path / method, opts)

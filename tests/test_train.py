@@ -7,7 +7,6 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

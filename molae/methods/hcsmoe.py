@@ -2,12 +2,13 @@
 experts clustered by their average output on calibration data (hierarchical clustering, average
 linkage, Euclidean distance), each cluster merged into one expert by a frequency-weighted average of
 its weights. Every expert of a cluster then computes the merged expert (the router is unchanged),
-so the merged layer stores one expert per cluster.
-"""
+so the merged layer stores one expert per cluster."""
 
 from __future__ import annotations
 
 import torch
+
+from . import LayerOutput, Method, dense_rows, register, standard_module
 
 
 def average_linkage(X_ED: torch.Tensor, clusters: int) -> list[int]:
@@ -34,14 +35,13 @@ def average_linkage(X_ED: torch.Tensor, clusters: int) -> list[int]:
     return labels
 
 
-def hcsmoe(weights: dict[str, torch.Tensor], stats: dict, fraction: float):
+def merge(weights: dict[str, torch.Tensor], mean_out_ED: torch.Tensor, count_E: torch.Tensor, fraction: float):
     """Merge one layer's experts ({kind: [E, ...]}) into round(fraction * E) clusters.
     Returns (merged {kind: [E, ...]} with each expert's cluster weights, stored parameters, labels)."""
     E = weights["gate"].shape[0]
     clusters = max(1, round(fraction * E))
-    mean_out_ED = stats["out_sum"] / max(stats["out_tokens"], 1)
     labels = torch.tensor(average_linkage(mean_out_ED, clusters))
-    freq = stats["count"].double() + 1e-9  # an expert never routed still counts a little
+    freq = count_E.double() + 1e-9  # an expert never routed still counts a little
     merged = {}
     for kind, W in weights.items():
         out = torch.empty_like(W, dtype=torch.float64)
@@ -52,3 +52,22 @@ def hcsmoe(weights: dict[str, torch.Tensor], stats: dict, fraction: float):
         merged[kind] = out
     per_expert = sum(W[0].numel() for W in weights.values())
     return merged, clusters * per_expert, labels.tolist()
+
+
+class HCSMoE(Method):
+    name = "hcsmoe"
+    calibration = "required"
+
+    def check(self, opts):
+        if opts.budget is None:
+            raise ValueError("--method hcsmoe needs --budget FRACTION (the routed-expert parameters to keep)")
+
+    def convert(self, W, inputs, spec, opts) -> LayerOutput:
+        merged, total, labels = merge(W, inputs.mean_outputs(W), inputs.count, opts.budget)
+        out = {k: v.to(W[k].dtype) for k, v in merged.items()}
+        rows = dense_rows(spec.get("layer"), self.name, W, out, dict.fromkeys(out, total // 3),
+                          dict(layer=dict(clusters=labels)))
+        return LayerOutput(rows=rows, dense=out, module=standard_module(out, W["gate"].dtype))
+
+
+register(HCSMoE())

@@ -3,14 +3,15 @@ matrix W_i [M, N] ~ A_i B_i with A_i [M, R] its own and B_i = sum_j alpha_ij Bas
 basis matrices [R, N] shared by the layer's experts; fitted by Adam on the reconstruction error
 sum_i ||W_i - A_i B_i||_F^2 / sum_i ||W_i||_F^2, as the paper does. Down ([n, m]) is fitted
 transposed so that A_i is the smaller side. The start point: experts split into J groups by index,
-each group's shared-latent SVD (MOLAE.md §3) as its basis, alpha one-hot.
-"""
+each group's shared-latent SVD (MOLAE.md §3) as its basis, alpha one-hot. Data-free."""
 
 from __future__ import annotations
 
 import torch
 
 from ..factorize import shared_latent_svd
+from ..layers import check_projections
+from . import LayerOutput, Method, dense_rows, register, standard_module
 
 
 def mobe_rank(fraction: float, E: int, M: int, N: int, J: int) -> int:
@@ -63,3 +64,27 @@ def mobe(W_EMN: torch.Tensor, fraction: float, bases: int | None = None, steps: 
         W_hat = (A_ @ torch.einsum("ej,jrn->ern", alpha_, basis_)) * scale
     return W_hat, E * M * r + J * r * N + E * J, dict(rank=r, bases=J, rel_error_start=start ** 0.5,
                                                      rel_error=end ** 0.5)
+
+
+class MoBE(Method):
+    name = "mobe"
+    calibration = "none"
+
+    def check(self, opts):
+        if opts.budget is None:
+            raise ValueError("--method mobe needs --budget FRACTION (the routed-expert parameters to keep)")
+
+    def convert(self, W, inputs, spec, opts) -> LayerOutput:
+        out, stored, info = {}, {}, {}
+        for kind in ("gate", "up", "down"):
+            if kind not in check_projections(opts.projections):
+                out[kind], stored[kind] = W[kind], W[kind].numel()
+                continue
+            fit = W[kind].transpose(1, 2) if kind == "down" else W[kind]
+            W_hat, stored[kind], info[kind] = mobe(fit, opts.budget, opts.mobe_bases, opts.mobe_steps)
+            out[kind] = (W_hat.transpose(1, 2) if kind == "down" else W_hat).to(W[kind].dtype)
+        return LayerOutput(rows=dense_rows(spec.get("layer"), self.name, W, out, stored, info), dense=out,
+                           module=standard_module(out, W["gate"].dtype))
+
+
+register(MoBE())
