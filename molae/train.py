@@ -616,16 +616,23 @@ def validation_windows(data: TokenData, cfg: TrainConfig, world: int) -> torch.T
 
 
 @torch.no_grad()
-def windows_nll(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext) -> torch.Tensor:
-    """[summed next-token NLL (nats), scored tokens] (float64, on device) over [W, T+1] windows."""
-    total = torch.zeros(2, device=device, dtype=torch.float64)
+def window_nlls(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext) -> torch.Tensor:
+    """[W] summed next-token NLL (nats, float64, on device) of each [T+1] window (T tokens scored each)."""
+    out = []
     for i in range(0, len(windows_WT), batch_size):
         x = windows_WT[i:i + batch_size].to(device)
         with amp():
             logits = model(input_ids=x[:, :-1]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
-        total += torch.stack([loss.double(), torch.tensor(x[:, 1:].numel(), device=device, dtype=torch.float64)])
-    return total
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
+        out.append(nll.view(len(x), -1).double().sum(1))
+    return torch.cat(out)
+
+
+def windows_nll(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext) -> torch.Tensor:
+    """[summed next-token NLL (nats), scored tokens] (float64, on device) over [W, T+1] windows."""
+    nll = window_nlls(model, windows_WT, batch_size, device, amp)
+    return torch.stack([nll.sum(), torch.tensor(float(windows_WT[:, 1:].numel()), device=nll.device,
+                                                dtype=torch.float64)])
 
 
 def window_bytes(tokenizer, windows_WT: torch.Tensor) -> int:
