@@ -134,16 +134,23 @@ BENCH_MODELS = {"qwen1.5-moe-a2.7b": QWEN15_MOE_A27B, "qwen3-30b-a3b": QWEN3_30B
 
 
 def bench_convert(workdir: Path, which: str, config: dict, device: str, convert_args: list[str],
-                  layers: int | None = None, fp8: bool = False) -> dict:
+                  layers: int | None = None, fp8: bool = False, keep_source: bool = False) -> dict:
     """Generate a synthetic checkpoint of `config` (named `which`; `layers` decoder layers if given, fp8
     sources if asked), convert it with `molae convert` in a child process that reports its own peak GPU
-    memory, and measure it (wall time, peak host RSS, seconds per layer, the budget's first pass)."""
+    memory, and measure it (wall time, peak host RSS, seconds per layer, the budget's first pass).
+    keep_source: leave the synthetic checkpoint for the next run of the same model and shapes (which
+    then reuses it instead of generating it again)."""
     config = dict(config, num_hidden_layers=layers or config["num_hidden_layers"])
     src, dst, report = workdir / f"{which}-src", workdir / f"{which}-molae", workdir / f"{which}-report.json"
-    peak = workdir / f"{which}-peak.json"
-    for p in (src, dst):
-        shutil.rmtree(p, ignore_errors=True)
-    made = synthetic_checkpoint(config, src, device=device if device.startswith("cuda") else "cpu", fp8=fp8)
+    peak, made_json = workdir / f"{which}-peak.json", workdir / f"{which}-src.json"
+    want = dict(config=config, fp8=fp8)
+    shutil.rmtree(dst, ignore_errors=True)
+    if made_json.is_file() and json.loads(made_json.read_text())["want"] == want and src.is_dir():
+        made = json.loads(made_json.read_text())["made"]
+    else:
+        shutil.rmtree(src, ignore_errors=True)
+        made = synthetic_checkpoint(config, src, device=device if device.startswith("cuda") else "cpu", fp8=fp8)
+        made_json.write_text(json.dumps(dict(want=want, made=made)))
     args = ["convert", str(src), "--out", str(dst), "--device", device, "--report", str(report), *convert_args]
     measured = run_measured([sys.executable, "-m", "molae.bench", str(peak), *args])
     summary = json.loads(report.read_text())
@@ -162,8 +169,10 @@ def bench_convert(workdir: Path, which: str, config: dict, device: str, convert_
                   extrapolated_minutes=None if full is None else (startup + full * per_layer) / 60,
                   mean_rel_error={k: _mean(summary, k, "rel_error") for k in ("gate", "up", "down")},
                   mean_rel_output_error={k: _mean(summary, k, "rel_output_error") for k in ("gate", "up", "down")})
-    for p in (src, dst):
-        shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    if not keep_source:
+        shutil.rmtree(src, ignore_errors=True)
+        made_json.unlink()
     report.unlink()
     peak.unlink()
     return result

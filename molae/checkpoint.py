@@ -152,15 +152,19 @@ class SourceCheckpoint:
         name = self._meta[key][1]
         return torch.bfloat16 if key in self.scales else _SAFETENSORS_DTYPES.get(name, torch.float32)
 
-    def _dequantized(self, key: str, t: torch.Tensor) -> torch.Tensor:
+    def _dequantized(self, key: str, t: torch.Tensor, device=None) -> torch.Tensor:
+        """`t` on `device` (default: where it is); an fp8 tensor times its block scales, as bfloat16,
+        computed there (on a GPU, far faster than on the host)."""
+        t = t if device is None else t.to(device)
         if key not in self.scales:
             return t
         sk = self.scales[key]
         with self._open(self.weight_map[sk]) as f:
-            scale = f.get_tensor(sk).float()
+            scale = f.get_tensor(sk).to(t.device, torch.float32)
         (r, c), (br, bc) = t.shape, self.block
-        full = scale.repeat_interleave(br, 0)[:r].repeat_interleave(bc, 1)[:, :c]
-        return (t.float() * full).to(torch.bfloat16)
+        q = torch.nn.functional.pad(t.float(), (0, -c % bc, 0, -r % br))
+        blocks = q.view(q.shape[0] // br, br, q.shape[1] // bc, bc) * scale[:, None, :, None]
+        return blocks.view_as(q)[:r, :c].to(torch.bfloat16)
 
     def shape(self, key) -> tuple[int, ...]:
         return self._meta[key][0]
@@ -174,19 +178,20 @@ class SourceCheckpoint:
     def disk_bytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in self.files)
 
-    def read_slice(self, key: str, index: tuple) -> torch.Tensor:
+    def read_slice(self, key: str, index: tuple, device=None) -> torch.Tensor:
         """Part of one tensor (e.g. index (slice(None), slice(0, m))), reading only that part."""
         if key in self.scales:  # blocks do not slice: dequantize the whole tensor, then take the part
-            return self.read([key])[key][index]
+            return self.read([key], device)[key][index]
         with self._open(self.weight_map[key]) as f:
             try:
-                return f.get_slice(key)[index]
+                part = f.get_slice(key)[index]
+                return part if device is None else part.to(device)
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise CheckpointError(f"{self.path / self.weight_map[key]}: tensor {key} cannot be read ({e}): "
                                       "the shard is corrupt; download it again") from e
 
-    def read(self, keys) -> dict[str, torch.Tensor]:
-        """The tensors of `keys`, opening each shard once and closing it afterwards."""
+    def read(self, keys, device=None) -> dict[str, torch.Tensor]:
+        """The tensors of `keys` (on `device` if given), opening each shard once and closing it afterwards."""
         by_file: dict[str, list[str]] = {}
         for k in keys:
             by_file.setdefault(self.weight_map[k], []).append(k)
@@ -195,7 +200,7 @@ class SourceCheckpoint:
             with self._open(file) as f:
                 for k in ks:
                     try:
-                        out[k] = self._dequantized(k, f.get_tensor(k))
+                        out[k] = self._dequantized(k, f.get_tensor(k), device)
                     except (SafetensorError, OSError, RuntimeError) as e:
                         raise CheckpointError(f"{self.path / file}: tensor {k} cannot be read ({e}): "
                                               "the shard is corrupt; download it again") from e

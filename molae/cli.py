@@ -187,13 +187,17 @@ def cmd_bench_convert(args):
     extra = ["--latent-dim", str(args.latent_dim)] if args.latent_dim else []
     extra += ["--budget", str(args.budget)] if args.budget else []
     extra += ["--projections", ",".join(args.projections)] if args.projections else []
-    if args.calibration:
-        extra += ["--calibration", str(args.calibration), "--calib-tokens", str(args.calib_tokens)]
+    runs = [extra]
+    if args.calibration:  # the data-free run first, on the same synthetic checkpoint, when asked
+        runs = [extra] * args.with_data_free + [extra + ["--calibration", str(args.calibration), "--calib-tokens",
+                                                        str(args.calib_tokens)]]
     for model in args.model:
-        result = bench_convert(args.workdir, model, BENCH_MODELS[model], args.device, extra, args.layers, args.fp8)
-        write_convert_results(result, args.results, args.commit)
-        print(json.dumps({k: result[k] for k in ("model", "layers", "calibrated", "fp8", "wall_s", "peak_rss_gb",
-                                                 "peak_gpu_gb", "seconds_per_layer", "extrapolated_minutes")}))
+        for j, run_args in enumerate(runs):
+            result = bench_convert(args.workdir, model, BENCH_MODELS[model], args.device, run_args, args.layers,
+                                   args.fp8, keep_source=j + 1 < len(runs))
+            write_convert_results(result, args.results, args.commit)
+            print(json.dumps({k: result[k] for k in ("model", "layers", "calibrated", "fp8", "wall_s", "peak_rss_gb",
+                                                     "peak_gpu_gb", "seconds_per_layer", "extrapolated_minutes")}))
 
 
 def cmd_eval(args):
@@ -433,6 +437,8 @@ def add_bench_commands(bench):
     bc.add_argument("--layers", type=positive_int, default=None,
                     help="decoder layers of the synthetic checkpoint (default: the model's)")
     bc.add_argument("--fp8", action="store_true", help="write block-quantized fp8 sources (DeepSeek-V3's format)")
+    bc.add_argument("--with-data-free", action="store_true",
+                    help="with --calibration: first convert the same synthetic checkpoint data-free, for comparison")
     bc.add_argument("--results", type=Path, default=Path("results"), help="where convert-*.json and convert.md go")
     bc.add_argument("--commit", default="unknown", help="the git commit being measured, recorded in the results")
 

@@ -57,22 +57,23 @@ class ExpertGroup:
     keys: list[str]
     names: dict[str, str]  # kind -> per-expert tensor name (gate_proj / w1, ...); empty when fused
 
-    def read_kind(self, ckpt: SourceCheckpoint, kind: str, chunk: int = 16) -> torch.Tensor:
+    def read_kind(self, ckpt: SourceCheckpoint, kind: str, chunk: int = 16, device=None) -> torch.Tensor:
         """One projection kind of all experts, [E, m, n] (gate, up) or [E, n, m] (down), in the source
-        dtype on the CPU; read a few experts at a time so that little more than the result is held."""
+        dtype (fp8 dequantized to bfloat16) on `device` (default the CPU); read a few experts at a time so
+        that little more than the result is held."""
         if self.layout == "fused":
             if kind == "down":
-                return ckpt.read_slice(f"{self.prefix}.down_proj", (slice(None),))
+                return ckpt.read_slice(f"{self.prefix}.down_proj", (slice(None),), device)
             rows = slice(0, self.inter) if kind == "gate" else slice(self.inter, 2 * self.inter)
-            return ckpt.read_slice(f"{self.prefix}.gate_up_proj", (slice(None), rows))
+            return ckpt.read_slice(f"{self.prefix}.gate_up_proj", (slice(None), rows), device)
         keys = [f"{self.prefix}.{e}.{self.names[kind]}.weight" for e in range(self.n_experts)]
         out = None
         for i in range(0, self.n_experts, chunk):
-            part = ckpt.read(keys[i:i + chunk])
+            part = ckpt.read(keys[i:i + chunk], device)
             for e in range(i, min(i + chunk, self.n_experts)):
                 t = part.pop(keys[e])
                 if out is None:
-                    out = torch.empty((self.n_experts, *t.shape), dtype=t.dtype)
+                    out = torch.empty((self.n_experts, *t.shape), dtype=t.dtype, device=t.device)
                 out[e] = t
         return out
 
@@ -363,7 +364,7 @@ class KindLoader(Mapping):
             raise KeyError(kind)
         if kind != self._kind:
             self._W = None
-            self._W, self._kind = self.group.read_kind(self.ckpt, kind).to(self.device), kind
+            self._W, self._kind = self.group.read_kind(self.ckpt, kind, device=self.device), kind
         return self._W
 
     def __iter__(self):

@@ -96,7 +96,7 @@ class LayerRunner:
         if missing:
             raise ValueError(f"{self.ckpt.path}: no tensor for {missing[0]} (of {len(missing)}): the checkpoint "
                              "does not match its config.json")
-        read = self.ckpt.read([self.module_key[prefix + k] for k in names])
+        read = self.ckpt.read([self.module_key[prefix + k] for k in names], self.device)
         return {k: _to(read[self.module_key[prefix + k]], self.device, self.dtype) for k in names}
 
     def _materialize(self, module: nn.Module, prefix: str):
@@ -138,7 +138,7 @@ class LayerRunner:
             experts = Experts(D, F2 // 2, E).to(self.device, self.dtype)
             with torch.no_grad():
                 for kind in ("gate", "up", "down"):
-                    getattr(experts, f"{kind}_proj").copy_(group.read_kind(self.ckpt, kind))
+                    getattr(experts, f"{kind}_proj").copy_(group.read_kind(self.ckpt, kind, device=self.device))
             set_submodule(layer, name, experts)
             skip = (name + ".",)
         state = self._state(layer, prefix, skip)
