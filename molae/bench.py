@@ -185,7 +185,7 @@ def _mean(summary, kind, field):
 
 def result_name(result: dict) -> str:
     mode = ("calibrated" if result.get("calibrated") else "data-free") + ("-fp8" if result.get("fp8") else "")
-    return f"{result['model']}-{result.get('layers', result.get('layers_converted'))}L-{mode}"
+    return f"{result['model']}-{result.get('layers', result.get('layers_converted'))}L-{mode}-{result['commit']}"
 
 
 def write_convert_results(result: dict, results: Path, commit: str):
@@ -193,7 +193,13 @@ def write_convert_results(result: dict, results: Path, commit: str):
     (results / "convert").mkdir(parents=True, exist_ok=True)
     result = dict(result, commit=commit)
     (results / "convert" / f"{result_name(result)}.json").write_text(json.dumps(result, indent=2) + "\n")
+    render_convert_results(results)
+
+
+def render_convert_results(results: Path):
+    """results/convert.md from every results/convert/*.json (newest commit's runs first within a model)."""
     rows = [json.loads(p.read_text()) for p in sorted((results / "convert").glob("*.json"))]
+    rows.sort(key=lambda r: (r["model"], r.get("layers", 0), bool(r.get("calibrated")), r["date"]))
     lines = ["# `molae convert` on real-sized checkpoints", "",
              "Synthetic checkpoints with the exact tensor names, shapes and hub-style sharding of the model "
              "(random bf16 values, or fp8 with 128 x 128 block scales as DeepSeek-V3 ships), generated on the "
@@ -203,17 +209,20 @@ def write_convert_results(result: dict, results: Path, commit: str):
              "of --budget's first pass (every layer's spectra, before any is converted); the whole-model time "
              "is start-up plus the model's MoE layer count times that. Written by `molae bench convert` from "
              "the JSON files in convert/.", "",
-             "| model | layers | source | mode | wall | start-up | s per layer | peak GPU | peak host RSS | source | "
-             "output | whole model (extrapolated) |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | layers | source | mode (options beyond --device cuda) | commit | wall | start-up | s per layer | "
+             "peak GPU | peak host RSS | source | output | whole model (extrapolated) |",
+             "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mode = "calibrated" if r.get("calibrated") else "data-free"
-        extra = r["command"].split("--report")[1].split(" ", 2)[-1] if "--report" in r["command"] else ""
-        whole = f"{r['extrapolated_minutes']:.1f} min" if r.get("extrapolated_minutes") else "-"
+        words = r["command"].split()
+        extra = " ".join(words[words.index("--report") + 2:]) if "--report" in words else ""
+        opt = lambda key, fmt: fmt.format(r[key]) if r.get(key) is not None else "-"  # noqa: E731
         lines.append(f"| {r['model']} | {r.get('layers', r['layers_converted'])} | {'fp8' if r.get('fp8') else 'bf16'} | "
-                     f"{mode} `{extra}` | {r['wall_s']:.1f} s | {r.get('startup_seconds', 0):.1f} s | "
-                     f"{r.get('seconds_per_layer', max(r['layer_seconds'])):.2f} | "
-                     f"{r.get('peak_gpu_gb', float('nan')):.1f} GB | {r['peak_rss_gb']:.1f} GB | "
-                     f"{r['source']['bytes'] / 1e9:.1f} GB | {r['after']['bytes_on_disk'] / 1e9:.1f} GB | {whole} |")
+                     f"{mode}{f' `{extra}`' if extra else ''} | `{r['commit']}` | {r['wall_s']:.1f} s | "
+                     f"{opt('startup_seconds', '{:.1f} s')} | "
+                     f"{r.get('seconds_per_layer', max(r['layer_seconds'])):.2f} | {opt('peak_gpu_gb', '{:.1f} GB')} | "
+                     f"{r['peak_rss_gb']:.1f} GB | {r['source']['bytes'] / 1e9:.1f} GB | "
+                     f"{r['after']['bytes_on_disk'] / 1e9:.1f} GB | {opt('extrapolated_minutes', '{:.1f} min')} |")
     lines += ["", "Each run's command, device, date and commit:", ""]
     for r in rows:
         lines.append(f"- {result_name(r)}: `{r['command']}` ({r['device']}, torch {r['torch']}, {r['date']}, "

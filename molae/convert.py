@@ -57,19 +57,20 @@ class ExpertGroup:
     keys: list[str]
     names: dict[str, str]  # kind -> per-expert tensor name (gate_proj / w1, ...); empty when fused
 
-    def read_kind(self, ckpt: SourceCheckpoint, kind: str, chunk: int = 16, device=None) -> torch.Tensor:
+    def read_kind(self, ckpt: SourceCheckpoint, kind: str, chunk: int = 16, device=None, out=None) -> torch.Tensor:
         """One projection kind of all experts, [E, m, n] (gate, up) or [E, n, m] (down), in the source
-        dtype (fp8 dequantized to bfloat16) on `device` (default the CPU); read a few experts at a time so
-        that little more than the result is held."""
+        dtype (fp8 dequantized to bfloat16) on `device` (default the CPU), or into `out`; read a few experts
+        at a time so that little more than the result is held."""
         if self.layout == "fused":
             if kind == "down":
-                return ckpt.read_slice(f"{self.prefix}.down_proj", (slice(None),), device)
-            rows = slice(0, self.inter) if kind == "gate" else slice(self.inter, 2 * self.inter)
-            return ckpt.read_slice(f"{self.prefix}.gate_up_proj", (slice(None), rows), device)
+                t = ckpt.read_slice(f"{self.prefix}.down_proj", (slice(None),), device)
+            else:
+                rows = slice(0, self.inter) if kind == "gate" else slice(self.inter, 2 * self.inter)
+                t = ckpt.read_slice(f"{self.prefix}.gate_up_proj", (slice(None), rows), device)
+            return t if out is None else out.copy_(t)
         keys = [f"{self.prefix}.{e}.{self.names[kind]}.weight" for e in range(self.n_experts)]
-        out = None
         for i in range(0, self.n_experts, chunk):
-            part = ckpt.read(keys[i:i + chunk], device)
+            part = ckpt.read(keys[i:i + chunk], device if out is None else out.device)
             for e in range(i, min(i + chunk, self.n_experts)):
                 t = part.pop(keys[e])
                 if out is None:
@@ -476,6 +477,7 @@ class Pipeline:
             healed = heal_layer(out.module, original, inputs.x_TD, inputs.idx_TK, inputs.w_TK, self.opts.heal_steps,
                                 self.opts.heal_lr)
             out.latent.update({n: t.detach() for n, t in out.module.named_parameters()})
+            del original
             for r in out.rows:
                 r["layer_heal"] = healed
         out_dtype = W["gate"].dtype if self.opts.dtype == "auto" else DTYPES[self.opts.dtype]
@@ -488,6 +490,7 @@ class Pipeline:
                 self.writer, {k: v.to(out_dtype).cpu().contiguous() for k, v in out.dense.items()})
         copy_tensors(self.ckpt, copied, self.writer,
                      rows=None if out.keep is None else _router_rows(self.ckpt, group, copied, out.keep))
+        del W  # the original experts go with the layer's old module: not held while the converted layer runs
         if layer is not None:
             if self.opts.carry == "converted" and out.module is not None:
                 (name, _), = find_experts(layer)

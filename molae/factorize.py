@@ -100,7 +100,8 @@ def shared_latent_svd(W_EMN, d, rank_ratio=None, *, dtype=None, method="auto"):
         gram = torch.zeros(N, N, dtype=torch.float64, device=W_EMN.device)
         for i in range(0, E, 8):
             Wc = W_EMN[i:i + 8].double() if r is None else best_rank(W_EMN[i:i + 8], r).double()
-            gram += (Wc.transpose(1, 2) @ Wc).sum(0)
+            rows = Wc.reshape(-1, N)
+            gram.addmm_(rows.T, rows)
         evals, evecs = _top_eigh(gram)
         S, B_LN = evals[:min(E * M, N)].sqrt().to(cdt), evecs[:, :d].T.contiguous().to(cdt)
         A_EML = torch.empty(E, M, d, dtype=cdt, device=W_EMN.device)
@@ -211,21 +212,23 @@ def weight_gram(W_EMN: torch.Tensor, kind: str, chunk: int = 8) -> torch.Tensor:
     experts at a time: the stack's Gram without a float64 copy of the stack."""
     n = W_EMN.shape[1] if kind == "down" else W_EMN.shape[2]
     out = torch.zeros(n, n, dtype=torch.float64, device=W_EMN.device)
-    for i in range(0, W_EMN.shape[0], chunk):
+    for i in range(0, W_EMN.shape[0], chunk):  # one GEMM per chunk of experts: no [chunk, n, n] temporary
         Wc = W_EMN[i:i + chunk].double()
-        out += (Wc @ Wc.transpose(1, 2) if kind == "down" else Wc.transpose(1, 2) @ Wc).sum(0)
+        rows = Wc.transpose(1, 2).reshape(-1, n) if kind == "down" else Wc.reshape(-1, n)
+        out.addmm_(rows.T, rows)
     return out
 
 
-def aware_gate_up_streaming(W_EMN, d: int, inputs, experts, damp: float = 0.01):
+def aware_gate_up_streaming(W_EMN, d: int, inputs, experts, damp: float = 0.01, a_dtype=torch.float64):
     """`aware_gate_up(W, d, C)` with C the regularized Grams of `experts` (ids in `inputs`, a
     `calibrate.LayerInputs`, in W's order), computed from the captured inputs without any [E, n, n]:
     B from the group's summed Gram and the stack's weight Gram (both [n, n]); then for each expert, with
     Z = X_i B^T and Y = X_i W_i^T over its routed rows X_i (and C_mean the layer's mean Gram),
         B C_i' B^T = Z^T Z + prior B C_mean B^T + lam_i B B^T
         W_i C_i' B^T = Y^T Z + prior W_i C_mean B^T + lam_i W_i B^T,  lam_i = damp tr(C_i + prior C_mean) / n.
-    Returns A [E, m, d], B [d, n] (float64), the whitened stack's singular values, and the output error
-    terms (sum_i ||(W_i - A_i B) X_i||^2, sum_i ||W_i X_i||^2) on the unregularized inputs."""
+    Returns A [E, m, d] (in a_dtype: each A_i is solved in float64 and stored, so no float64 stack is held),
+    B [d, n] (float64), the whitened stack's singular values, and the output error terms
+    (sum_i ||(W_i - A_i B) X_i||^2, sum_i ||W_i X_i||^2) on the unregularized inputs."""
     experts = list(experts)
     n, prior = W_EMN.shape[2], inputs.prior
     C_mean = inputs.mean_gram()
@@ -236,7 +239,7 @@ def aware_gate_up_streaming(W_EMN, d: int, inputs, experts, damp: float = 0.01):
     CmBt_NL = C_mean @ B_LN.T
     BCmB, BB = B_LN @ CmBt_NL, B_LN @ B_LN.T
     tr_mean = C_mean.diagonal().sum()
-    A = torch.empty(len(experts), W_EMN.shape[1], d, dtype=torch.float64, device=W_EMN.device)
+    A = torch.empty(len(experts), W_EMN.shape[1], d, dtype=a_dtype, device=W_EMN.device)
     err2 = total2 = 0.0
     for j, e in enumerate(experts):
         X = inputs.inputs(e)
@@ -245,8 +248,9 @@ def aware_gate_up_streaming(W_EMN, d: int, inputs, experts, damp: float = 0.01):
         lam = damp * (X.square().sum() + prior * tr_mean).clamp_min(1e-30) / n
         Q = Z.T @ Z + prior * BCmB + lam * BB
         R = Y.T @ Z + prior * (W @ CmBt_NL) + lam * (W @ B_LN.T)
-        A[j] = torch.linalg.solve(Q, R.T).T
-        err2 += (Y - Z @ A[j].T).square().sum().item()
+        A_j = torch.linalg.solve(Q, R.T).T
+        A[j] = A_j
+        err2 += (Y - Z @ A_j.T).square().sum().item()
         total2 += Y.square().sum().item()
     return A, B_LN, evals.sqrt(), (err2, total2)
 
@@ -273,7 +277,8 @@ def down_whitened_gram(W_EDF, inputs, experts, W_layer, h_mean_FF, damp: float =
     return out
 
 
-def aware_down_streaming(W_EDF, d: int, inputs, experts, W_layer, h_mean_FF, damp: float = 0.01):
+def aware_down_streaming(W_EDF, d: int, inputs, experts, W_layer, h_mean_FF, damp: float = 0.01,
+                         a_dtype=torch.float64):
     """`aware_down(W, d, C)` with C the regularized Grams of the experts' intermediate activations,
     from the captured inputs: B = the top-d eigenvectors of sum_i W_i C_i' W_i^T ([n, n]), A_i = B^T W_i.
     Returns A [E, d, m], B [n, d] (float64), the singular values, and the output error terms on the
@@ -281,14 +286,15 @@ def aware_down_streaming(W_EDF, d: int, inputs, experts, W_layer, h_mean_FF, dam
     experts = list(experts)
     evals, evecs = _top_eigh(down_whitened_gram(W_EDF, inputs, experts, W_layer, h_mean_FF, damp))
     B_DL = evecs[:, :d].contiguous()
-    A = torch.empty(len(experts), d, W_EDF.shape[2], dtype=torch.float64, device=W_EDF.device)
+    A = torch.empty(len(experts), d, W_EDF.shape[2], dtype=a_dtype, device=W_EDF.device)
     err2 = total2 = 0.0
     for j, e in enumerate(experts):
         W = W_EDF[j].double()
-        A[j] = B_DL.T @ W
+        A_j = B_DL.T @ W
+        A[j] = A_j
         h = inputs.hidden(e, W_layer)
         Y = h @ W.T
-        err2 += (Y - (h @ A[j].T) @ B_DL.T).square().sum().item()
+        err2 += (Y - (h @ A_j.T) @ B_DL.T).square().sum().item()
         total2 += Y.square().sum().item()
     return A, B_DL, evals.sqrt(), (err2, total2)
 

@@ -135,10 +135,12 @@ class LayerRunner:
             if (E, F2 // 2, D) != (group.n_experts, group.inter, group.dim):
                 raise ValueError(f"layer {i}: experts [{E}, {F2 // 2}, {D}] in config.json, "
                                  f"[{group.n_experts}, {group.inter}, {group.dim}] in the shards")
-            experts = Experts(D, F2 // 2, E).to(self.device, self.dtype)
-            with torch.no_grad():
+            with torch.device("meta"):
+                experts = Experts(D, F2 // 2, E).to(self.dtype)
+            experts.to_empty(device=self.device)
+            with torch.no_grad():  # read straight into the parameters: no second copy of a kind's stack
                 for kind in ("gate", "up", "down"):
-                    getattr(experts, f"{kind}_proj").copy_(group.read_kind(self.ckpt, kind, device=self.device))
+                    group.read_kind(self.ckpt, kind, out=getattr(experts, f"{kind}_proj"))
             set_submodule(layer, name, experts)
             skip = (name + ".",)
         state = self._state(layer, prefix, skip)

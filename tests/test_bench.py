@@ -32,7 +32,7 @@ def test_bench_convert_measures_and_records(tmp_path):
     assert result["after"]["expert"] < result["before"]["expert"]
     assert not any((tmp_path / "work").iterdir())  # scratch checkpoints removed
     write_convert_results(result, tmp_path / "results", commit="abc1234")
-    saved = json.loads((tmp_path / "results" / "convert" / "tiny-qwen-2L-data-free.json").read_text())
+    saved = json.loads((tmp_path / "results" / "convert" / "tiny-qwen-2L-data-free-abc1234.json").read_text())
     assert saved["commit"] == "abc1234" and saved["wall_s"] == result["wall_s"]
     md = (tmp_path / "results" / "convert.md").read_text()
     assert "| tiny-qwen | 2 | bf16 | data-free" in md and f"{result['wall_s']:.1f} s" in md and "`abc1234`" in md
@@ -56,5 +56,5 @@ def test_bench_convert_calibrated_from_fp8_sources(tmp_path):
     assert result["after"]["expert"] <= 0.5 * result["before"]["expert"] + 64
     assert all(v is not None for k, v in result["mean_rel_output_error"].items())
     write_convert_results(result, tmp_path / "results", commit="def5678")
-    assert (tmp_path / "results" / "convert" / "tiny-dsv3-2L-calibrated-fp8.json").is_file()
+    assert (tmp_path / "results" / "convert" / "tiny-dsv3-2L-calibrated-fp8-def5678.json").is_file()
     assert "| tiny-dsv3 | 2 | fp8 | calibrated" in (tmp_path / "results" / "convert.md").read_text()

@@ -68,6 +68,14 @@ class MoLAE(Method):
         ids = torch.arange(E) if perm is None else perm.cpu()
         return ids[g * Eg:(g + 1) * Eg].tolist()
 
+    def _group(self, Wk: torch.Tensor, spec, g: int, perm) -> torch.Tensor:
+        """Group g's experts of one kind: a view of the stack when groups are by index (no copy of a
+        layer's experts, 7.5 GB a kind at DeepSeek-V3 shapes), a gather when they are permuted."""
+        Eg = Wk.shape[0] // spec["groups"]
+        if perm is None:
+            return Wk[g * Eg:(g + 1) * Eg]
+        return Wk[perm[g * Eg:(g + 1) * Eg].to(Wk.device)]
+
     # ---- spectra for --budget
     def spectra(self, W, inputs, spec, opts) -> dict[str, torch.Tensor]:
         """Squared singular values of each factorized kind's (whitened) group stacks, summed over groups."""
@@ -79,7 +87,7 @@ class MoLAE(Method):
             sig = []
             for g in range(spec["groups"]):
                 ex = self._members(spec, E, g, perm)
-                Wg = W[kind][torch.tensor(ex, device=W[kind].device)]
+                Wg = self._group(W[kind], spec, g, perm)
                 if inputs is None:
                     sig.append(_top_eigh(weight_gram(Wg, kind))[0])
                 elif kind == "down":
@@ -109,37 +117,38 @@ class MoLAE(Method):
                 params.update(p)
                 rows.append(dict(layer=layer, **row))
                 continue
-            p, row = self._aware(W, kind, d, inputs, spec, perm, h_mean, opts)
+            p, row = self._aware(W, kind, d, inputs, spec, perm, h_mean, opts, dtype)
             params.update(p)
             rows.append(dict(layer=layer, **row))
         if perm is not None:  # router id -> slot
             params["expert_slot"] = torch.argsort(perm)
         params = {k: v.to(dtype) if v.is_floating_point() else v for k, v in params.items()}
-        module = Experts(D, F_, E, dict(spec["latent"]), spec["groups"], perm is not None).to(device, dtype)
-        with torch.no_grad():
-            for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-                t.copy_(params[name])
+        with torch.device("meta"):
+            module = Experts(D, F_, E, dict(spec["latent"]), spec["groups"], perm is not None)
+        module.load_state_dict(params, strict=True, assign=True)  # shares the factors' storage: no second copy
         record = dict(latent=dict(spec["latent"]), groups=spec["groups"])
         if perm is not None:
             record["permuted"] = True
         return LayerOutput(rows=rows, latent=params, module=module, record=record)
 
-    def _aware(self, W, kind, d, inputs, spec, perm, h_mean, opts):
-        """One kind, activation-aware, group by group; the report row as factorize_projection's."""
+    def _aware(self, W, kind, d, inputs, spec, perm, h_mean, opts, dtype):
+        """One kind, activation-aware, group by group; the report row as factorize_projection's (the
+        weight-space error of the factors as stored, in `dtype`)."""
         E = W[kind].shape[0]
         As, Bs = [], []
         err2 = total2 = out_err2 = out_total2 = 0.0
         for g in range(spec["groups"]):
             ex = self._members(spec, E, g, perm)
-            Wg = W[kind][torch.tensor(ex, device=W[kind].device)]
+            Wg = self._group(W[kind], spec, g, perm)
             if kind == "down":
-                A, B, _, (e2, t2) = aware_down_streaming(Wg, d, inputs, ex, W, h_mean, opts.damp)
+                A, B, _, (e2, t2) = aware_down_streaming(Wg, d, inputs, ex, W, h_mean, opts.damp, dtype)
             else:
-                A, B, _, (e2, t2) = aware_gate_up_streaming(Wg, d, inputs, ex, opts.damp)
+                A, B, _, (e2, t2) = aware_gate_up_streaming(Wg, d, inputs, ex, opts.damp, dtype)
+            B = B.to(dtype)
             out_err2, out_total2 = out_err2 + e2, out_total2 + t2
             for i in range(0, len(ex), 8):  # weight-space error against the originals, a few experts at a time
                 Wc = Wg[i:i + 8].double()
-                W_hat = B @ A[i:i + 8] if kind == "down" else A[i:i + 8] @ B
+                W_hat = B.double() @ A[i:i + 8].double() if kind == "down" else A[i:i + 8].double() @ B.double()
                 err2 += (Wc - W_hat).square().sum().item()
                 total2 += Wc.square().sum().item()
             As.append(A)
