@@ -15,7 +15,7 @@ expert, or one group, at a time, so that nothing of size E x D x D is ever held:
   inputs(e) [N_e, D]         the rows routed to e, found from one stable sort of the routed slots
                              (the fast path's routing plan), not a scan per expert
   hidden(e, W) [N_e, F]      h = silu(W_gate x) * (W_up x), expert e's intermediate activations
-  reap(W) [E]                sum over routed tokens of g_e(x) * ||E_e(x)|| (REAP's saliency, / count)
+  reap(W) [E]                sum over routed tokens of p_e(x) * ||E_e(x)|| (REAP's saliency, / count)
   mean_outputs(W) [E, D]     mean over all tokens (routed or not) of E_e(x) (HC-SMoE)
   fisher(W) [E]              D²-MoE's Fisher weights, approximated layer-locally (see the method)
 
@@ -59,8 +59,9 @@ class LayerInputs:
     chunk_rows = 8192  # rows of x cast to float64 at a time
 
     def __init__(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, n_experts: int,
-                 prior_tokens: float = 64.0):
+                 prior_tokens: float = 64.0, logits_TE: torch.Tensor | None = None):
         self.x_TD, self.idx_TK, self.w_TK, self.E, self.prior = x_TD, idx_TK, w_TK, n_experts, prior_tokens
+        self.logits_TE = logits_TE  # the router's logits, when captured (REAP's and HC-SMoE's weights)
         T, K = idx_TK.shape
         flat_S = idx_TK.reshape(-1)
         self.order_S = torch.argsort(flat_S, stable=True)  # slots sorted by expert
@@ -80,7 +81,16 @@ class LayerInputs:
         return self.x_TD[self.rows(e)].to(dtype)
 
     def route_weights(self, e: int) -> torch.Tensor:
+        """The weights the family's router gave expert e on its routed rows (as the experts module saw them)."""
         return self.w_TK.reshape(-1)[self.order_S[self.offs[e]:self.offs[e + 1]]].double()
+
+    def router_probs(self, e: int) -> torch.Tensor:
+        """softmax(router logits)[e] over all experts on e's routed rows: the weight REAP and HC-SMoE use (for
+        routers that renormalize the top-k, such as Mixtral's, it differs from `route_weights`); the routed
+        weights when no logits were captured."""
+        if self.logits_TE is None:
+            return self.route_weights(e)
+        return torch.softmax(self.logits_TE[self.rows(e)].double(), dim=-1)[:, e]
 
     # ---- Grams
     def gram(self, e: int) -> torch.Tensor:
@@ -133,8 +143,9 @@ class LayerInputs:
         return self.hidden(e, W, X) @ W["down"][e].double().T
 
     def reap(self, W) -> torch.Tensor:
-        """[E] sum over routed tokens of g_e(x) * ||E_e(x)||_2."""
-        return torch.tensor([(self.route_weights(e) * self.outputs(e, W).norm(dim=1)).sum().item()
+        """[E] sum over routed tokens of p_e(x) * ||E_e(x)||_2, p_e the router's softmax probability
+        (CerebrasResearch/reap, src/reap/pruning_metrics.py; its mean is this over the count)."""
+        return torch.tensor([(self.router_probs(e) * self.outputs(e, W).norm(dim=1)).sum().item()
                              for e in range(self.E)], dtype=torch.float64)
 
     def mean_outputs(self, W) -> torch.Tensor:

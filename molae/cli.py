@@ -62,7 +62,7 @@ def cmd_convert(args):
                           calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
                           calib_batch=args.calib_batch, carry=args.carry, heal_steps=args.heal_steps,
                           heal_lr=args.heal_lr, group_by=args.group_by,
-                          damp=args.damp, mobe_bases=args.mobe_bases, mobe_steps=args.mobe_steps)
+                          damp=args.damp, mobe_steps=args.mobe_steps)
     summary = convert_checkpoint(args.src, args.out, opts, report=args.report, resume=args.resume,
                                  overwrite=args.overwrite)
     print(format_summary(summary))
@@ -347,9 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="experts of a group: by index (default) or by similar row spaces")
     conv.add_argument("--damp", type=non_negative_float, default=0.01,
                       help="ridge added to calibration Gram matrices, relative to their mean diagonal (default 0.01)")
-    conv.add_argument("--mobe-bases", type=positive_int, default=None, help="MoBE: basis matrices per layer "
-                      "(default max(2, E/8))")
-    conv.add_argument("--mobe-steps", type=positive_int, default=500, help="MoBE: Adam steps per matrix (default 500)")
+    conv.add_argument("--mobe-steps", type=positive_int, default=30000,
+                      help="MoBE: Adam steps per layer and kind (default 30000, its authors')")
 
     hl = add_command(sub, "heal", cmd_heal, outputs={"dst": "writable"}, devices=("device",),
                      help="distil a converted model towards its original (latent factors only)",
@@ -463,7 +462,7 @@ def add_bench_commands(bench):
     bq.add_argument("--heal-lr", type=positive_float, default=1e-4, help="healing peak learning rate (default 1e-4)")
     bq.add_argument("--eval-tokens", type=positive_int, default=262144, help="validation tokens scored (default 262144)")
     bq.add_argument("--seq-len", type=positive_int, default=512, help="window length (default 512)")
-    bq.add_argument("--mobe-steps", type=positive_int, default=500, help="MoBE Adam steps (default 500)")
+    bq.add_argument("--mobe-steps", type=positive_int, default=30000, help="MoBE Adam steps (default 30000)")
     bq.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     bq.add_argument("--workdir", required=True, type=Path, help="scratch directory for the converted models")
     bq.add_argument("--json", required=True, type=Path, help="results file (appended per run)")

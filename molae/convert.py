@@ -224,8 +224,7 @@ class ConvertOptions:
     heal_lr: float = 1e-3
     group_by: str = "index"  # or "similarity"
     damp: float = 0.01  # ridge on calibration Grams, relative to their mean diagonal
-    mobe_bases: int | None = None  # MoBE's J (None: max(2, E // 8))
-    mobe_steps: int = 500
+    mobe_steps: int = 30000  # MoBE's Adam steps (its authors' default)
 
 
 def check_options(opts: ConvertOptions):
@@ -401,8 +400,8 @@ class Pipeline:
 
     def _inputs(self, layer, i, hidden):
         """The layer's outputs on the carried hidden states, and its experts' captured inputs."""
-        out, (x, idx, w) = self.runner.run(layer, i, hidden, capture=True)
-        return out, LayerInputs(x, idx, w, self.by_layer[i].n_experts)
+        out, (x, idx, w, logits) = self.runner.run(layer, i, hidden, capture=True)
+        return out, LayerInputs(x, idx, w, self.by_layer[i].n_experts, logits_TE=logits)
 
     # ---- first pass: spectra for --budget
     def allocate(self, plan: dict):

@@ -156,13 +156,16 @@ class LayerRunner:
     @torch.no_grad()
     def run(self, layer: nn.Module, i: int, hidden: list[torch.Tensor], capture: bool = False):
         """Layer i on each batch of carried hidden states: the outputs, and with capture the inputs of
-        its experts module and their routing, concatenated over batches: (x [T, D], idx [T, K], w [T, K])."""
-        taken, handle = [], None
+        its experts module, their routing and the router's logits, concatenated over batches:
+        (x [T, D], idx [T, K], w [T, K], logits [T, E])."""
+        taken, logits, handles = [], [], []
         if capture:
-            (_, experts), = find_experts(layer)
-            handle = experts.register_forward_hook(
+            (name, experts), = find_experts(layer)
+            handles.append(experts.register_forward_hook(
                 lambda mod, args, kwargs, out: taken.append(tuple(a.detach() for a in (*args, *kwargs.values()))),
-                with_kwargs=True)
+                with_kwargs=True))
+            handles.append(router_of(layer, name).register_forward_hook(
+                lambda mod, args, out: logits.append(out[0].detach().reshape(-1, out[0].shape[-1]))))
         try:
             out = []
             for b, h in enumerate(hidden):
@@ -170,12 +173,23 @@ class LayerRunner:
                 y = layer(h, *args, **kwargs)
                 out.append(y[0] if isinstance(y, tuple) else y)
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
         if not capture:
             return out, None
         x, idx, w = (torch.cat([t[j] for t in taken]) for j in range(3))
-        return out, (x, idx, w)
+        return out, (x, idx, w, torch.cat(logits))
+
+
+def router_of(layer: nn.Module, experts_name: str) -> nn.Module:
+    """The router beside an experts module: its MoE block's `gate` (`router` in PhiMoE), which every
+    supported family calls as router(hidden) -> (logits [T, E], top-k weights, top-k ids)."""
+    block = layer.get_submodule(experts_name.rsplit(".", 1)[0]) if "." in experts_name else layer
+    for attr in ("gate", "router"):
+        module = getattr(block, attr, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"{type(block).__name__} has no `gate` or `router` module beside its experts")
 
 
 def _to(t: torch.Tensor, device, dtype) -> torch.Tensor:
