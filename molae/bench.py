@@ -152,7 +152,7 @@ def bench_convert(workdir: Path, which: str, config: dict, device: str, convert_
         made = synthetic_checkpoint(config, src, device=device if device.startswith("cuda") else "cpu", fp8=fp8)
         made_json.write_text(json.dumps(dict(want=want, made=made)))
     args = ["convert", str(src), "--out", str(dst), "--device", device, "--report", str(report), *convert_args]
-    measured = run_measured([sys.executable, "-m", "molae.bench", str(peak), *args])
+    measured = run_measured([sys.executable, "-c", CHILD, str(peak), *args])
     summary = json.loads(report.read_text())
     layer_s = [r.get("unit_seconds") for r in summary["layers"] if r["kind"] == "gate"]  # one row per layer
     L, calibrated = config["num_hidden_layers"], "--calibration" in convert_args
@@ -230,15 +230,12 @@ def render_convert_results(results: Path):
     (results / "convert.md").write_text("\n".join(lines) + "\n")
 
 
-def _child(peak_json: str, *argv: str) -> int:
-    """`python -m molae.bench PEAK.json convert ...`: the molae command, then its peak GPU memory."""
-    from .cli import main
-
-    code = main(list(argv))
-    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
-    Path(peak_json).write_text(json.dumps(dict(peak_gpu_gb=peak)))
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(_child(*sys.argv[1:]))
+# The child process: the molae command, then its own peak GPU memory (code run with `python -c`, so this
+# module does not import the CLI that imports it)
+CHILD = """import json, sys, torch
+from molae.cli import main
+code = main(sys.argv[2:])
+peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+open(sys.argv[1], "w").write(json.dumps(dict(peak_gpu_gb=peak)))
+sys.exit(code)
+"""

@@ -35,12 +35,13 @@ from .calibrate import LayerInputs, calibration_ids
 from .command import check_device, progress_bar
 from .factorize import allocate_latent
 from .layers import KINDS, check_projections, multiply_out
-from .models import SUPPORTED, find_experts, is_embedding, layer_index, set_submodule
+from .families import FUSED, KIND_OF_NAME, SUPPORTED, family, fuse_gate_up, fused_rows
+from .models import find_experts, is_embedding, layer_index, set_submodule
+from .spec import LayerSpec, MolaeSpec
 
-PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<name>gate_proj|up_proj|down_proj|w1|w2|w3)"
-                        r"\.weight$")
-FUSED = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<name>gate_up_proj|down_proj)$")
-KIND_OF = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+# the two on-disk layouts of the families' experts (molae/families.py)
+PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<name>" + "|".join(KIND_OF_NAME) + r")\.weight$")
+FUSED_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<name>" + "|".join(FUSED) + r")$")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -65,8 +66,7 @@ class ExpertGroup:
             if kind == "down":
                 t = ckpt.read_slice(f"{self.prefix}.down_proj", (slice(None),), device)
             else:
-                rows = slice(0, self.inter) if kind == "gate" else slice(self.inter, 2 * self.inter)
-                t = ckpt.read_slice(f"{self.prefix}.gate_up_proj", (slice(None), rows), device)
+                t = ckpt.read_slice(f"{self.prefix}.gate_up_proj", (slice(None), fused_rows(kind, self.inter)), device)
             return t if out is None else out.copy_(t)
         keys = [f"{self.prefix}.{e}.{self.names[kind]}.weight" for e in range(self.n_experts)]
         for i in range(0, self.n_experts, chunk):
@@ -81,7 +81,7 @@ class ExpertGroup:
     def write(self, writer: ShardWriter, dense: dict[str, torch.Tensor]):
         """Write whole expert weights back in this group's source layout."""
         if self.layout == "fused":
-            writer.add(f"{self.prefix}.gate_up_proj", torch.cat([dense["gate"], dense["up"]], dim=1))
+            writer.add(f"{self.prefix}.gate_up_proj", fuse_gate_up(dense["gate"], dense["up"]))
             writer.add(f"{self.prefix}.down_proj", dense["down"])
             return
         for kind in KINDS:
@@ -95,7 +95,7 @@ def find_expert_groups(ckpt: SourceCheckpoint) -> dict[str, ExpertGroup]:
     for key in ckpt.keys():
         if m := PER_EXPERT.match(key):
             layout = "per_expert"
-        elif m := FUSED.match(key):
+        elif m := FUSED_KEY.match(key):
             layout = "fused"
         else:
             continue
@@ -103,7 +103,7 @@ def find_expert_groups(ckpt: SourceCheckpoint) -> dict[str, ExpertGroup]:
         if g["layout"] != layout:
             raise CheckpointError(f"{m['prefix']} mixes per-expert and fused tensors: the checkpoint is inconsistent")
         if layout == "per_expert":
-            g["names"][KIND_OF[m["name"]]] = m["name"]
+            g["names"][KIND_OF_NAME[m["name"]]] = m["name"]
             g["experts"].add(int(m["e"]))
         g["keys"].append(key)
     groups = {}
@@ -536,19 +536,17 @@ def _finish(ckpt, groups, plan, opts, method, base_type, writer, dst, report, ov
                    calib_tokens=opts.calib_tokens if opts.calibration else None,
                    carry=opts.carry if opts.calibration else None, heal_steps=opts.heal_steps or None)
     if method.latent:
-        layers = {unit.split(".")[1]: info["record"] for unit, info in infos.items() if info.get("record")}
-        molae = dict(version=1, base_model_type=base_type, layers=layers, options=options,
-                     source_layout={str(g.layer): dict(layout=g.layout, names=g.names) for g in groups.values()})
+        layers = {unit.split(".")[1]: LayerSpec.from_dict(info["record"], unit) for unit, info in infos.items()
+                  if info.get("record")}
+        molae = MolaeSpec(base_type, layers, options=options, source_layout={
+            str(g.layer): dict(layout=g.layout, names=g.names) for g in groups.values()}).to_dict()
         config = dict(ckpt.config, model_type=f"molae_{base_type}", molae=molae,
                       architectures=[f"Molae{a}" for a in ckpt.config.get("architectures", [])])
     else:  # the source's own architecture; what the method stores, recorded
         config = dict(ckpt.config, molae_compression=dict(options, routed_params_stored=summary["after"]["expert_stored"],
                                                           routed_params_before=summary["before"]["expert"]))
         if method.prunes:
-            kept = len(next(info["keep"] for info in infos.values() if info.get("keep")))
-            for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-                if key in config:
-                    config[key] = kept
+            config[family(base_type).count_key] = len(next(info["keep"] for info in infos.values() if info.get("keep")))
     config.pop("quantization_config", None)  # fp8 sources are written dequantized
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_aux_files(ckpt.path, tmp)
@@ -624,24 +622,24 @@ def decompress_checkpoint(src, dst, dtype: str = "auto", device: str = "cpu", ma
     dst = Path(dst)
     check_destination(dst, overwrite)
     ckpt = SourceCheckpoint(resolve(src))
-    molae = ckpt.config.get("molae")
-    if not isinstance(molae, dict) or "layers" not in molae:
-        raise CheckpointError(f"{ckpt.path} is not a MoLAE checkpoint (its config.json has no molae section): "
-                              "decompress takes the output of molae convert")
+    try:
+        molae = MolaeSpec.from_dict(ckpt.config.get("molae"), str(ckpt.path))
+    except ValueError as e:
+        raise CheckpointError(f"{e}; decompress takes the output of molae convert") from None
     if dtype not in ("auto", *DTYPES):
         raise ValueError(f"--dtype {dtype} is not known: allowed auto, {', '.join(DTYPES)}")
     device = check_device(device)
     check_disk_space(dst, 4 * ckpt.disk_bytes())
     latent_prefix = {}
     for k in ckpt.keys():  # the converted layers' experts prefixes
-        if re.search(r"\.experts\.(gate|up|down)_(A|B|proj)$", k) and str(layer_index(k)) in molae["layers"]:
+        if re.search(r"\.experts\.(gate|up|down)_(A|B|proj)$", k) and str(layer_index(k)) in molae.layers:
             latent_prefix[layer_index(k)] = k.rsplit(".", 1)[0]
     writer = ShardWriter(temp_dir_for(dst), dict(src=str(ckpt.path), dtype=dtype, op="decompress"),
                          parse_size(max_shard_size), resume=resume)
     with removed_on_error(writer.tmp):
         _decompress_units(ckpt, molae, latent_prefix, dtype, device, writer)
         config = {k: v for k, v in ckpt.config.items() if k != "molae"}
-        config["model_type"] = molae["base_model_type"]
+        config["model_type"] = molae.base_model_type
         config["architectures"] = [a.removeprefix("Molae") for a in config.get("architectures", [])]
         (writer.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_aux_files(ckpt.path, writer.tmp)
@@ -662,7 +660,7 @@ def _decompress_units(ckpt, molae, latent_prefix, dtype, device, writer):
             dense = multiply_out({k: t.float() if t.is_floating_point() else t for k, t in tensors.items()})
             out_dtype = next(t.dtype for t in tensors.values() if t.is_floating_point()) if dtype == "auto" \
                 else DTYPES[dtype]
-            src = molae["source_layout"][str(i)]
+            src = molae.source_layout[str(i)]
             E, m, n = dense["gate"].shape
             ExpertGroup(prefix, i, src["layout"], E, m, n, [], src["names"]).write(
                 writer, {k: v.to(out_dtype) for k, v in dense.items()})

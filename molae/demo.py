@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from .command import progress_bar
 
+from .evaluate import windows_nll
 from .models import find_experts, to_molae
 from .train import TrainConfig, make_optimizer
 from .data import byte_tokenizer, eval_windows, load_stdlib_corpus, random_batch
@@ -90,16 +90,10 @@ def train(model, data, cfg: DemoConfig) -> list[float]:
     return losses
 
 
-@torch.no_grad()
 def bits_per_byte(model, windows: torch.Tensor, batch: int = 16) -> float:
     """Mean next-byte NLL over the windows, in bits (one token is one byte)."""
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        x = windows[i:i + batch]
-        logits = model(input_ids=x[:, :-1]).logits
-        total += F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
-        count += x[:, 1:].numel()
-    return total / count / math.log(2)
+    nll, count = windows_nll(model, windows, batch, next(model.parameters()).device).tolist()
+    return nll / count / math.log(2)
 
 
 def expert_params(model) -> int:

@@ -9,6 +9,7 @@ exp(mean NLL of tokens 2..T)). Bits per byte = scored NLL in bits / UTF-8 bytes 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -48,6 +49,36 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
 
 
 @torch.no_grad()
+def token_nlls(model, x_BT: torch.Tensor, attention_mask=None, amp=contextlib.nullcontext) -> torch.Tensor:
+    """[B, T-1] next-token NLL (nats) of tokens 1..T-1 of each row, the model reading tokens 0..T-2: the one
+    place molae turns logits into losses (sliding-window perplexity, fixed windows, validation, the demo)."""
+    with amp():
+        logits = model(input_ids=x_BT[:, :-1],
+                       attention_mask=None if attention_mask is None else attention_mask[:, :-1]).logits
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits.transpose(1, 2), x_BT[:, 1:], reduction="none")
+
+
+@torch.no_grad()
+def window_nlls(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext) -> torch.Tensor:
+    """[W] summed next-token NLL (nats, float64, on device) of each [T+1] window (T tokens scored each)."""
+    return torch.cat([token_nlls(model, windows_WT[i:i + batch_size].to(device), amp=amp).double().sum(1)
+                      for i in range(0, len(windows_WT), batch_size)])
+
+
+def windows_nll(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext) -> torch.Tensor:
+    """[summed next-token NLL (nats), scored tokens] (float64, on device) over [W, T+1] windows."""
+    nll = window_nlls(model, windows_WT, batch_size, device, amp)
+    return torch.stack([nll.sum(), torch.tensor(float(windows_WT[:, 1:].numel()), device=nll.device,
+                                                dtype=torch.float64)])
+
+
+def window_bytes(tokenizer, windows_WT: torch.Tensor) -> int:
+    """UTF-8 bytes of the scored tokens (all but each window's first), decoded: bits per byte's denominator."""
+    return sum(len(tokenizer.decode(w[1:].tolist()).encode()) for w in windows_WT)
+
+
+@torch.no_grad()
 def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None, batch_size: int = 8,
                progress: bool = True) -> dict:
     """Sliding-window NLL of a 1-D token tensor. Returns tokens scored, total and mean NLL (nats), perplexity."""
@@ -63,10 +94,7 @@ def perplexity(model, ids: torch.Tensor, context: int, stride: int | None = None
         for j, (begin, _, end) in enumerate(batch):  # right-padded; padding is never scored
             x[j, :end - begin] = ids[begin:end]
             mask[j, :end - begin] = 1
-        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits
-        logits = logits if logits.dtype == torch.float64 else logits.float()
-        logp = F.log_softmax(logits[:, :-1], dim=-1)
-        nll = -logp.gather(-1, x[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)  # nll[j, p] of token p + 1
+        nll = token_nlls(model, x.to(device), mask.to(device))  # nll[j, p] of token p + 1
         for j, (begin, score_from, end) in enumerate(batch):
             scored = nll[j, score_from - begin - 1:end - begin - 1]
             total += scored.double().sum().item()

@@ -30,6 +30,7 @@ from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, copy_au
                          removed_on_error, resolve, temp_dir_for)
 from .layers import Experts, LatentMoEExperts
 from .models import layer_index
+from .spec import MolaeSpec
 
 FACTOR = re.compile(r"\.experts\.((?:gate|up|down)_(?:A|B))$")
 
@@ -128,10 +129,10 @@ def heal(dst, teacher, data_dir, tokens: int, seq_len: int = 512, batch_size: in
     from .evaluate import load
 
     dst = Path(resolve(dst))
-    config = json.loads((dst / "config.json").read_text())
-    if "molae" not in config:
-        raise CheckpointError(f"{dst} is not a MoLAE checkpoint (no molae section in config.json): heal takes "
-                              "the output of molae convert")
+    try:
+        MolaeSpec.from_dict(json.loads((dst / "config.json").read_text()).get("molae"), str(dst))
+    except ValueError as e:
+        raise CheckpointError(f"{e}; heal takes the output of molae convert") from None
     if tokens < seq_len * batch_size:
         raise ValueError(f"--tokens {tokens} is less than one batch ({batch_size} x {seq_len}): raise --tokens")
     dev = torch.device(device)

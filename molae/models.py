@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from .factorize import latent_experts
+from .families import SUPPORTED, split_gate_up
+from .spec import LayerSpec, MolaeSpec
 from .layers import Experts, LatentMoEExperts, check_projections, resolve_latent_dims
 
 
@@ -53,8 +55,8 @@ def hf_expert_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     if F2 % 2 or tuple(down.shape) != (E, D, F2 // 2):
         raise ValueError(f"{name}: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} "
                          "are not [E, 2F, D] and [E, D, F]")
-    F_ = F2 // 2
-    return {"gate": gate_up[:, :F_], "up": gate_up[:, F_:], "down": down}
+    gate, up = split_gate_up(gate_up)
+    return {"gate": gate, "up": up, "down": down}
 
 
 def standard_experts(module: nn.Module) -> Experts:
@@ -107,7 +109,6 @@ def use_standard_experts(model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- MoLAE model types
 
-SUPPORTED = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -122,10 +123,10 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def install_experts(model: nn.Module, layers: dict) -> int:
-    """Replace the experts of each layer listed in `layers` by an empty module of the same shapes
-    (weights come from a checkpoint or training): {"3": {"latent": {kind: d}, "groups": G [, "permuted":
-    true]}} a MoLAE `Experts` ({} latent: our standard experts; permuted: groups by similarity), {"3": {"latent_moe": l}} LatentMoE's routed path."""
+def install_experts(model: nn.Module, layers: dict[str, LayerSpec]) -> int:
+    """Replace the experts of each layer listed in `layers` (spec.MolaeSpec.layers) by an empty module of the
+    same shapes (weights come from a checkpoint or training): a MoLAE `Experts` (latent {}: our standard
+    experts; permuted: groups by similarity), or LatentMoE's routed path."""
     done = set()
     for name, module in find_experts(model):
         spec = layers.get(str(layer_index(name)))
@@ -133,10 +134,10 @@ def install_experts(model: nn.Module, layers: dict) -> int:
             continue
         E, F2, D = module.gate_up_proj.shape
         ref = module.gate_up_proj
-        if "latent_moe" in spec:
-            experts = LatentMoEExperts(D, F2 // 2, E, spec["latent_moe"])
+        if spec.latent_moe is not None:
+            experts = LatentMoEExperts(D, F2 // 2, E, spec.latent_moe)
         else:
-            experts = Experts(D, F2 // 2, E, spec["latent"], spec["groups"], spec.get("permuted", False))
+            experts = Experts(D, F2 // 2, E, spec.latent, spec.groups, spec.permuted)
         experts = experts.to(device=ref.device, dtype=ref.dtype)
         set_submodule(model, name, experts)
         done.add(str(layer_index(name)))
@@ -158,7 +159,7 @@ def _family_classes(base_type: str):
 
     def __init__(self, config):
         base_model.__init__(self, config)
-        install_experts(self, config.molae["layers"])
+        install_experts(self, MolaeSpec.from_dict(config.molae).layers)
 
     model_cls = type(f"Molae{base_model.__name__}", (base_model,),
                      {"config_class": config_cls, "__init__": __init__, "__module__": __name__,

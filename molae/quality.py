@@ -33,7 +33,7 @@ from .checkpoint import SourceCheckpoint, resolve, write_json_atomically
 from .convert import ConvertOptions, convert_checkpoint, find_expert_groups
 from .evaluate import load
 from .layers import KINDS
-from .train import window_bytes, windows_nll
+from .evaluate import window_bytes, windows_nll
 
 from .methods import METHODS
 

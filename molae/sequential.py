@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .checkpoint import SourceCheckpoint
+from .families import family
 from .layers import Experts
 from .models import find_experts, set_submodule
 
@@ -73,6 +74,7 @@ class LayerRunner:
         self.base = model.model
         self.meta_layers = list(self.base.layers)
         self.rename = renamings(config.model_type)
+        self.router = family(config.model_type).router
         self.module_key = {}  # module name -> disk name, for every tensor that is not a routed expert's
         expert_keys = {k for g in groups.values() for k in g.keys}
         for key in ckpt.keys():
@@ -164,7 +166,7 @@ class LayerRunner:
             handles.append(experts.register_forward_hook(
                 lambda mod, args, kwargs, out: taken.append(tuple(a.detach() for a in (*args, *kwargs.values()))),
                 with_kwargs=True))
-            handles.append(router_of(layer, name).register_forward_hook(
+            handles.append(router_of(layer, name, self.router).register_forward_hook(
                 lambda mod, args, out: logits.append(out[0].detach().reshape(-1, out[0].shape[-1]))))
         try:
             out = []
@@ -181,15 +183,15 @@ class LayerRunner:
         return out, (x, idx, w, torch.cat(logits))
 
 
-def router_of(layer: nn.Module, experts_name: str) -> nn.Module:
-    """The router beside an experts module: its MoE block's `gate` (`router` in PhiMoE), which every
+def router_of(layer: nn.Module, experts_name: str, attr: str) -> nn.Module:
+    """The router beside an experts module: its MoE block's `attr` (families.Family.router), which every
     supported family calls as router(hidden) -> (logits [T, E], top-k weights, top-k ids)."""
     block = layer.get_submodule(experts_name.rsplit(".", 1)[0]) if "." in experts_name else layer
-    for attr in ("gate", "router"):
-        module = getattr(block, attr, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise ValueError(f"{type(block).__name__} has no `gate` or `router` module beside its experts")
+    module = getattr(block, attr, None)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{type(block).__name__} has no `{attr}` router beside its experts: fix its entry in "
+                         "molae/families.py")
+    return module
 
 
 def _to(t: torch.Tensor, device, dtype) -> torch.Tensor:

@@ -48,9 +48,11 @@ from .checkpoint import write_json_atomically
 from .command import (Interrupted, Parser, check_device, declare, positive_float, positive_int, progress_bar,
                       run_command)
 from .data import TokenData
-from .evaluate import efficiency
+from .evaluate import efficiency, window_bytes, windows_nll
 from .layers import Experts, LatentMoEExperts, check_projections, resolve_latent_dims
-from .models import SUPPORTED, find_experts, layer_index
+from .families import FAMILIES, SUPPORTED, fuse_gate_up
+from .models import find_experts, layer_index
+from .spec import LayerSpec, MolaeSpec
 
 
 @dataclass
@@ -178,25 +180,7 @@ def _check_sections(c: TrainConfig):
 
 # ----------------------------------------------------------------------------- presets
 
-def _qwen2_moe(hidden, layers, heads, experts, top_k, inter, shared, **kw):
-    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                intermediate_size=4 * hidden, moe_intermediate_size=inter, shared_expert_intermediate_size=shared,
-                num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=False, tie_word_embeddings=False, **kw)
-
-
-def _mixtral(hidden, layers, heads, kv_heads, experts, top_k, inter, **kw):
-    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=top_k,
-                tie_word_embeddings=False, **kw)
-
-
-def _deepseek_v3(hidden, layers, heads, experts, top_k, inter, shared, dense_inter, **kw):
-    # MLA sized for a small model; sigmoid router with a correction bias; first layer dense.
-    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                intermediate_size=dense_inter, moe_intermediate_size=inter, n_routed_experts=experts,
-                n_shared_experts=shared, num_experts_per_tok=top_k, first_k_dense_replace=1, n_group=1, topk_group=1,
-                routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=None, kv_lora_rank=hidden // 4,
-                qk_rope_head_dim=32, qk_nope_head_dim=hidden // heads - 32, v_head_dim=hidden // heads, tie_word_embeddings=False, **kw)
+_qwen2_moe, _mixtral, _deepseek_v3 = (FAMILIES[f].preset for f in ("qwen2_moe", "mixtral", "deepseek_v3"))
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -300,16 +284,15 @@ def layer_spec(cfg: TrainConfig, vocab_size: int) -> dict:
     n = base.hidden_size
     spec = dict(cfg.molae or {})  # keys and types checked by TrainConfig
     if "latent_moe_dim" in spec:
-        one = {"latent_moe": int(spec["latent_moe_dim"])}
+        one = LayerSpec(latent_moe=int(spec["latent_moe_dim"]))
     elif spec:
         projections = check_projections(spec.get("projections", ("up", "gate")))
-        one = {"latent": resolve_latent_dims(spec.get("latent_dim"), projections, m, n),
-               "groups": int(spec.get("groups", 1))}
+        one = LayerSpec(resolve_latent_dims(spec.get("latent_dim"), projections, m, n), int(spec.get("groups", 1)))
     else:
-        one = {"latent": {}, "groups": 1}  # our standard experts (fast path), exported in the family's layout
+        one = LayerSpec()  # our standard experts (fast path), exported in the family's layout
     layers = moe_layers(base)
-    return dict(version=1, base_model_type=cfg.family, layers={str(i): dict(one) for i in layers},
-                source_layout={str(i): dict(layout="fused", names={}) for i in layers}, trained=dict(run=cfg.name))
+    return MolaeSpec(cfg.family, {str(i): one for i in layers}, trained=dict(run=cfg.name),
+                     source_layout={str(i): dict(layout="fused", names={}) for i in layers}).to_dict()
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
@@ -319,7 +302,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     molae = layer_spec(cfg, vocab_size)
     kwargs = {**cfg.model, "vocab_size": vocab_size, "initializer_range": cfg.init_std, "molae": molae,
               "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
-    aux = cfg.aux_loss_coef > 0 and cfg.family not in ("deepseek_v3", "deepseek_v2")
+    aux = cfg.aux_loss_coef > 0 and FAMILIES[cfg.family].balancing == "aux-loss"
     kwargs.update(output_router_logits=aux, router_aux_loss_coef=cfg.aux_loss_coef)
     config = AutoConfig.for_model(f"molae_{cfg.family}", **kwargs)
     torch.manual_seed(cfg.seed)
@@ -350,7 +333,7 @@ def export_pretrained(model, config_molae: dict, state: dict, out: Path, tokeniz
         for k, v in state.items():
             if k.endswith(".experts.gate_proj"):
                 prefix = k[: -len("gate_proj")]
-                sd[prefix + "gate_up_proj"] = torch.cat([v, state[prefix + "up_proj"]], dim=1)
+                sd[prefix + "gate_up_proj"] = fuse_gate_up(v, state[prefix + "up_proj"])
             elif not k.endswith(".experts.up_proj"):
                 sd[k] = v
         hf.load_state_dict(sd, strict=True, assign=True)
@@ -369,24 +352,13 @@ def export_pretrained(model, config_molae: dict, state: dict, out: Path, tokeniz
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul in the training dtype on this device (the MFU denominator): the
-    fastest of six timed repeats, since a machine busy with other work during the measurement slows
-    some repeats (a median then made MFU read above 100% on a shared CPU). On a CPU this is the rate
-    of one float32 1024^3 matmul on the cores torch uses, not a datasheet peak."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(8):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append((time.perf_counter() - t0) / 4)
-    return 2 * n**3 / min(times)
+    fastest of six timed repeats (speed.matmul_rate), since a machine busy with other work during the
+    measurement slows some repeats (a median then made MFU read above 100% on a shared CPU). On a CPU this
+    is the rate of one float32 1024^3 matmul on the cores torch uses, not a datasheet peak."""
+    from .speed import matmul_rate
+
+    size = 8192 if device.type == "cuda" else 1024
+    return matmul_rate(device, dtype, size, warmup=2, min_repeats=6, max_repeats=6)["fastest"]
 
 
 def train_flops_per_token(config, forward_flops: int, seq_len: int) -> float:
@@ -616,31 +588,6 @@ def validation_windows(data: TokenData, cfg: TrainConfig, world: int) -> torch.T
 
 
 @torch.no_grad()
-def window_nlls(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext) -> torch.Tensor:
-    """[W] summed next-token NLL (nats, float64, on device) of each [T+1] window (T tokens scored each)."""
-    out = []
-    for i in range(0, len(windows_WT), batch_size):
-        x = windows_WT[i:i + batch_size].to(device)
-        with amp():
-            logits = model(input_ids=x[:, :-1]).logits
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
-        out.append(nll.view(len(x), -1).double().sum(1))
-    return torch.cat(out)
-
-
-def windows_nll(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext) -> torch.Tensor:
-    """[summed next-token NLL (nats), scored tokens] (float64, on device) over [W, T+1] windows."""
-    nll = window_nlls(model, windows_WT, batch_size, device, amp)
-    return torch.stack([nll.sum(), torch.tensor(float(windows_WT[:, 1:].numel()), device=nll.device,
-                                                dtype=torch.float64)])
-
-
-def window_bytes(tokenizer, windows_WT: torch.Tensor) -> int:
-    """UTF-8 bytes of the scored tokens (all but each window's first), decoded: bits per byte's denominator."""
-    return sum(len(tokenizer.decode(w[1:].tolist()).encode()) for w in windows_WT)
-
-
-@torch.no_grad()
 def validation_loss(model, data: TokenData, cfg: TrainConfig, run: Run, amp, bits_per_byte: bool = False):
     """Mean next-token cross-entropy (nats) over the fixed validation windows, split over processes.
     With bits_per_byte, also (summed NLL in bits) / (UTF-8 bytes of the scored tokens, decoded)."""
@@ -779,7 +726,7 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
         sched.step()
         opt.zero_grad(set_to_none=True)
         counts = meter.take()
-        if cfg.family in ("deepseek_v3", "deepseek_v2") and cfg.bias_update_speed > 0 and counts:
+        if FAMILIES[cfg.family].balancing == "bias" and cfg.bias_update_speed > 0 and counts:
             for c in counts.values():
                 run.all_reduce(c)
             update_router_bias(model, counts, cfg.bias_update_speed)

@@ -15,7 +15,7 @@ import torch
 
 from ..factorize import best_rank, whiten
 from ..layers import check_projections
-from . import LayerOutput, Method, dense_rows, register, standard_module
+from .base import LayerOutput, Method, dense_rows, register, standard_module
 from .svd import svd_rank
 
 

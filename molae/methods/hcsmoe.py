@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import LayerOutput, Method, dense_rows, register, standard_module
+from .base import LayerOutput, Method, dense_rows, register, standard_module
 
 
 def average_linkage(X_ED: torch.Tensor, clusters: int) -> list[int]:

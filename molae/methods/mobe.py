@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import check_projections
-from . import LayerOutput, Method, dense_rows, register, standard_module
+from .base import LayerOutput, Method, dense_rows, register, standard_module
 
 
 def divisors(E: int) -> list[int]:

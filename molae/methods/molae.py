@@ -17,7 +17,7 @@ import torch
 from ..factorize import (_group_gram, _top_eigh, aware_down_streaming, aware_gate_up_streaming, down_whitened_gram,
                          factorize_projection, hidden_mean_gram, similarity_groups, weight_gram, whiten)
 from ..layers import KINDS, Experts, check_groups, check_latent_dim, check_projections, resolve_latent_dims
-from . import LayerOutput, LayerShape, Method, register
+from .base import LayerOutput, LayerShape, Method, register
 
 
 class MoLAE(Method):
@@ -101,7 +101,7 @@ class MoLAE(Method):
     # ---- conversion
     def convert(self, W, inputs, spec, opts) -> LayerOutput:
         E, F_, D = W["gate"].shape
-        dtype, device = W["gate"].dtype, W["gate"].device
+        dtype = W["gate"].dtype
         perm = self._perm(W, inputs, spec, opts)
         layer = spec.get("layer")
         params, rows = {}, []

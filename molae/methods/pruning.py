@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import LayerOutput, Method, dense_rows, register
+from .base import LayerOutput, Method, dense_rows, register
 
 
 def keep_experts(count: torch.Tensor, fraction: float, top_k: int, rule: str, reap: torch.Tensor | None = None):

@@ -6,7 +6,7 @@ expert, so it is exactly MoLAE with G = E: the same code, the same file format."
 from __future__ import annotations
 
 from ..layers import check_projections
-from . import LayerShape, register
+from .base import LayerShape, register
 from .molae import MoLAE
 
 

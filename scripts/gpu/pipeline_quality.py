@@ -61,7 +61,7 @@ def measure(a):
 
     from molae.data import TokenData
     from molae.evaluate import load
-    from molae.train import window_bytes, window_nlls
+    from molae.evaluate import window_bytes, window_nlls
 
     root = Path.cwd()
     data = TokenData(a.data)
