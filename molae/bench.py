@@ -24,27 +24,17 @@ from safetensors.torch import save_file
 from .command import progress_bar
 
 from .checkpoint import INDEX, parse_size
+from .presets import REAL_MODELS, moe_layer_count
 
-# Published configurations (the fields that set tensor shapes), for synthetic checkpoints.
-QWEN15_MOE_A27B = dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
-                       num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                       moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60,
-                       num_experts_per_tok=4, qkv_bias=True, tie_word_embeddings=False, max_position_embeddings=8192)
-QWEN3_30B_A3B = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                     moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
-                     head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
-                     tie_word_embeddings=False, max_position_embeddings=40960)
-MIXTRAL_8X7B = dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-                    num_experts_per_tok=2, tie_word_embeddings=False, max_position_embeddings=32768)
-# DeepSeek-V3's MoE layers (its first three are dense: first_k_dense_replace=0 keeps every benchmarked layer MoE)
-DEEPSEEK_V3_LAYER = dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-                         moe_intermediate_size=2048, n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
-                         n_group=8, topk_group=4, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536,
-                         kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-                         num_hidden_layers=1, first_k_dense_replace=0, tie_word_embeddings=False)
+# Synthetic checkpoints of the real models (molae/presets.py); a DeepSeek-V3 checkpoint of its MoE layers
+# alone (its first three are dense): first_k_dense_replace=0 keeps every benchmarked layer MoE.
+QWEN15_MOE_A27B, QWEN3_30B_A3B, MIXTRAL_8X7B = (REAL_MODELS[k] for k in ("qwen1.5-moe-a2.7b", "qwen3-30b-a3b",
+                                                                     "mixtral-8x7b"))
+DEEPSEEK_V3_LAYER = dict(REAL_MODELS["deepseek-v3"], num_hidden_layers=1, first_k_dense_replace=0)
 # the whole models' MoE layer counts, for extrapolating a per-layer time
-FULL_MOE_LAYERS = {"qwen1.5-moe-a2.7b": 24, "qwen3-30b-a3b": 48, "mixtral-8x7b": 32, "deepseek-v3-layer": 58}
+FULL_MOE_LAYERS = {"qwen1.5-moe-a2.7b": moe_layer_count("qwen1.5-moe-a2.7b"),
+                   "qwen3-30b-a3b": moe_layer_count("qwen3-30b-a3b"), "mixtral-8x7b": moe_layer_count("mixtral-8x7b"),
+                   "deepseek-v3-layer": moe_layer_count("deepseek-v3")}
 FP8_BLOCK = (128, 128)
 
 

@@ -31,6 +31,7 @@ from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, check_d
                          copy_aux_files, parse_size, publish, removed_on_error, resolve, temp_dir_for,
                          write_json_atomically)
 from . import methods
+from .budget import latent_cost, routed_params
 from .calibrate import LayerInputs, calibration_ids
 from .command import check_device, progress_bar
 from .factorize import allocate_latent
@@ -282,14 +283,14 @@ def _allocate(plan: dict, spectra: dict, by_layer: dict, opts: ConvertOptions):
     for key, spec in plan.items():
         g = by_layer[int(key)]
         dense = g.n_experts * g.inter * g.dim
-        total += 3 * dense
+        total += routed_params(g.n_experts, g.inter, g.dim)
         for kind in KINDS:
             if kind not in spec["latent"]:
                 fixed += dense
                 continue
             s2 = spectra[(key, kind)]
             items[(key, kind)] = dict(sigma2=s2, energy=s2.sum().item(), dense=dense,
-                                      cost=spec["groups"] * g.dim + g.n_experts * g.inter)
+                                      cost=latent_cost(g.n_experts, g.inter, g.dim, spec["groups"]))
     for (key, kind), d in allocate_latent(items, int(opts.budget * total) - fixed).items():
         plan[key]["latent"][kind] = d
 

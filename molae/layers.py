@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import swiglu_weighted, zero_idle_experts
+from .presets import REAL_MODELS, moe_layer
 
 KINDS = ("gate", "up", "down")  # projection kinds of a SwiGLU expert
 
@@ -129,15 +130,8 @@ def check_latent_dim(d, rows, cols, name="latent_dim"):
         )
 
 
-# Named layer shapes of real models (MOLAE.md §1; the models' config.json files).
-PRESETS: dict[str, MoEConfig] = {
-    "qwen1.5-moe-a2.7b": MoEConfig(2048, 1408, 60, 4, shared_inter=5632, shared_gate=True),
-    "qwen3-30b-a3b": MoEConfig(2048, 768, 128, 8, norm_topk_prob=True),
-    "mixtral-8x7b": MoEConfig(4096, 14336, 8, 2, norm_topk_prob=True),
-    "deepseek-v3": MoEConfig(
-        7168, 2048, 256, 8, router="sigmoid", norm_topk_prob=True, routed_scale=2.5, shared_inter=2048
-    ),
-}
+# Named layer shapes of real models (MOLAE.md §1), from the one table of their configs (molae/presets.py).
+PRESETS: dict[str, MoEConfig] = {name: MoEConfig(**moe_layer(name)) for name in REAL_MODELS}
 
 
 # ----------------------------------------------------------------------------- parameter accounting

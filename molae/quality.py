@@ -35,16 +35,11 @@ from .evaluate import load
 from .layers import KINDS
 from .evaluate import window_bytes, windows_nll
 
+from .budget import uniform_latent
 from .methods import METHODS
 
 BASELINES = tuple(name for name in METHODS if name != "molae")
 VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES)  # --methods names
-
-
-def uniform_latent(fraction: float, E: int, m: int, n: int, groups: int = 1) -> int:
-    """The one d for gate, up and down (G groups) that keeps `fraction` of 3 E m n parameters."""
-    d = int(fraction * E * m * n // (groups * n + E * m))
-    return max(1, min(d, E // groups * m, n))
 
 
 def score(path, windows_WT: torch.Tensor, n_bytes: int, device, batch_size: int = 16) -> dict:

@@ -26,6 +26,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from ..budget import routed_params
 from ..layers import check_projections
 from .base import LayerOutput, Method, dense_rows, register, standard_module
 
@@ -41,7 +42,7 @@ def mobe_params(E: int, m: int, n: int, J: int, k: int) -> int:
 def published_bases(fraction: float, E: int, m: int, n: int) -> int | None:
     """The most bases J (a divisor of E) with gate and up as MoBE (k = m) and down whole within the
     budget; None when not even J = 1 fits."""
-    budget = fraction * 3 * E * m * n - E * n * m
+    budget = fraction * routed_params(E, m, n) - E * n * m
     fits = [J for J in divisors(E) if 2 * mobe_params(E, m, n, J, m) <= budget]
     return max(fits) if fits else None
 
@@ -109,7 +110,7 @@ class MoBE(Method):
         E, m, n = shape.experts, shape.inter, shape.dim
         J = published_bases(opts.budget, E, m, n) if m < n else None
         if J is None:
-            floor = (2 * mobe_params(E, m, n, 1, m) + E * n * m) / (3 * E * m * n)
+            floor = (2 * mobe_params(E, m, n, 1, m) + E * n * m) / routed_params(E, m, n)
             raise ValueError(f"layer {shape.layer}: published MoBE (A_i m x m, down kept whole) stores at least "
                              f"{floor:.0%} of the routed-expert parameters here{' (m >= n)' if m >= n else ''}: "
                              f"raise --budget, or use --method mobe-lowrank")

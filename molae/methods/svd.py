@@ -5,20 +5,16 @@ expert, so it is exactly MoLAE with G = E: the same code, the same file format."
 
 from __future__ import annotations
 
+from ..budget import rank_per_expert
 from ..layers import check_projections
 from .base import LayerShape, register
 from .molae import MoLAE
 
 
 def svd_rank(fraction: float, E: int, M: int, N: int, base: bool = False) -> int:
-    """Rank per expert so that E rank-R factors (R (M + N) each), plus one whole base matrix when
-    `base` (D²-MoE), fit in fraction * E * M * N parameters."""
-    budget = fraction * E * M * N - (M * N if base else 0)
-    r = int(budget // (E * (M + N)))
-    if r < 1:
-        raise ValueError(f"--budget {fraction} leaves no rank for {E} experts of {M}x{N}"
-                         f"{' plus a shared base' if base else ''}: raise --budget")
-    return min(r, min(M, N))
+    """Rank per expert so that E rank-R factors, plus one whole base matrix when `base` (D²-MoE), fit in
+    fraction * E * M * N parameters (budget.rank_per_expert)."""
+    return rank_per_expert(fraction, E, M, N, shared=M * N if base else 0)
 
 
 class SVD(MoLAE):
