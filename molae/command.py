@@ -69,24 +69,23 @@ def declare(p: argparse.ArgumentParser, func, *, name: str | None = None, output
                    command_devices=tuple(devices))
 
 
-def positive_int(text: str) -> int:
+def _whole(text: str, what: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer") from None
-    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not {what}") from None
+
+
+def positive_int(text: str) -> int:
+    if _whole(text, "a positive integer") <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
+    return int(text)
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text} is not a whole number") from None
-    if value < 0:
+    if _whole(text, "a whole number") < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative: allowed 0 or more")
-    return value
+    return int(text)
 
 
 def _number(text: str) -> float:

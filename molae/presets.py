@@ -3,7 +3,7 @@ config.json; the MoE layer presets (`layers.PRESETS`, what `molae bench layer` t
 counts), the synthetic checkpoints of `molae bench convert` and their whole-model extrapolations all derive
 from it. A leaf module: plain data and two functions.
 
-(Training recipes, `molae train --config NAME`, are not model shapes: they live in molae/train.py.)
+(Training recipes, `molae train --config NAME`, are not model shapes: they live in molae/train/config.py.)
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import molae
-from molae.cli import main
+from conftest import Result
 from molae.convert import ConvertOptions, convert_checkpoint
 from molae.data import byte_tokenizer, prepare
 from tiny import tiny_model
@@ -30,21 +30,10 @@ def cli(*args, env=None, timeout=300):
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
-@pytest.fixture
-def run(capsys):
-    """`molae.cli.main` in this process (the command's code path without a new interpreter each time)."""
-    def call(*args):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return code, out.err
-    return call
-
-
-def one_line(code, err, command, *phrases, status=2):
-    """The exit status, no traceback, and the message on the last line of stderr (progress may precede it)."""
+def one_line(result, command, *phrases, status=2):
+    """The exit status, no traceback, and the message on the last line of stderr (progress may precede it);
+    `result` is what conftest's `run` or subprocess returns (returncode, stderr)."""
+    code, err = result.returncode, result.stderr
     assert code == status, err
     assert "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
@@ -94,17 +83,17 @@ def truncated_copy(src: Path, dst: Path) -> Path:
 
 def test_eval_and_heal_on_a_truncated_checkpoint(byte_model, converted, tmp_path, run):
     bad = truncated_copy(byte_model, tmp_path / "bad")
-    one_line(*run("eval", bad, "--text", __file__), "eval", "is truncated or corrupt", "download it again")
-    one_line(*run("heal", converted, "--teacher", bad, "--data", __file__, "--tokens", 64, "--seq-len", 16,
+    one_line(run("eval", bad, "--text", __file__), "eval", "is truncated or corrupt", "download it again")
+    one_line(run("heal", converted, "--teacher", bad, "--data", __file__, "--tokens", 64, "--seq-len", 16,
                   "--batch-size", 2), "heal", "is truncated or corrupt")
-    one_line(*run("heal", truncated_copy(converted, tmp_path / "bad-molae"), "--teacher", byte_model, "--data",
+    one_line(run("heal", truncated_copy(converted, tmp_path / "bad-molae"), "--teacher", byte_model, "--data",
                   __file__, "--tokens", 64, "--seq-len", 16, "--batch-size", 2), "heal", "is truncated or corrupt")
 
 
 def test_convert_of_a_converted_model(converted, tmp_path, run):
-    one_line(*run("convert", converted, "--out", tmp_path / "o"), "convert", "is a MoLAE checkpoint already",
+    one_line(run("convert", converted, "--out", tmp_path / "o"), "convert", "is a MoLAE checkpoint already",
              "molae decompress")
-    one_line(*run("analyze", converted), "analyze", "is a MoLAE checkpoint already")
+    one_line(run("analyze", converted), "analyze", "is a MoLAE checkpoint already")
     assert not (tmp_path / "o").exists()
 
 
@@ -114,15 +103,15 @@ def test_heal_takes_text_and_refuses_a_vocabulary_the_model_lacks(byte_model, co
     dst = tmp_path / "molae"
     shutil.copytree(converted, dst)
     before = (dst / "model.safetensors").read_bytes()
-    one_line(*run("heal", dst, "--teacher", byte_model, "--data", prepared, "--tokens", 256, "--seq-len", 32),
+    one_line(run("heal", dst, "--teacher", byte_model, "--data", prepared, "--tokens", 256, "--seq-len", 32),
              "heal", "512-token vocabulary, the model has 256", "pass text files")
     assert (dst / "model.safetensors").read_bytes() == before
-    code, err = run("heal", dst, "--teacher", byte_model, "--data", STDLIB / "json", "--tokens", 512, "--seq-len", 32,
-                    "--batch-size", 4)
-    assert code == 0, err
+    r = run("heal", dst, "--teacher", byte_model, "--data", STDLIB / "json", "--tokens", 512, "--seq-len", 32,
+            "--batch-size", 4)
+    assert r.returncode == 0, r.stderr
     healed = json.loads((dst / "heal.json").read_text())
     assert healed["steps"] == 4 and healed["tokens"] == 512 and healed["data"] == str(STDLIB / "json")
-    one_line(*run("convert", byte_model, "--out", tmp_path / "c", "--calibration", prepared), "convert",
+    one_line(run("convert", byte_model, "--out", tmp_path / "c", "--calibration", prepared), "convert",
              "--calibration", "512-token vocabulary")
 
 
@@ -153,28 +142,28 @@ TINY = ["--config", "demo", "--set", "model.num_hidden_layers=1", "--set", "mode
     (["--lr", "0"], ["argument --lr: 0 is not a positive number"]),
 ])
 def test_train_values_are_typed_and_checked_before_anything_is_written(train_data, tmp_path, run, args, phrases):
-    one_line(*run("train", *TINY, "--data", train_data, "--out", tmp_path / "o", *args), "train", *phrases)
+    one_line(run("train", *TINY, "--data", train_data, "--out", tmp_path / "o", *args), "train", *phrases)
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU exists")
 def test_devices_that_are_not_here(train_data, byte_model, tmp_path, run):
-    one_line(*run("train", *TINY, "--data", train_data, "--out", tmp_path / "o", "--device", "cuda"), "train",
+    one_line(run("train", *TINY, "--data", train_data, "--out", tmp_path / "o", "--device", "cuda"), "train",
              "--device cuda: no CUDA GPU is available here; pass --device cpu")
-    one_line(*run("eval", byte_model, "--text", __file__, "--device", "tpu"), "eval", "is not a device")
+    one_line(run("eval", byte_model, "--text", __file__, "--device", "tpu"), "eval", "is not a device")
     for bench in (["convert", "--model", "deepseek-v3-layer", "--workdir", tmp_path / "w"],
                   ["quality", "--model", byte_model, "--name", "x", "--data", train_data, "--workdir", tmp_path / "w",
                    "--json", tmp_path / "q.json"],
                   ["layer", "--out", tmp_path / "r"]):
-        one_line(*run("bench", *bench), f"bench {bench[0]}", "--device cuda (the default): no CUDA GPU",
+        one_line(run("bench", *bench), f"bench {bench[0]}", "--device cuda (the default): no CUDA GPU",
                  "pass --device cpu")
     assert not list(tmp_path.iterdir())  # no empty workdir, results or run directory left
 
 
 def test_bench_layer_errors_name_the_command(tmp_path, run):
-    one_line(*run("bench", "layer", "--device", "cpu", "--shape", "1,2", "--out", tmp_path), "bench layer",
+    one_line(run("bench", "layer", "--device", "cpu", "--shape", "1,2", "--out", tmp_path), "bench layer",
              "1,2")
-    one_line(*run("bench", "layer", "--impls", "moe,fast"), "bench layer", "--impls", "names ['fast']")
+    one_line(run("bench", "layer", "--impls", "moe,fast"), "bench layer", "--impls", "names ['fast']")
 
 
 def commands_with_outputs(byte_model, converted, train_data, target):
@@ -208,8 +197,8 @@ def test_an_unwritable_output_fails_before_any_work_and_names_the_users_path(byt
     target = tmp_path / "file" / "out"
     args = commands_with_outputs(byte_model, converted, train_data, target)[name]
     t0 = time.perf_counter()
-    code, err = run(*args)
-    last = one_line(code, err, name.split(" --")[0], str(target), "is a file, not a directory", "choose another")
+    result = run(*args)
+    last = one_line(result, name.split(" --")[0], str(target), "is a file, not a directory", "choose another")
     assert "molae-partial" not in last
     assert time.perf_counter() - t0 < 20  # before the work (the demo alone would take minutes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
@@ -222,7 +211,7 @@ def test_an_existing_non_empty_output_directory_is_refused(byte_model, train_dat
     (out / "mine.txt").write_text("keep")
     args = {"analyze": ["analyze", byte_model], "train": ["train", *TINY, "--data", train_data],
             "demo": ["demo"], "convert": ["convert", byte_model], "data prepare": ["data", "prepare", STDLIB / "json"]}
-    one_line(*run(*args[command], "--out", out), command, f"--out {out} exists and is not empty",
+    one_line(run(*args[command], "--out", out), command, f"--out {out} exists and is not empty",
              "--resume" if command == "train" else "--overwrite")
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep"
 
@@ -230,9 +219,9 @@ def test_an_existing_non_empty_output_directory_is_refused(byte_model, train_dat
 def test_an_existing_empty_output_directory_is_used(byte_model, tmp_path, run):
     for sub in ("c", "a"):
         (tmp_path / sub).mkdir()
-    assert run("convert", byte_model, "--out", tmp_path / "c", "--latent-dim", 8)[0] == 0
+    assert run("convert", byte_model, "--out", tmp_path / "c", "--latent-dim", 8).returncode == 0
     assert (tmp_path / "c" / "config.json").is_file()
-    assert run("analyze", byte_model, "--out", tmp_path / "a")[0] == 0
+    assert run("analyze", byte_model, "--out", tmp_path / "a").returncode == 0
     assert {p.name for p in (tmp_path / "a").iterdir()} == {"analysis.json", "energy_vs_d.png", "spectra.png",
                                                             "groups.png", "ranks.png"}
 
@@ -241,7 +230,7 @@ def test_ctrl_c_during_convert_keeps_the_finished_layers_and_says_how_to_resume(
     args = ["convert", byte_model, "--latent-dim", 8, "--max-shard-size", "1KB"]
     r = cli(*args, "--out", tmp_path / "o", env={"_MOLAE_TEST_SIGNAL_AFTER_UNITS": "1:INT"})
     partial = tmp_path / ".o.molae-partial"
-    last = one_line(r.returncode, r.stderr, "convert", "interrupted", str(partial), "--resume", "or delete",
+    last = one_line(r, "convert", "interrupted", str(partial), "--resume", "or delete",
                     status=130)
     assert "kB" in last and partial.is_dir() and not (tmp_path / "o").exists()
     r = cli(*args, "--out", tmp_path / "o", "--resume")
@@ -262,7 +251,7 @@ def test_ctrl_c_during_heal_and_analyze_leaves_nothing(byte_model, converted, tm
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
     r = cli("heal", dst, "--teacher", byte_model, "--data", __file__, "--tokens", 64, "--seq-len", 16,
             "--batch-size", 2, env={"_MOLAE_TEST_SIGNAL_AFTER_UNITS": "3:INT"})  # while writing the result
-    one_line(r.returncode, r.stderr, "heal", "interrupted: nothing was written", status=130)
+    one_line(r, "heal", "interrupted: nothing was written", status=130)
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["molae"]
 
@@ -278,23 +267,23 @@ def train_until(args, out: Path, step: int):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
+    return Result(proc.returncode, "", err)
 
 
 def test_ctrl_c_during_train_keeps_the_checkpoint_or_nothing(train_data, tmp_path):
     args = [*TINY, "--data", train_data, "--set", "log_every=1", "--set", "eval_every=400"]
-    code, err = train_until([*args, "--steps", 400, "--set", "ckpt_every=2"], tmp_path / "run", 3)
-    last = one_line(code, err, "train", "interrupted", str(tmp_path / "run" / "checkpoint.pt"), "--resume",
+    result = train_until([*args, "--steps", 400, "--set", "ckpt_every=2"], tmp_path / "run", 3)
+    last = one_line(result, "train", "interrupted", str(tmp_path / "run" / "checkpoint.pt"), "--resume",
                     status=130)
     step = int(last.split("holds step ")[1].split(":")[0])
     assert step >= 2 and torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == step
     r = cli("train", *args, "--steps", 400, "--set", "ckpt_every=2", "--out", tmp_path / "run")
-    one_line(r.returncode, r.stderr, "train", "is not empty", "--resume")
+    one_line(r, "train", "is not empty", "--resume")
     r = cli("train", *args, "--steps", step + 2, "--set", "ckpt_every=2", "--out", tmp_path / "run", "--resume")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["tokens"] == (step + 2) * 2 * 32
-    code, err = train_until([*args, "--steps", 400, "--set", "ckpt_every=1000"], tmp_path / "early", 1)
-    one_line(code, err, "train", "interrupted: nothing was written", status=130)
+    result = train_until([*args, "--steps", 400, "--set", "ckpt_every=1000"], tmp_path / "early", 1)
+    one_line(result, "train", "interrupted: nothing was written", status=130)
     assert not (tmp_path / "early").exists()
 
 
@@ -305,25 +294,25 @@ def test_disk_too_small_says_sizes_people_read(byte_model, tmp_path, monkeypatch
 
     real = shutil.disk_usage
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: real(p)._replace(free=10))
-    last = one_line(*run("convert", byte_model, "--out", tmp_path / "o"), "convert", "not enough disk space")
+    last = one_line(run("convert", byte_model, "--out", tmp_path / "o"), "convert", "not enough disk space")
     size = (byte_model / "model.safetensors").stat().st_size
     assert f"need about {size / 1e3:.1f} kB" in last or f"need about {(size + 2**20) / 1e6:.1f} MB" in last, last
     assert "10 B free" in last and not (tmp_path / "o").exists()
 
 
 def test_eval_text_and_context_checks(byte_model, tmp_path, run):
-    one_line(*run("eval", byte_model, "--text", tmp_path), "eval", f"{tmp_path} is a directory",
+    one_line(run("eval", byte_model, "--text", tmp_path), "eval", f"{tmp_path} is a directory",
              "pass a UTF-8 text file")
-    one_line(*run("eval", byte_model, "--text", __file__, "--context", 100000), "eval",
+    one_line(run("eval", byte_model, "--text", __file__, "--context", 100000), "eval",
              "--context 100000 is longer than the model's 64 positions", "pass --context 64 or less")
-    one_line(*run("eval", byte_model, "--text", __file__, "--context", 32, "--stride", 32), "eval",
+    one_line(run("eval", byte_model, "--text", __file__, "--context", 32, "--stride", 32), "eval",
              "stride=32 is out of range")
 
 
 def test_empty_lists_are_refused(byte_model, tmp_path, run):
-    one_line(*run("convert", byte_model, "--out", tmp_path / "o", "--projections", ","), "convert",
+    one_line(run("convert", byte_model, "--out", tmp_path / "o", "--projections", ","), "convert",
              "--projections", "names no projection", "gate, up, down")
-    one_line(*run("analyze", byte_model, "--projections", "up,up"), "analyze", "is not valid")
+    one_line(run("analyze", byte_model, "--projections", "up,up"), "analyze", "is not valid")
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="names no projection"):
         convert_checkpoint(byte_model, tmp_path / "o", ConvertOptions(projections=()))

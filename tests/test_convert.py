@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from transformers import AutoModelForCausalLM
 
 import molae  # noqa: F401  (registers the molae_<family> model types)
 from molae.checkpoint import CheckpointError
-from molae.cli import main
 from molae.convert import ConvertOptions, convert_checkpoint, decompress_checkpoint
 from molae.models import SUPPORTED
 from tiny import FAMILIES, tiny_model
@@ -28,27 +26,6 @@ def cli(*args, env=None):
     """The real console entry point in a fresh process."""
     return subprocess.run([sys.executable, "-m", "molae.cli", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def run(capsys):
-    """`molae.cli.main` in this process: the same code path as the command, without a new
-    interpreter's start-up for each bad-input case."""
-    def call(*args):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return Result(code, out.out, out.err)
-    return call
 
 
 def save(model, path, fused=False, **kw):

@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import molae  # noqa: F401  (registers the molae_<family> model types)
-from molae import data as D
 from molae.bench import fp8_blocks
 from molae.calibrate import LayerInputs, calibration_ids
 from molae.checkpoint import CheckpointError, SourceCheckpoint
@@ -32,14 +31,6 @@ from tiny import FAMILIES, tiny_model
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 f64 = torch.float64
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pdata") / "prepared"
-    D.prepare([STDLIB / "json", STDLIB / "email"], out, vocab_size=512, val_fraction=0.3, tokenizer_bytes=0,
-              progress=False)
-    return out
 
 
 def saved(family, path, dtype=torch.float32, fused=False, **kw):

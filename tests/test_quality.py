@@ -260,14 +260,6 @@ def test_pruning_keeps_the_top_scorers():
 # ----------------------------------------------------------------------------- real tiny models
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("qdata") / "prepared"
-    D.prepare([STDLIB / "json", STDLIB / "email"], out, vocab_size=512, val_fraction=0.3, tokenizer_bytes=0,
-              progress=False)
-    return out
-
-
 def saved(family, path, **kw):
     model = tiny_model(family, vocab_size=512, dtype=torch.float32, **kw)
     with torch.no_grad():

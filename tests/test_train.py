@@ -1,5 +1,6 @@
 """`molae data prepare` and `molae train`: data, trainer, checkpoints/resume, FSDP2 with 2 gloo processes."""
 
+import contextlib
 import json
 import os
 import signal
@@ -230,7 +231,7 @@ def test_training_lowers_validation_loss_and_the_saved_model_reproduces_it(data_
     assert type(model).__name__ == "MolaeQwen2MoeForCausalLM"
     assert model.model.layers[0].mlp.experts.latent == {"gate": 16, "up": 16}
     td = D.TokenData(data_dir)
-    amp = T.contextlib.nullcontext
+    amp = contextlib.nullcontext
     val = T.validation_loss(model, td, cfg, T.Run("cpu"), amp)
     assert val == pytest.approx(summary["final_val_loss"], rel=1e-5)
 
@@ -285,7 +286,7 @@ def test_latent_moe_run_trains_and_loads(data_dir, tmp_path):
     summary = T.train(cfg, data_dir, tmp_path / "run", progress=False)
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert isinstance(m.model.layers[0].mlp.experts, LatentMoEExperts)
-    val = T.validation_loss(m, D.TokenData(data_dir), cfg, T.Run("cpu"), T.contextlib.nullcontext)
+    val = T.validation_loss(m, D.TokenData(data_dir), cfg, T.Run("cpu"), contextlib.nullcontext)
     assert val == pytest.approx(summary["final_val_loss"], rel=1e-5)
 
 
