@@ -1,11 +1,12 @@
-# [9] what each peer fix changes, on the CPU: bash scripts/cpu/peers.sh WORK OLD_TREE
+# [9] what each peer fix changes, on the CPU: bash scripts/cpu/peers.sh WORK OLD_TREE [NEW_TREE]
 # Trains two small references on standard-library code (a Qwen2-MoE-style model, the demo preset: 16 experts
 # of m = n/2, top-2, shared expert; and a Mixtral-style one: 8 experts of m = 2n, top-2), then runs
 # `molae bench quality` on each with the old code (OLD_TREE: `git archive <commit> molae | tar -x -C OLD_TREE`)
 # and with this tree, for the peers whose code changed, at 75/50/25% of the routed-expert parameters, on the
 # same calibration and held-out windows. JSON per model and code tree under WORK/.
+# NEW_TREE (default: this checkout) lets a snapshot (`git archive HEAD molae`) run while the checkout changes.
 set -euo pipefail
-WORK=$1; OLD=$2; NEW=$PWD
+WORK=$1; OLD=$2; NEW=${3:-$PWD}
 STDLIB=$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 mkdir -p "$WORK"
 [ -f "$WORK/data/manifest.json" ] || python -m molae.cli data prepare $STDLIB/json $STDLIB/email $STDLIB/asyncio \
@@ -22,12 +23,18 @@ JSON
   --out "$WORK/mixtral" --no-progress
 COMMON=(--data "$WORK/data" --device cpu --budgets 0.75,0.5,0.25 --rank-ratios 1 --calib-tokens 32768
         --eval-tokens 65536 --seq-len 256 --mobe-steps 2000 --date "$(date -u +%F)" --device-name "CPU (2 cores)")
+# a code tree's `molae`, whatever an editable install of this one would resolve the name to
+in_tree() { local tree=$1; shift; python -c "import runpy, sys
+sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]
+sys.path.insert(0, sys.argv[1]); sys.argv = ['molae', *sys.argv[2:]]
+import molae; assert molae.__file__.startswith(sys.path[0]), molae.__file__
+runpy.run_module('molae.cli', run_name='__main__')" "$tree" "$@"; }
 for model in qwen mixtral; do
-  [ -f "$WORK/old-$model.json" ] || PYTHONPATH="$OLD" python -m molae.cli bench quality --model "$WORK/$model/model" \
-    --name "$model (old)" --workdir "$WORK/w-old" --json "$WORK/old-$model.json" --commit "${OLD_COMMIT:-old}" \
+  in_tree "$OLD" bench quality --model "$WORK/$model/model" --name "$model (old)" --workdir "$WORK/w-old" \
+    --json "$WORK/old-$model.json" --resume --commit "${OLD_COMMIT:-old}" \
     --methods molae-alloc,svd,d2moe,mobe,hcsmoe,prune-reap --command "bash scripts/cpu/peers.sh (old code)" "${COMMON[@]}"
-  [ -f "$WORK/new-$model.json" ] || PYTHONPATH="$NEW" python -m molae.cli bench quality --model "$WORK/$model/model" \
-    --name "$model (new)" --workdir "$WORK/w-new" --json "$WORK/new-$model.json" --commit "${COMMIT:-new}" \
+  in_tree "$NEW" bench quality --model "$WORK/$model/model" --name "$model (new)" --workdir "$WORK/w-new" \
+    --json "$WORK/new-$model.json" --resume --commit "${COMMIT:-new}" \
     --methods molae-alloc,svd,d2moe,mobe,mobe-lowrank,hcsmoe,prune-reap --command "bash scripts/cpu/peers.sh" \
     "${COMMON[@]}"
 done
