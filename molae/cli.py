@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from . import __version__
 from .methods import METHODS
-from .command import (Parser, add_command, comma_list, existing_path, fraction, positive_int, run_command,
-                      text_file)
-from .command import non_negative_float, non_negative_int, positive_float
+from .command import (Parser, add_command, existing_path, fraction, non_negative_float, non_negative_int,
+                      positive_float, positive_int, projection_list, run_command, text_file)
 
 
 def cmd_demo(args):
@@ -79,125 +77,12 @@ def cmd_heal(args):
           f"{s['held_out_kl_before']:.5f} -> {s['held_out_kl_after']:.5f} nats/token; {verdict}")
 
 
-def cmd_bench_quality(args):
-    from .command import Interrupted
-    from .quality import bench_quality
-
-    try:
-        result = bench_quality(args)
-    except KeyboardInterrupt:
-        if not args.json.exists():
-            raise
-        raise Interrupted(f"the finished runs are in {args.json}: rerun the same command with --resume to skip "
-                          "them, or delete that file") from None
-    o = result["original"]
-    print(f"{args.name}: original perplexity {o['perplexity']:.4f}; {len(result['runs'])} runs in {args.json}")
-
-
-def cmd_bench_quality_report(args):
-    from .quality import report
-
-    report(args.files, args.out, args.commit, args.note.read_text().strip() if args.note else "")
-    print(f"wrote quality.json, quality.md and quality.png under {args.out}")
-
-
-def float_list(text):
-    try:
-        values = [float(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text} is not a comma list of numbers") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"{text!r} names no number: give a comma list, e.g. 0.5,0.25")
-    return values
-
-
-def projection_list(text):
-    """A comma list of distinct projection kinds, at least one."""
-    from .layers import check_projections
-
-    try:
-        kinds = check_projections(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if not kinds:
-        raise argparse.ArgumentTypeError(f"{text!r} names no projection: allowed a comma list of gate, up, down")
-    return kinds
-
-
-def fraction_list(text):
-    values = float_list(text)
-    if any(not 0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text} has a value outside 0 < value < 1: budgets are fractions")
-    return values
-
-
-def int_list(text):
-    try:
-        values = [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text} is not a comma list of integers") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text} has a value below 1: token counts are positive")
-    return values
-
-
-def cmd_bench_layer(args):
-    import subprocess
-
-    import torch
-    import transformers
-
-    from .bench import device_name
-    from .speed import SHAPES, bench_layer, parse_shape, today, write_results
-
-    shapes = [parse_shape(s) for s in args.shape or SHAPES]
-    impls = list(args.impls)
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True).stdout.strip() or "unknown"
-    result = bench_layer(shapes, impls, args.tokens, args.decode_tokens, args.device, getattr(torch, args.dtype),
-                         args.sets, args.peak_size, args.max_step_s)
-    result.update(command=args.command or "molae " + " ".join(sys.argv[1:]), device=device_name(args.device),
-                  date=today(), commit=commit, torch=torch.__version__, transformers=transformers.__version__)
-    write_results(result, args.out)
-    print((args.out / "speed.md").read_text().split("## forward:")[0].rstrip())
-    print(f"wrote speed.json and speed.md under {args.out}")
-
-
-def cmd_bench_layer_report(args):
-    from .speed import write_results
-
-    result = json.loads(args.file.read_text())
-    if args.commit:
-        result["commit_recorded_on_device"], result["commit"] = result["commit"], args.commit
-    write_results(result, args.out)
-    print(f"wrote speed.json and speed.md under {args.out}")
-
-
 def cmd_decompress(args):
     from .convert import decompress_checkpoint
 
     info = decompress_checkpoint(args.src, args.out, dtype=args.dtype, device=args.device,
                                  max_shard_size=args.max_shard_size, resume=args.resume, overwrite=args.overwrite)
     print(f"multiplied out {info['layers_decompressed']} MoLAE layers; wrote {args.out}")
-
-
-def cmd_bench_convert(args):
-    from .bench import BENCH_MODELS, bench_convert, write_convert_results
-
-    extra = ["--latent-dim", str(args.latent_dim)] if args.latent_dim else []
-    extra += ["--budget", str(args.budget)] if args.budget else []
-    extra += ["--projections", ",".join(args.projections)] if args.projections else []
-    runs = [extra]
-    if args.calibration:  # the data-free run first, on the same synthetic checkpoint, when asked
-        runs = [extra] * args.with_data_free + [extra + ["--calibration", str(args.calibration), "--calib-tokens",
-                                                        str(args.calib_tokens)]]
-    for model in args.model:
-        for j, run_args in enumerate(runs):
-            result = bench_convert(args.workdir, model, BENCH_MODELS[model], args.device, run_args, args.layers,
-                                   args.fp8, keep_source=j + 1 < len(runs))
-            write_convert_results(result, args.results, args.commit)
-            print(json.dumps({k: result[k] for k in ("model", "layers", "calibrated", "fp8", "wall_s", "peak_rss_gb",
-                                                     "peak_gpu_gb", "seconds_per_layer", "extrapolated_minutes")}))
 
 
 def cmd_eval(args):
@@ -410,106 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True, metavar="COMMAND")
+    from .bench import add_commands as add_bench_commands
+
     add_bench_commands(bench)
     return parser
-
-
-def add_bench_commands(bench):
-    from . import speed
-    from .bench import BENCH_MODELS
-    from .quality import VARIANTS
-
-    bc = add_command(bench, "convert", cmd_bench_convert, outputs={"workdir": "writable", "results": "writable"},
-                     devices=("device",), help="convert synthetic checkpoints of real models' shapes; time and memory",
-                     description="Generate a checkpoint with a real model's exact shapes (random values) and "
-                                 "time `molae convert` on it (wall time, peak host RSS, seconds per layer).")
-    bc.add_argument("--model", action="append", required=True, choices=list(BENCH_MODELS),
-                    help="which checkpoint (repeatable)")
-    bc.add_argument("--workdir", type=Path, required=True, help="scratch directory for the checkpoints")
-    bc.add_argument("--device", default="cuda", help="device for the SVDs (default cuda)")
-    bc.add_argument("--latent-dim", type=positive_int, default=None, help="passed to molae convert")
-    bc.add_argument("--budget", type=fraction, default=None, help="passed to molae convert")
-    bc.add_argument("--projections", type=projection_list, default=None, help="passed to molae convert")
-    bc.add_argument("--calibration", type=existing_path, default=None,
-                    help="calibration text or prepared directory, passed to molae convert (the calibrated pipeline)")
-    bc.add_argument("--calib-tokens", type=positive_int, default=16384, help="calibration tokens (default 16384)")
-    bc.add_argument("--layers", type=positive_int, default=None,
-                    help="decoder layers of the synthetic checkpoint (default: the model's)")
-    bc.add_argument("--fp8", action="store_true", help="write block-quantized fp8 sources (DeepSeek-V3's format)")
-    bc.add_argument("--with-data-free", action="store_true",
-                    help="with --calibration: first convert the same synthetic checkpoint data-free, for comparison")
-    bc.add_argument("--results", type=Path, default=Path("results"), help="where convert-*.json and convert.md go")
-    bc.add_argument("--commit", default="unknown", help="the git commit being measured, recorded in the results")
-
-    bq = add_command(bench, "quality", cmd_bench_quality, outputs={"workdir": "writable", "json": "resumable-file"},
-                     devices=("device",), help="MoLAE conversion variants and the baselines at several budgets, one model",
-                     description="Convert one MoE model with every MoLAE variant and baseline at each budget "
-                                 "(molae convert's code), heal where asked, score all on held-out windows of a "
-                                 "prepared corpus; results appended to --json (resumable).")
-    bq.add_argument("--model", required=True, help="the MoE model (directory or hub id)")
-    bq.add_argument("--name", required=True, help="a name for the tables")
-    bq.add_argument("--data", required=True, type=existing_path,
-                    help="prepared data directory: calibration, healing, scoring")
-    bq.add_argument("--budgets", type=fraction_list, default=[0.75, 0.5, 0.35, 0.25],
-                    help="fractions of routed-expert parameters (default 0.75,0.5,0.35,0.25)")
-    bq.add_argument("--rank-ratios", type=float_list, default=[1.0, 0.8],
-                    help="rank ratios of the data-free variant (1 = no step 1; default 1,0.8: the paper keeps 80%%)")
-    bq.add_argument("--methods", type=comma_list(VARIANTS), default=VARIANTS,
-                    help=f"variants to run (default all: {','.join(VARIANTS)})")
-    bq.add_argument("--calib-tokens", type=positive_int, default=65536, help="calibration tokens (default 65536)")
-    bq.add_argument("--heal-tokens", type=positive_int, default=1048576, help="healing tokens (default 1048576)")
-    bq.add_argument("--heal-batch-size", type=positive_int, default=16, help="healing windows per step (default 16)")
-    bq.add_argument("--heal-lr", type=positive_float, default=1e-4, help="healing peak learning rate (default 1e-4)")
-    bq.add_argument("--eval-tokens", type=positive_int, default=262144, help="validation tokens scored (default 262144)")
-    bq.add_argument("--seq-len", type=positive_int, default=512, help="window length (default 512)")
-    bq.add_argument("--mobe-steps", type=positive_int, default=30000, help="MoBE Adam steps (default 30000)")
-    bq.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    bq.add_argument("--workdir", required=True, type=Path, help="scratch directory for the converted models")
-    bq.add_argument("--json", required=True, type=Path, help="results file (appended per run)")
-    bq.add_argument("--resume", action="store_true", help="skip the runs already in --json")
-    bq.add_argument("--commit", default="unknown", help="git commit, recorded")
-    bq.add_argument("--device-name", default="unknown", help="the device, in words, recorded")
-    bq.add_argument("--date", default="unknown", help="date, recorded")
-    bq.add_argument("--command", default="", help="the exact command, recorded")
-
-    bqr = add_command(bench, "quality-report", cmd_bench_quality_report, outputs={"out": "writable"},
-                      help="tables and the Pareto plot from bench quality JSON files")
-    bqr.add_argument("files", nargs="+", type=existing_path, help="JSON files of molae bench quality")
-    bqr.add_argument("--out", type=Path, default=Path("results"), help="where quality.{json,md,png} go")
-    bqr.add_argument("--commit", default=None, help="the commit the runs used, where the files record a wrong one")
-    bqr.add_argument("--note", type=existing_path, default=None, help="a markdown file whose text goes under the title")
-
-    bl = add_command(bench, "layer", cmd_bench_layer, outputs={"out": "writable"}, devices=("device",),
-                     help="MoLAE experts against standard MoE kernels: time, FLOP/s, memory, decode",
-                     description="Time transformers' experts (eager, grouped_mm), our standard MoE fast path "
-                                 "and MoLAE (d = m, G = 1 and 8) side by side at real models' shapes, forward "
-                                 "and forward+backward, plus decode sizes; the matmul peak and copy bandwidth "
-                                 "measured in the same run. Writes speed.json and speed.md.")
-    bl.add_argument("--shape", action="append", default=None,
-                    help=f"a preset ({', '.join(speed.SHAPES)}) or n,m,E,k; repeatable (default: those four presets)")
-    bl.add_argument("--impls", type=comma_list(speed.IMPLS), default=speed.IMPLS,
-                    help="implementations to time (default all five)")
-    bl.add_argument("--tokens", type=int_list, default=list(speed.TOKENS),
-                    help=f"tokens per step (default {','.join(map(str, speed.TOKENS))})")
-    bl.add_argument("--decode-tokens", type=int_list, default=list(speed.DECODE_TOKENS),
-                    help=f"decode batch sizes, forward only (default {','.join(map(str, speed.DECODE_TOKENS))}; '' for none)")
-    bl.add_argument("--device", default="cuda", help="cuda (default) or cpu (for trying the harness)")
-    bl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                    help="weights and activations (default bfloat16)")
-    bl.add_argument("--sets", type=positive_int, default=3, help="input sets rotated between repeats (default 3)")
-    bl.add_argument("--peak-size", type=positive_int, default=8192,
-                    help="size of the square matmul that measures the peak (default 8192)")
-    bl.add_argument("--max-step-s", type=positive_float, default=2.0,
-                    help="an implementation whose step takes longer is not timed at larger token counts (default 2)")
-    bl.add_argument("--out", type=Path, default=Path("results"), help="where speed.json and speed.md go")
-    bl.add_argument("--commit", default=None, help="the git commit measured (default: git rev-parse HEAD)")
-    bl.add_argument("--command", default=None, help="the exact command, recorded (default: this one)")
-
-    blr = add_command(bench, "layer-report", cmd_bench_layer_report, outputs={"out": "writable"},
-                      help="speed.md again from a speed.json of molae bench layer")
-    blr.add_argument("file", type=existing_path, help="speed.json")
-    blr.add_argument("--out", type=Path, default=Path("results"), help="where speed.json and speed.md go")
-    blr.add_argument("--commit", default=None, help="the commit the run used, where the file records a wrong one")
 
 
 def main(argv=None) -> int:

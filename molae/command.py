@@ -149,6 +149,46 @@ def comma_list(allowed: tuple[str, ...]):
     return parse
 
 
+def float_list(text):
+    try:
+        values = [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a comma list of numbers") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} names no number: give a comma list, e.g. 0.5,0.25")
+    return values
+
+
+def fraction_list(text):
+    values = float_list(text)
+    if any(not 0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text} has a value outside 0 < value < 1: budgets are fractions")
+    return values
+
+
+def int_list(text):
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a comma list of integers") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text} has a value below 1: token counts are positive")
+    return values
+
+
+def projection_list(text):
+    """A comma list of distinct projection kinds, at least one."""
+    from .layers import check_projections
+
+    try:
+        kinds = check_projections(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not kinds:
+        raise argparse.ArgumentTypeError(f"{text!r} names no projection: allowed a comma list of gate, up, down")
+    return kinds
+
+
 # ----------------------------------------------------------------------------- checks before work
 
 

@@ -379,6 +379,19 @@ class TextTokens(TokenData):
         return self._tokenizer
 
 
+class CorpusTokens(TokenData):
+    """A byte corpus (load_stdlib_corpus) as training data: token ids are the bytes (byte_tokenizer),
+    held in memory; batches and validation windows as TokenData's. What `molae demo` trains on."""
+
+    def __init__(self, corpus: Corpus):
+        self.path = Path(corpus.manifest["root"])
+        self.manifest = dict(corpus.manifest, tokenizer="bytes", vocab_size=256)
+        self.train, self.val, self.vocab_size = corpus.train, corpus.val, 256
+
+    def tokenizer(self):
+        return byte_tokenizer()
+
+
 def is_prepared(path) -> bool:
     return all((Path(path) / f).exists() for f in PREPARED_FILES)
 

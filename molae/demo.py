@@ -1,17 +1,19 @@
 """`molae demo`: train a tiny Qwen2-MoE on the standard library, convert it, compare variants.
 
-1. Build a small `transformers` Qwen2-MoE (byte vocabulary) and train it on the Python
-   standard library's source, whole modules held out for validation (molae.data).
+1. Train the `demo` preset of molae.train (a small `transformers` Qwen2-MoE over a byte vocabulary)
+   on the Python standard library's source, whole modules held out for validation (molae.data),
+   through the one trainer every run uses (molae.train.train).
 2. Convert it in memory with the two-step algorithm at several latent sizes d (G = 1,
    up+gate factorized, down kept), and with a per-expert truncated SVD of at most the
    same parameter count (which is MoLAE with one expert per group: G = E, d = rank).
 3. Print a table (variant, expert parameters, total parameters, validation bits per byte,
-   change against the original); with --out also save the model, the table as JSON and
-   markdown, and a plot of bits per byte against expert parameters.
+   change against the original); with --out also save the model, the run's log and summary, the
+   table as JSON and markdown, and a plot of bits per byte against expert parameters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -19,75 +21,32 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from .command import progress_bar
 
+from .checkpoint import check_destination, publish, temp_dir_for
+from .command import Interrupted, progress_bar
+from .data import CorpusTokens, eval_windows, load_stdlib_corpus
 from .evaluate import windows_nll
 from .models import find_experts, to_molae
-from .train import TrainConfig, make_optimizer
-from .data import byte_tokenizer, eval_windows, load_stdlib_corpus, random_batch
+from .train import PRESETS, TrainConfig, read_log, train
 
 
 @dataclass
 class DemoConfig:
-    steps: int = 600
+    steps: int = 600  # of the `demo` training preset (16 x 256 bytes a step)
     seed: int = 0
-    batch_size: int = 16
-    seq_len: int = 256
-    lr: float = 3e-3
-    warmup: int = 30
     val_windows: int = 96  # x seq_len bytes of held-out code
-    # model: Qwen1.5-MoE-like (fine-grained experts, a gated shared expert), tiny
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    n_experts: int = 16
-    top_k: int = 2
-    moe_inter: int = 64
-    shared_inter: int = 128
-    # conversions: latent sizes as fractions of m
-    latent_fracs: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+    latent_fracs: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # conversions: latent sizes as fractions of m
 
-
-def build_model(cfg: DemoConfig):
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
-
-    hf_cfg = Qwen2MoeConfig(
-        vocab_size=256, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, intermediate_size=4 * cfg.hidden,
-        moe_intermediate_size=cfg.moe_inter, shared_expert_intermediate_size=cfg.shared_inter,
-        num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, norm_topk_prob=False,
-        max_position_embeddings=4 * cfg.seq_len,  # trained on seq_len; room for lm-eval's generation tasks
-        output_router_logits=True, router_aux_loss_coef=0.01,
-        tie_word_embeddings=False,
-    )
-    return Qwen2MoeForCausalLM(hf_cfg)
-
-
-def train(model, data, cfg: DemoConfig) -> list[float]:
-    gen = torch.Generator().manual_seed(cfg.seed)
-    # the trainer's AdamW (decay on matrices only) and warmup + cosine to 10% of the peak
-    opt, sched = make_optimizer(model, TrainConfig(lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps, min_lr_ratio=0.1,
-                                                   weight_decay=0.1, betas=(0.9, 0.95)))
-    model.train()
-    losses = []
-    bar = progress_bar(range(cfg.steps), desc="train", unit="step")
-    for step in bar:
-        x = random_batch(data, cfg.batch_size, cfg.seq_len - 1, gen)
-        loss = model(input_ids=x, labels=x).loss  # next-byte loss + router aux loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    model.config.output_router_logits = False  # the aux loss is for training only
-    return losses
+    def train_config(self) -> TrainConfig:
+        """The `demo` preset with this run's steps, seed and validation size (evaluated and saved once,
+        at the end)."""
+        base = PRESETS["demo"]
+        return replace(base, steps=self.steps, seed=self.seed, eval_tokens=self.val_windows * base.seq_len,
+                       eval_every=self.steps, ckpt_every=self.steps, log_every=min(base.log_every, self.steps))
 
 
 def bits_per_byte(model, windows: torch.Tensor, batch: int = 16) -> float:
@@ -100,11 +59,10 @@ def expert_params(model) -> int:
     return sum(p.numel() for _, m in find_experts(model) for p in m.parameters())
 
 
-def variants(cfg: DemoConfig) -> list[dict]:
+def variants(m: int, n: int, E: int, latent_fracs) -> list[dict]:
     """MoLAE at each latent size, each followed by per-expert SVD with at most its parameters."""
-    m, n, E = cfg.moe_inter, cfg.hidden, cfg.n_experts
     out = []
-    for frac in cfg.latent_fracs:
+    for frac in latent_fracs:
         d = max(1, round(frac * m))
         out.append(dict(name=f"MoLAE d={d}", method="molae", latent_dim=d, groups=1))
         rank = (d * n + E * m * d) // (E * (m + n))  # per kind: E*r*(m+n) <= d*n + E*m*d
@@ -137,10 +95,9 @@ def pin_numerics() -> dict:
 
 
 def run_demo(cfg: DemoConfig, out: Path | None = None, overwrite: bool = False) -> dict:
-    if out is not None and out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty: choose a new directory or pass --overwrite")
+    if out is not None:
+        check_destination(Path(out), overwrite)
     numerics = pin_numerics()
-    torch.manual_seed(cfg.seed)
     t0 = time.time()
     corpus = load_stdlib_corpus()
     print(f"corpus: {corpus.manifest['root']}: train {corpus.manifest['bytes']['train']:,} bytes in "
@@ -149,14 +106,45 @@ def run_demo(cfg: DemoConfig, out: Path | None = None, overwrite: bool = False) 
     print(f"numerics: {numerics['threads']} threads, {numerics['kernels']} kernels (MKL_CBWR={numerics['mkl_cbwr']}), "
           f"Python {numerics['python']}, torch {numerics['torch']}, transformers {numerics['transformers']}; "
           f"{numerics['cpu']}", flush=True)
-    model = build_model(cfg)
-    losses = train(model, corpus.train, cfg)
-    windows = eval_windows(corpus.val, cfg.seq_len, cfg.val_windows)
+    # the run goes to a temporary directory (beside --out, renamed into place at the end)
+    work = contextlib.nullcontext(temp_dir_for(Path(out))) if out is not None else tempfile.TemporaryDirectory()
+    with work as run_dir:
+        run_dir = Path(run_dir)
+        try:
+            if out is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted demo left
+            result, table = _train_and_compare(cfg, corpus, run_dir, numerics, t0)
+            if out is not None:
+                (run_dir / "checkpoint.pt").unlink()  # the optimizer state: nothing resumes a finished demo
+                (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+                (run_dir / "results.md").write_text(table + "\n")
+                plot(result["rows"], run_dir / "bpb_vs_params.png")
+                publish(run_dir, Path(out), overwrite)
+                print(f"saved model, results.json, results.md and bpb_vs_params.png under {out}")
+        except Interrupted:  # the trainer kept its checkpoint; a demo keeps nothing
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise KeyboardInterrupt from None
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+    return result
+
+
+def _train_and_compare(cfg: DemoConfig, corpus, run_dir: Path, numerics: dict, t0: float) -> tuple[dict, str]:
+    """Train the preset into run_dir (model/, log.jsonl, summary.json), then convert and evaluate."""
+    from transformers import AutoModelForCausalLM
+
+    train_cfg = cfg.train_config()
+    train(train_cfg, CorpusTokens(corpus), run_dir, device="cpu", progress=True)  # a CPU demo, on any machine
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+    windows = eval_windows(corpus.val, train_cfg.seq_len, cfg.val_windows)  # the trainer's validation windows
     base_bpb = bits_per_byte(model, windows)
     rows = [dict(variant="original MoE", method="original", projections="", latent_dim=None, groups=None,
                  expert_params=expert_params(model), total_params=sum(p.numel() for p in model.parameters()),
                  val_bpb=base_bpb, delta_bpb=0.0, rel_error=0.0)]
-    for v in progress_bar(variants(cfg), desc="convert+eval", unit="variant"):
+    c = model.config
+    for v in progress_bar(variants(c.moe_intermediate_size, c.hidden_size, c.num_experts, cfg.latent_fracs),
+                          desc="convert+eval", unit="variant"):
         converted = copy.deepcopy(model)
         report = to_molae(converted, latent_dim=v["latent_dim"], groups=v["groups"], projections=("up", "gate"))
         bpb = bits_per_byte(converted, windows)
@@ -166,16 +154,13 @@ def run_demo(cfg: DemoConfig, out: Path | None = None, overwrite: bool = False) 
                          groups=v["groups"], expert_params=expert_params(converted),
                          total_params=sum(p.numel() for p in converted.parameters()), val_bpb=bpb,
                          delta_bpb=bpb - base_bpb, rel_error=err))
-    result = dict(config=asdict(cfg), corpus=corpus.manifest, train_loss_first=losses[0],
-                  train_loss_last=sum(losses[-10:]) / len(losses[-10:]), val_windows=len(windows),
-                  val_bytes=int(windows[:, 1:].numel()), seconds=time.time() - t0, rows=rows,
-                  torch=torch.__version__, numerics=numerics)
+    train_log = [(r["step"], r["loss"]) for r in read_log(run_dir / "log.jsonl") if "tokens_per_s" in r]
+    result = dict(config=dict(demo=asdict(cfg), train=asdict(train_cfg)), corpus=corpus.manifest,
+                  train_loss=train_log, val_windows=len(windows), val_bytes=int(windows[:, 1:].numel()),
+                  seconds=time.time() - t0, rows=rows, torch=torch.__version__, numerics=numerics)
     table = markdown_table(rows)
     print(table)
-    if out is not None:
-        save_outputs(out, model, result, table)
-        print(f"saved model, results.json, results.md and bpb_vs_params.png under {out}")
-    return result
+    return result, table
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -212,22 +197,3 @@ def plot(rows: list[dict], path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def save_outputs(out: Path, model, result: dict, table: str):
-    """Write everything into a temporary directory beside `out`, then rename it into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp / "model")
-        byte_tokenizer().save_pretrained(tmp / "model")
-        (tmp / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        (tmp / "results.md").write_text(table + "\n")
-        plot(result["rows"], tmp / "bpb_vs_params.png")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -4,7 +4,7 @@ transformers, and a measured conversion writes its JSON and markdown."""
 import json
 
 import molae  # noqa: F401
-from molae.bench import DEEPSEEK_V3_LAYER, QWEN15_MOE_A27B, bench_convert, synthetic_checkpoint, write_convert_results
+from molae.bench.convert import DEEPSEEK_V3_LAYER, QWEN15_MOE_A27B, bench_convert, synthetic_checkpoint, write_convert_results
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=4,
             moe_intermediate_size=16)

@@ -43,7 +43,7 @@ def test_demo_trains_a_real_model_and_compares_variants(short_demo):
     assert methods == ["molae", "svd"] * (len(rows[1:]) // 2) and len(rows) >= 5
     for molae_row, svd_row in zip(rows[1::2], rows[2::2]):
         assert svd_row["expert_params"] <= molae_row["expert_params"] < original["expert_params"]
-        assert svd_row["groups"] == result["config"]["n_experts"]
+        assert svd_row["groups"] == result["config"]["train"]["model"]["num_experts"]
         for r in (molae_row, svd_row):
             assert math.isclose(r["delta_bpb"], r["val_bpb"] - original["val_bpb"], abs_tol=1e-12)
             assert r["total_params"] - r["expert_params"] == original["total_params"] - original["expert_params"]
@@ -54,7 +54,14 @@ def test_demo_trains_a_real_model_and_compares_variants(short_demo):
     table = (out / "results.md").read_text()
     assert table.strip() in proc.stdout and table.count("\n") == len(rows) + 2
     assert (out / "bpb_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result["corpus"]["files"]["val"] > 0 and not list(out.parent.glob(".run.tmp-*"))
+    assert result["corpus"]["files"]["val"] > 0 and not [p for p in out.parent.iterdir() if p.name != out.name]
+    # trained by molae.train: its log and summary come with the demo's output
+    losses = [loss for _, loss in result["train_loss"]]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["steps"] == 60 and not (out / "checkpoint.pt").exists()
+    # one NLL: the trainer's last validation and the demo's score of the saved model are the same number
+    assert math.isclose(summary["val_bits_per_byte"], original["val_bpb"], rel_tol=1e-5)
 
 
 def test_demo_model_loads_with_plain_transformers(short_demo):

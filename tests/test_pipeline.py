@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import molae  # noqa: F401  (registers the molae_<family> model types)
-from molae.bench import fp8_blocks
+from molae.bench.convert import fp8_blocks
 from molae.calibrate import LayerInputs, calibration_ids
 from molae.checkpoint import CheckpointError, SourceCheckpoint
 from molae.convert import ConvertOptions, convert_checkpoint, find_expert_groups

@@ -29,7 +29,7 @@ from molae.sequential import LayerRunner
 from molae.heal import balance_factors, heal
 from molae.layers import Experts
 from molae.models import find_experts, use_standard_experts
-from molae.quality import uniform_latent
+from molae.bench.quality import uniform_latent
 from tiny import tiny_model
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -392,7 +392,7 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
                  "--mobe-steps", "10", "--budgets", "0.5", "--rank-ratios", "1"])
     assert code == 0
     q = json.loads((tmp_path / "q.json").read_text())
-    from molae.quality import BASELINES
+    from molae.bench.quality import BASELINES
 
     assert len(q["runs"]) == 4 + len(BASELINES)  # every MoLAE variant and every other method of the registry
     reached = [r for r in q["runs"] if "unreachable" not in r]

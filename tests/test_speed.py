@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from molae.speed import IMPLS, STANDARD, Shape, bench_layer, build, parse_shape, report, useful_flops, weight_bytes
+from molae.bench.layer import IMPLS, STANDARD, Shape, bench_layer, build, parse_shape, report, useful_flops, weight_bytes
 
 TINY = Shape("tiny", 64, 32, 8, 2)
 

@@ -1,13 +1,21 @@
-"""D²-MoE (Gu et al. 2025, "Delta Decompression for MoE-based LLMs Compression"): per projection kind,
-W_i ~ W_base + Delta_i, W_base the Fisher-weighted mean of the layer's experts, Delta_i truncated to the
-rank the budget leaves, whitened by the expert's own inputs (SVD-LLM) when calibration inputs are given.
-The paper also prunes the base structurally; here the base stays whole (more parameters go to the deltas).
+"""D²-MoE (Gu et al. 2025, "Delta Decompression for MoE-based LLMs Compression"), following its authors'
+Mixtral code (zhy617/D2MoE, model/merge_mixtral.py, merge_method "fisher" with SVD-LLM-whitened deltas):
+per projection kind, W_i ~ W_base + Delta_i, W_base the Fisher-weighted mean of the layer's experts,
+Delta_i = W_i - W_base truncated to the rank the budget leaves and whitened by the expert's own inputs
+(SVD-LLM, as methods/svd.py) when calibration inputs are given. Stored: the base (m n) and E rank-r deltas.
 
-Fisher weights: the paper's are the experts' summed squared gradients of the LM loss, which need the
-whole model's backward pass. The layer-by-layer pipeline has one layer at a time, so it uses
-`LayerInputs.fisher`: the squared routed output contribution (g_e(x) ||E_e(x)||)^2, which equals the
-squared gradient with respect to the expert's output scale if the gradient reaching the layer's output
-had the same size at every token. Without calibration the weights are uniform."""
+Deviations, each for a reason:
+- Fisher weights. The authors' are per weight entry: squared gradients of the LM loss accumulated over the
+  calibration set through the whole model's backward pass, times each expert's routing frequency,
+  normalized per entry across experts. The layer-by-layer pipeline holds one layer, so it uses one weight
+  per expert, `LayerInputs.fisher`: the squared routed output contribution sum (g_e(x) ||E_e(x)||)^2, the
+  squared gradient with respect to the expert's output scale if the gradient reaching the layer's output
+  had the same size at every token. Without calibration the weights are uniform. scripts/cpu/peers.sh
+  measures the change against the earlier whole-model (per-expert) Fisher of commit 2c1c863.
+- The paper also prunes the base structurally (its `pp_ratio`, 0.2 in the Mixtral scripts) and gives the
+  saved parameters to the deltas; here the base stays whole and the budget sets the delta rank alone.
+- The Gram regularization, the rank rule and the calibration carry are svd.py's (see its deviations).
+"""
 
 from __future__ import annotations
 

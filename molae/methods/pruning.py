@@ -1,7 +1,16 @@
-"""Expert pruning: keep the round(fraction * E) experts (at least top-k) that score highest, by router
-frequency (tokens routed on calibration data) or by REAP saliency (Lasby et al. 2025, "REAP the
-Experts": the mean over an expert's routed tokens of gate weight times the norm of its output). The
-result is a smaller model of the same family: fewer experts, the router's rows dropped."""
+"""Expert pruning: keep the round(fraction * E) experts (at least top-k) that score highest, the router's
+rows of the others dropped: a smaller model of the same family. Two scores, as REAP's authors compute them
+(CerebrasResearch/reap, src/reap/observer.py, `MoETransformerObserver._hook_fn`):
+
+- prune-frequency: "expert_frequency", the number of calibration tokens routed to the expert;
+- prune-reap: "reap" (Lasby et al. 2025, "REAP the Experts"), the mean over the expert's routed tokens of
+  softmax(router logits)_e x ||E_e(x)||_2: the router's probability over all experts (not renormalized over
+  the top-k, their default `renormalize_router_weights=False`) times the norm of the expert's output.
+
+Deviations: the number kept is round(fraction * E) with at least top-k (REAP prunes int(E x ratio), and
+nothing stops it below top-k); statistics come from the layer-by-layer pipeline (converted earlier layers
+by default; REAP observes the unpruned model, which is `--calib-carry original`).
+"""
 
 from __future__ import annotations
 

@@ -68,14 +68,14 @@ def check_out(out: Path, resume: bool):
 RUN_FILES = ("train_config.json", "log.jsonl", "tb", "checkpoint.pt.partial", ".model.partial")
 
 
-def train(cfg: TrainConfig, data_dir, out, resume: bool = False, device: str | None = None,
+def train(cfg: TrainConfig, data, out, resume: bool = False, device: str | None = None,
           progress: bool = True) -> dict:
-    """Train; returns the summary (also written to OUT/summary.json). See the module notes. An
-    interruption keeps the last checkpoint (`Interrupted` says how to continue); before the first
-    one, it removes what the run wrote."""
+    """Train on `data` (a prepared directory, or a TokenData); returns the summary (also written to
+    OUT/summary.json). See the module notes. An interruption keeps the last checkpoint (`Interrupted`
+    says how to continue); before the first one, it removes what the run wrote."""
     out = Path(out)
     check_out(out, resume)
-    data = TokenData(data_dir)
+    data = data if isinstance(data, TokenData) else TokenData(data)
     run = Run(device)
     created = not out.exists()
     on_disk = {"step": None}  # the step of the checkpoint on disk, kept up to date by _train

@@ -12,10 +12,10 @@ from ..models import find_experts, layer_index
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul in the training dtype on this device (the MFU denominator): the
-    fastest of six timed repeats (speed.matmul_rate), since a machine busy with other work during the
+    fastest of six timed repeats (bench.layer.matmul_rate), since a machine busy with other work during the
     measurement slows some repeats (a median then made MFU read above 100% on a shared CPU). On a CPU this
     is the rate of one float32 1024^3 matmul on the cores torch uses, not a datasheet peak."""
-    from ..speed import matmul_rate
+    from ..bench.layer import matmul_rate
 
     size = 8192 if device.type == "cuda" else 1024
     return matmul_rate(device, dtype, size, warmup=2, min_repeats=6, max_repeats=6)["fastest"]

@@ -5,7 +5,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from molae.speed import _steps, build, inputs, parse_shape
+from molae.bench.layer import _steps, build, inputs, parse_shape
 
 shape, impl, T = parse_shape(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 mode = sys.argv[4] if len(sys.argv) > 4 else "forward+backward"

@@ -27,16 +27,16 @@ import time
 from pathlib import Path
 
 import torch
-from .command import progress_bar
+from ..checkpoint import SourceCheckpoint, resolve, write_json_atomically
+from ..convert import ConvertOptions, convert_checkpoint, find_expert_groups
+from ..evaluate import load
+from ..layers import KINDS
+from ..evaluate import window_bytes, windows_nll
 
-from .checkpoint import SourceCheckpoint, resolve, write_json_atomically
-from .convert import ConvertOptions, convert_checkpoint, find_expert_groups
-from .evaluate import load
-from .layers import KINDS
-from .evaluate import window_bytes, windows_nll
-
-from .budget import uniform_latent
-from .methods import METHODS
+from ..budget import uniform_latent
+from ..methods import METHODS
+from ..command import (add_command, comma_list, existing_path, float_list, fraction_list, positive_float,
+                       positive_int, progress_bar)
 
 BASELINES = tuple(name for name in METHODS if name != "molae")
 VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES)  # --methods names
@@ -75,8 +75,8 @@ def variants(budgets, rank_ratios, methods) -> list[tuple[str, float, dict]]:
 
 def bench_quality(args):
     """Run every variant on one model; results appended to args.json as they finish."""
-    from .data import TokenData
-    from .heal import heal
+    from ..data import TokenData
+    from ..heal import heal
 
     device = torch.device(args.device)
     src = Path(resolve(args.model))
@@ -278,3 +278,66 @@ def _plot(results, path: Path):
 
 
 __all__ = ["bench_quality", "report", "uniform_latent", "score", "variants"]
+
+
+# ----------------------------------------------------------------------------- `molae bench quality`
+
+def cmd_bench_quality(args):
+    from ..command import Interrupted
+
+    try:
+        result = bench_quality(args)
+    except KeyboardInterrupt:
+        if not args.json.exists():
+            raise
+        raise Interrupted(f"the finished runs are in {args.json}: rerun the same command with --resume to skip "
+                          "them, or delete that file") from None
+    o = result["original"]
+    print(f"{args.name}: original perplexity {o['perplexity']:.4f}; {len(result['runs'])} runs in {args.json}")
+
+
+def cmd_bench_quality_report(args):
+
+    report(args.files, args.out, args.commit, args.note.read_text().strip() if args.note else "")
+    print(f"wrote quality.json, quality.md and quality.png under {args.out}")
+
+
+def add_commands(bench):
+    """This benchmark's `molae bench` subcommands."""
+    bq = add_command(bench, "quality", cmd_bench_quality, outputs={"workdir": "writable", "json": "resumable-file"},
+                     devices=("device",), help="MoLAE conversion variants and the baselines at several budgets, one model",
+                     description="Convert one MoE model with every MoLAE variant and baseline at each budget "
+                                 "(molae convert's code), heal where asked, score all on held-out windows of a "
+                                 "prepared corpus; results appended to --json (resumable).")
+    bq.add_argument("--model", required=True, help="the MoE model (directory or hub id)")
+    bq.add_argument("--name", required=True, help="a name for the tables")
+    bq.add_argument("--data", required=True, type=existing_path,
+                    help="prepared data directory: calibration, healing, scoring")
+    bq.add_argument("--budgets", type=fraction_list, default=[0.75, 0.5, 0.35, 0.25],
+                    help="fractions of routed-expert parameters (default 0.75,0.5,0.35,0.25)")
+    bq.add_argument("--rank-ratios", type=float_list, default=[1.0, 0.8],
+                    help="rank ratios of the data-free variant (1 = no step 1; default 1,0.8: the paper keeps 80%%)")
+    bq.add_argument("--methods", type=comma_list(VARIANTS), default=VARIANTS,
+                    help=f"variants to run (default all: {','.join(VARIANTS)})")
+    bq.add_argument("--calib-tokens", type=positive_int, default=65536, help="calibration tokens (default 65536)")
+    bq.add_argument("--heal-tokens", type=positive_int, default=1048576, help="healing tokens (default 1048576)")
+    bq.add_argument("--heal-batch-size", type=positive_int, default=16, help="healing windows per step (default 16)")
+    bq.add_argument("--heal-lr", type=positive_float, default=1e-4, help="healing peak learning rate (default 1e-4)")
+    bq.add_argument("--eval-tokens", type=positive_int, default=262144, help="validation tokens scored (default 262144)")
+    bq.add_argument("--seq-len", type=positive_int, default=512, help="window length (default 512)")
+    bq.add_argument("--mobe-steps", type=positive_int, default=30000, help="MoBE Adam steps (default 30000)")
+    bq.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    bq.add_argument("--workdir", required=True, type=Path, help="scratch directory for the converted models")
+    bq.add_argument("--json", required=True, type=Path, help="results file (appended per run)")
+    bq.add_argument("--resume", action="store_true", help="skip the runs already in --json")
+    bq.add_argument("--commit", default="unknown", help="git commit, recorded")
+    bq.add_argument("--device-name", default="unknown", help="the device, in words, recorded")
+    bq.add_argument("--date", default="unknown", help="date, recorded")
+    bq.add_argument("--command", default="", help="the exact command, recorded")
+
+    bqr = add_command(bench, "quality-report", cmd_bench_quality_report, outputs={"out": "writable"},
+                      help="tables and the Pareto plot from bench quality JSON files")
+    bqr.add_argument("files", nargs="+", type=existing_path, help="JSON files of molae bench quality")
+    bqr.add_argument("--out", type=Path, default=Path("results"), help="where quality.{json,md,png} go")
+    bqr.add_argument("--commit", default=None, help="the commit the runs used, where the files record a wrong one")
+    bqr.add_argument("--note", type=existing_path, default=None, help="a markdown file whose text goes under the title")

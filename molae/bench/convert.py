@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from .command import progress_bar
-
-from .checkpoint import INDEX, parse_size
-from .presets import REAL_MODELS, moe_layer_count
+from ..checkpoint import INDEX, parse_size
+from ..presets import REAL_MODELS, moe_layer_count
+from ..command import add_command, existing_path, fraction, positive_int, progress_bar, projection_list
 
 # Synthetic checkpoints of the real models (molae/presets.py); a DeepSeek-V3 checkpoint of its MoE layers
 # alone (its first three are dense): first_k_dense_replace=0 keeps every benchmarked layer MoE.
@@ -229,3 +228,49 @@ peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else
 open(sys.argv[1], "w").write(json.dumps(dict(peak_gpu_gb=peak)))
 sys.exit(code)
 """
+
+
+# ----------------------------------------------------------------------------- `molae bench convert`
+
+def cmd_bench_convert(args):
+
+    extra = ["--latent-dim", str(args.latent_dim)] if args.latent_dim else []
+    extra += ["--budget", str(args.budget)] if args.budget else []
+    extra += ["--projections", ",".join(args.projections)] if args.projections else []
+    runs = [extra]
+    if args.calibration:  # the data-free run first, on the same synthetic checkpoint, when asked
+        runs = [extra] * args.with_data_free + [extra + ["--calibration", str(args.calibration), "--calib-tokens",
+                                                        str(args.calib_tokens)]]
+    for model in args.model:
+        for j, run_args in enumerate(runs):
+            result = bench_convert(args.workdir, model, BENCH_MODELS[model], args.device, run_args, args.layers,
+                                   args.fp8, keep_source=j + 1 < len(runs))
+            write_convert_results(result, args.results, args.commit)
+            print(json.dumps({k: result[k] for k in ("model", "layers", "calibrated", "fp8", "wall_s", "peak_rss_gb",
+                                                     "peak_gpu_gb", "seconds_per_layer", "extrapolated_minutes")}))
+
+
+def add_commands(bench):
+    """This benchmark's `molae bench` subcommands."""
+
+    bc = add_command(bench, "convert", cmd_bench_convert, outputs={"workdir": "writable", "results": "writable"},
+                     devices=("device",), help="convert synthetic checkpoints of real models' shapes; time and memory",
+                     description="Generate a checkpoint with a real model's exact shapes (random values) and "
+                                 "time `molae convert` on it (wall time, peak host RSS, seconds per layer).")
+    bc.add_argument("--model", action="append", required=True, choices=list(BENCH_MODELS),
+                    help="which checkpoint (repeatable)")
+    bc.add_argument("--workdir", type=Path, required=True, help="scratch directory for the checkpoints")
+    bc.add_argument("--device", default="cuda", help="device for the SVDs (default cuda)")
+    bc.add_argument("--latent-dim", type=positive_int, default=None, help="passed to molae convert")
+    bc.add_argument("--budget", type=fraction, default=None, help="passed to molae convert")
+    bc.add_argument("--projections", type=projection_list, default=None, help="passed to molae convert")
+    bc.add_argument("--calibration", type=existing_path, default=None,
+                    help="calibration text or prepared directory, passed to molae convert (the calibrated pipeline)")
+    bc.add_argument("--calib-tokens", type=positive_int, default=16384, help="calibration tokens (default 16384)")
+    bc.add_argument("--layers", type=positive_int, default=None,
+                    help="decoder layers of the synthetic checkpoint (default: the model's)")
+    bc.add_argument("--fp8", action="store_true", help="write block-quantized fp8 sources (DeepSeek-V3's format)")
+    bc.add_argument("--with-data-free", action="store_true",
+                    help="with --calibration: first convert the same synthetic checkpoint data-free, for comparison")
+    bc.add_argument("--results", type=Path, default=Path("results"), help="where convert-*.json and convert.md go")
+    bc.add_argument("--commit", default="unknown", help="the git commit being measured, recorded in the results")

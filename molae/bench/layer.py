@@ -24,7 +24,9 @@ Shape legend as in layers.py: T tokens, K top-k, S = T*K slots, D = n, F = m, L 
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -32,9 +34,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from .command import progress_bar
-
-from .layers import KINDS, PRESETS, Experts, Routing, grouped_linear, pick_backend
+from ..layers import KINDS, PRESETS, Experts, Routing, grouped_linear, pick_backend
+from ..command import (add_command, comma_list, existing_path, int_list, positive_float, positive_int,
+                       progress_bar)
 
 SHAPES = ("qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3")
 IMPLS = ("hf-eager", "hf-grouped_mm", "moe", "molae-g1", "molae-g8")
@@ -373,7 +375,7 @@ def today() -> str:
 
 def write_results(result: dict, out: Path) -> None:
     """speed.json (every row) and speed.md (the tables and the targets' verdicts), both atomically."""
-    from .checkpoint import write_json_atomically
+    from ..checkpoint import write_json_atomically
 
     out = Path(out)
     write_json_atomically(out / "speed.json", result)
@@ -405,7 +407,7 @@ def report(result: dict) -> str:
              "- method: medians of repeats after warm-up, CUDA events, inputs rotated over "
              f"{result['sets']} sets; uniform random top-k routing; forward under no_grad, forward+backward with "
              "gradients of input, routing weights and all weights; useful FLOPs = the layer's own arithmetic "
-             "(docstring of molae/speed.py); speed-up = fastest standard implementation's time / this time; peak GB = "
+             "(docstring of molae/bench/layer.py); speed-up = fastest standard implementation's time / this time; peak GB = "
              "all memory allocated at the step's peak (weights, the rotated input sets, activations, gradients).", ""]
     lines += _targets(rows, shapes, tokens) + [""]
 
@@ -485,3 +487,70 @@ def _targets(rows, shapes, tokens) -> list[str]:
                               f"standard / MoLAE useful FLOPs {ratio:.2f}")
     out += ["", "Where MoLAE (G = 1) is slower than the fastest standard implementation:", ""] + (slower or ["- nowhere"])
     return out
+
+
+# ----------------------------------------------------------------------------- `molae bench layer`
+
+def cmd_bench_layer(args):
+    import subprocess
+
+    import torch
+    import transformers
+
+    from .convert import device_name
+
+    shapes = [parse_shape(s) for s in args.shape or SHAPES]
+    impls = list(args.impls)
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip() or "unknown"
+    result = bench_layer(shapes, impls, args.tokens, args.decode_tokens, args.device, getattr(torch, args.dtype),
+                         args.sets, args.peak_size, args.max_step_s)
+    result.update(command=args.command or "molae " + " ".join(sys.argv[1:]), device=device_name(args.device),
+                  date=today(), commit=commit, torch=torch.__version__, transformers=transformers.__version__)
+    write_results(result, args.out)
+    print((args.out / "speed.md").read_text().split("## forward:")[0].rstrip())
+    print(f"wrote speed.json and speed.md under {args.out}")
+
+
+def cmd_bench_layer_report(args):
+
+    result = json.loads(args.file.read_text())
+    if args.commit:
+        result["commit_recorded_on_device"], result["commit"] = result["commit"], args.commit
+    write_results(result, args.out)
+    print(f"wrote speed.json and speed.md under {args.out}")
+
+
+def add_commands(bench):
+    """This benchmark's `molae bench` subcommands."""
+    bl = add_command(bench, "layer", cmd_bench_layer, outputs={"out": "writable"}, devices=("device",),
+                     help="MoLAE experts against standard MoE kernels: time, FLOP/s, memory, decode",
+                     description="Time transformers' experts (eager, grouped_mm), our standard MoE fast path "
+                                 "and MoLAE (d = m, G = 1 and 8) side by side at real models' shapes, forward "
+                                 "and forward+backward, plus decode sizes; the matmul peak and copy bandwidth "
+                                 "measured in the same run. Writes speed.json and speed.md.")
+    bl.add_argument("--shape", action="append", default=None,
+                    help=f"a preset ({', '.join(SHAPES)}) or n,m,E,k; repeatable (default: those four presets)")
+    bl.add_argument("--impls", type=comma_list(IMPLS), default=IMPLS,
+                    help="implementations to time (default all five)")
+    bl.add_argument("--tokens", type=int_list, default=list(TOKENS),
+                    help=f"tokens per step (default {','.join(map(str, TOKENS))})")
+    bl.add_argument("--decode-tokens", type=int_list, default=list(DECODE_TOKENS),
+                    help=f"decode batch sizes, forward only (default {','.join(map(str, DECODE_TOKENS))}; '' for none)")
+    bl.add_argument("--device", default="cuda", help="cuda (default) or cpu (for trying the harness)")
+    bl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="weights and activations (default bfloat16)")
+    bl.add_argument("--sets", type=positive_int, default=3, help="input sets rotated between repeats (default 3)")
+    bl.add_argument("--peak-size", type=positive_int, default=8192,
+                    help="size of the square matmul that measures the peak (default 8192)")
+    bl.add_argument("--max-step-s", type=positive_float, default=2.0,
+                    help="an implementation whose step takes longer is not timed at larger token counts (default 2)")
+    bl.add_argument("--out", type=Path, default=Path("results"), help="where speed.json and speed.md go")
+    bl.add_argument("--commit", default=None, help="the git commit measured (default: git rev-parse HEAD)")
+    bl.add_argument("--command", default=None, help="the exact command, recorded (default: this one)")
+
+    blr = add_command(bench, "layer-report", cmd_bench_layer_report, outputs={"out": "writable"},
+                      help="speed.md again from a speed.json of molae bench layer")
+    blr.add_argument("file", type=existing_path, help="speed.json")
+    blr.add_argument("--out", type=Path, default=Path("results"), help="where speed.json and speed.md go")
+    blr.add_argument("--commit", default=None, help="the commit the run used, where the file records a wrong one")
