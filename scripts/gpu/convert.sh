@@ -2,6 +2,8 @@
 #   a: Qwen3-30B-A3B at 4 layers (data-free, calibrated) and 16 layers (calibrated); DeepSeek-V3 MoE layer from
 #      fp8 sources (data-free, calibrated)
 #   b: Mixtral-8x7B at 2 layers (data-free, calibrated); Qwen1.5-MoE-A2.7B whole (calibrated)
+#   c: re-measures after the memory and speed fixes: DeepSeek-V3 MoE layer from fp8 (calibrated), Qwen3-30B-A3B at
+#      4 layers (data-free, calibrated: the time ratio)
 # Every run: --budget 0.5 --projections gate,up,down; calibrated = 16,384 tokens of the standard library.
 # Results (results/convert/*.json and convert.md) go to $OUT/results; copy them into results/ locally.
 source scripts/gpu/common.sh
@@ -22,6 +24,9 @@ case "$1" in
   b) bench --model mixtral-8x7b --layers 2
      bench --model mixtral-8x7b --layers 2 "${C[@]}"
      bench --model qwen1.5-moe-a2.7b "${C[@]}" ;;
-  *) echo "usage: bash scripts/gpu/convert.sh a|b"; exit 2 ;;
+  c) bench --model deepseek-v3-layer --fp8 "${C[@]}"
+     bench --model qwen3-30b-a3b --layers 4
+     bench --model qwen3-30b-a3b --layers 4 "${C[@]}" ;;
+  *) echo "usage: bash scripts/gpu/convert.sh a|b|c"; exit 2 ;;
 esac
 df -h /tmp | tail -1
