@@ -23,12 +23,7 @@ JSON
   --out "$WORK/mixtral" --no-progress
 COMMON=(--data "$WORK/data" --device cpu --budgets 0.75,0.5,0.25 --rank-ratios 1 --calib-tokens 32768
         --eval-tokens 65536 --seq-len 256 --mobe-steps 2000 --date "$(date -u +%F)" --device-name "CPU (2 cores)")
-# a code tree's `molae`, whatever an editable install of this one would resolve the name to
-in_tree() { local tree=$1; shift; python -c "import runpy, sys
-sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]
-sys.path.insert(0, sys.argv[1]); sys.argv = ['molae', *sys.argv[2:]]
-import molae; assert molae.__file__.startswith(sys.path[0]), molae.__file__
-runpy.run_module('molae.cli', run_name='__main__')" "$tree" "$@"; }
+in_tree() { python "$(dirname "$0")/../in_tree.py" "$@"; }  # a code tree's own `molae`
 for model in qwen mixtral; do
   in_tree "$OLD" bench quality --model "$WORK/$model/model" --name "$model (old)" --workdir "$WORK/w-old" \
     --json "$WORK/old-$model.json" --resume --commit "${OLD_COMMIT:-old}" \

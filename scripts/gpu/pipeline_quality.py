@@ -12,7 +12,6 @@ perplexity change against the old code's conversion at the same budget.
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -37,9 +36,12 @@ def variants(model, data, device="cuda", calib_tokens=65536):
 
 
 def run(args, tree, env_root):
-    env = dict(os.environ, PYTHONPATH=str(env_root / ".old") if tree == "old" else str(env_root))
+    """One molae command of a code tree ("old": .old/, "new": this checkout), by scripts/in_tree.py: with
+    `python -m molae.cli` the current directory's molae would shadow .old's whatever PYTHONPATH says."""
+    code = env_root / ".old" if tree == "old" else env_root
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "molae.cli", *map(str, args)], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(env_root / "scripts" / "in_tree.py"), code, *map(str, args)],
+                       capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"{' '.join(map(str, args))}: {r.stderr[-2000:]}")
     return time.perf_counter() - t0
@@ -86,6 +88,8 @@ def measure(a):
                   trained=json.loads(Path(a.model).parent.joinpath("summary.json").read_text()), runs=[])
     nlls = {}
     for name, args, tree, whole in variants(a.model, a.data, a.device, a.calib_tokens):
+        if a.variants and name.split("@")[0] not in a.variants.split(";"):
+            continue
         dst = work / name.replace(" ", "_").replace(",", "").replace("@", "-")
         seconds = run([*args, "--out", dst, "--overwrite"], tree, root)
         if whole:
@@ -139,6 +143,7 @@ if __name__ == "__main__":
     for flag in ("--commit", "--old", "--device-name", "--command"):
         p.add_argument(flag, default="unknown")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--variants", default="", help="variant names to run, separated by ; (default: all)")
     for flag, default in (("--calib-tokens", 65536), ("--eval-tokens", 131072), ("--heal-tokens", 1048576)):
         p.add_argument(flag, type=int, default=default)
     measure(p.parse_args())

@@ -1,5 +1,5 @@
 # [8] quality of the layer-by-layer pipeline against the in-memory path it replaces, one GPU call:
-#   COMMIT=<sha> OLD=<sha of the old code> bash scripts/gpu/pipeline_quality.sh [TRAIN_SECONDS]
+#   COMMIT=<sha> OLD=<sha of the old code> bash scripts/gpu/pipeline_quality.sh [TRAIN_SECONDS [VARIANTS]]
 # Trains the ref-qwen2-moe reference ([4]) for TRAIN_SECONDS, then converts it at 50% and 25% of the routed-expert
 # parameters (calibrated, --budget, gate,up,down, 65,536 calibration tokens) with the old code (carried in .old/:
 # `git archive $OLD molae | tar -x -C .old`), the new pipeline carrying converted outputs (default) and original
@@ -7,6 +7,7 @@
 # (molae heal); scores all on the same held-out windows. JSON to $OUT/pipeline_quality.json.
 source scripts/gpu/common.sh
 BUDGET=${1:-150}
+VARIANTS=${2:-}  # variant names separated by ; (scripts/gpu/pipeline_quality.py), default all
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
 rm -rf /tmp/run /tmp/pq
@@ -15,5 +16,6 @@ python3 -m molae.train --config ref-qwen2-moe --data $DATA --out /tmp/run --time
 cp /tmp/run/summary.json $OUT/train-summary.json
 python3 scripts/gpu/pipeline_quality.py /tmp/run/model $DATA /tmp/pq $OUT/pipeline_quality.json \
   --commit "${COMMIT:-unknown}" --old "${OLD:-unknown}" --device-name "$GPU" \
-  --command "COMMIT=${COMMIT:-unknown} OLD=${OLD:-unknown} bash scripts/gpu/pipeline_quality.sh $BUDGET" 2>&1 \
+  --variants "$VARIANTS" \
+  --command "COMMIT=${COMMIT:-unknown} OLD=${OLD:-unknown} bash scripts/gpu/pipeline_quality.sh $BUDGET${VARIANTS:+ \"$VARIANTS\"}" 2>&1 \
   | grep -v "it/s\]\|s/it\]\|layer/s\]\|Warning\|warn(" | tail -30
