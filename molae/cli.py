@@ -220,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--calib-seq-len", type=positive_int, default=512, help="calibration window length (default 512)")
     conv.add_argument("--calib-batch", type=positive_int, default=8,
                       help="calibration windows per forward pass of a layer (default 8)")
-    conv.add_argument("--calib-carry", dest="carry", default="converted", choices=["converted", "original"],
-                      help="what each layer's calibration sees: the converted earlier layers' outputs (default), "
-                           "or the original model's")
+    conv.add_argument("--calib-carry", dest="carry", default="original", choices=["original", "converted"],
+                      help="what each layer's calibration sees: the original model's hidden states (default), or "
+                           "the converted earlier layers' outputs")
     conv.add_argument("--heal-steps", type=non_negative_int, default=0,
                       help="layer-wise healing: Adam steps per converted layer, fitting its original's outputs on "
                            "its calibration inputs (default 0: none; molae heal is the whole-model pass)")

@@ -220,7 +220,8 @@ class ConvertOptions:
     calib_tokens: int = 65536
     calib_seq_len: int = 512
     calib_batch: int = 8  # calibration windows per forward pass of a layer
-    carry: str = "converted"  # what the next layer sees: the converted layer's outputs, or the original's
+    carry: str = "original"  # what the next layer sees: the original layer's outputs (measured better without
+    # layer-wise healing: results/pipeline_quality.md), or the converted layer's
     heal_steps: int = 0  # layer-wise healing: Adam steps per converted layer on its captured inputs (0: none)
     heal_lr: float = 1e-3
     group_by: str = "index"  # or "similarity"

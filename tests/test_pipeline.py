@@ -132,8 +132,8 @@ def test_carrying_converted_outputs_changes_later_layers_only(data_dir, tmp_path
     src = saved("qwen2_moe", tmp_path / "src")
     base = dict(latent_dim=4, projections=("gate", "up", "down"), calibration=str(data_dir), calib_tokens=512,
                 calib_seq_len=64)
-    a = convert_checkpoint(src, tmp_path / "conv", ConvertOptions(**base))
-    b = convert_checkpoint(src, tmp_path / "orig", ConvertOptions(**base, carry="original"))
+    a = convert_checkpoint(src, tmp_path / "conv", ConvertOptions(**base, carry="converted"))
+    b = convert_checkpoint(src, tmp_path / "orig", ConvertOptions(**base))  # the default
     ta, tb = (load_file(str(tmp_path / p / "model.safetensors")) for p in ("conv", "orig"))
     assert torch.equal(ta["model.layers.0.mlp.experts.up_A"], tb["model.layers.0.mlp.experts.up_A"])
     assert not torch.equal(ta["model.layers.1.mlp.experts.up_A"], tb["model.layers.1.mlp.experts.up_A"])

@@ -17,8 +17,8 @@ Every expert of a cluster then computes the merged expert (the router is unchang
 expert per cluster. A singleton cluster keeps its expert as it is.
 
 Deviation: the authors collect statistics on 32 C4 sequences of 2048 tokens through the whole model; here
-the layer's inputs come from the layer-by-layer pipeline on --calibration data (with converted earlier
-layers, unless --calib-carry original)."""
+the layer's inputs come from the layer-by-layer pipeline on --calibration data (the original model's hidden
+states by default, as the authors'; `--calib-carry converted` gives the merged earlier layers' outputs)."""
 
 from __future__ import annotations
 

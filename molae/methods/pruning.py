@@ -8,8 +8,8 @@ rows of the others dropped: a smaller model of the same family. Two scores, as R
   the top-k, their default `renormalize_router_weights=False`) times the norm of the expert's output.
 
 Deviations: the number kept is round(fraction * E) with at least top-k (REAP prunes int(E x ratio), and
-nothing stops it below top-k); statistics come from the layer-by-layer pipeline (converted earlier layers
-by default; REAP observes the unpruned model, which is `--calib-carry original`).
+nothing stops it below top-k); statistics come from the layer-by-layer pipeline on --calibration data (the
+unpruned model's hidden states by default, as REAP observes them; not with `--calib-carry converted`).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ Deviations, each for a reason:
 - The rank is the budget's (budget.rank_per_expert: the same floor, per kind, with the fraction of the
   routed-expert parameters as SVD-LLM's ratio), and A keeps Sigma whole instead of splitting sqrt(Sigma)
   over both factors (the product is the same).
-- Calibration inputs come from the layer-by-layer pipeline, with converted earlier layers by default;
-  SVD-LLM profiles the uncompressed model, which is `--calib-carry original`.
+- Calibration inputs come from the layer-by-layer pipeline, the uncompressed model's hidden states by default
+  (`--calib-carry original`), as SVD-LLM profiles them.
 """
 
 from __future__ import annotations

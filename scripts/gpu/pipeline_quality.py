@@ -21,15 +21,19 @@ from pathlib import Path
 
 BUDGETS = (0.5, 0.25)
 def variants(model, data, device="cuda", calib_tokens=65536):
-    """(name, the command's molae arguments, code tree, whole-model heal after it?)"""
+    """(name, the command's molae arguments, code tree, whole-model heal after it?). "pipeline" is `molae convert`
+    with the commit's defaults: up to 76b81ba that carried the converted layers' outputs (`--calib-carry
+    converted`, then the default, and "pipeline, carry original" the alternative); since, the original's."""
     out = []
     for b in BUDGETS:
         base = ["convert", model, "--budget", str(b), "--calibration", data, "--projections", "gate,up,down",
                 "--calib-tokens", str(calib_tokens), "--calib-seq-len", "512", "--device", device]
         out += [(f"old in-memory path@{b}", base, "old", False),
-                (f"pipeline@{b}", base, "new", False),
-                (f"pipeline, carry original@{b}", base + ["--calib-carry", "original"], "new", False),
+                (f"pipeline@{b}", base, "new", False),  # the default --calib-carry original
+                (f"pipeline, carry converted@{b}", base + ["--calib-carry", "converted"], "new", False),
                 (f"pipeline + layer-wise heal@{b}", base + ["--heal-steps", "300"], "new", False),
+                (f"pipeline, carry converted + layer-wise heal@{b}", base + ["--calib-carry", "converted",
+                                                                           "--heal-steps", "300"], "new", False),
                 (f"pipeline + whole-model heal@{b}", base, "new", True),
                 (f"pipeline + layer-wise + whole-model heal@{b}", base + ["--heal-steps", "300"], "new", True)]
     return out
@@ -123,7 +127,10 @@ def report(src, out):
              f"(validation loss {r['trained']['final_val_loss']:.3f}); scored on {r['eval_windows']} held-out windows "
              f"({r['eval_tokens']:,} tokens); original perplexity {r['original']['perplexity']:.4f}",
              "- every variant: `--budget B --projections gate,up,down --calibration DATA --calib-tokens 65536`; "
-             "intervals: 95%, paired bootstrap over the windows", "",
+             "intervals: 95%, paired bootstrap over the windows",
+             "- \"pipeline\" is `molae convert` with the commit's defaults; up to `76b81ba` the default was "
+             "`--calib-carry converted` (so there \"pipeline\" carries converted outputs and \"pipeline, carry "
+             "original\" is the alternative); since then it is `--calib-carry original`", "",
              "| budget | variant | perplexity | change vs original (95%) | vs old path (95%) | seconds |",
              "|---:|---|---:|---:|---:|---:|"]
     for x in r["runs"]:
