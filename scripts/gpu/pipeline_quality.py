@@ -123,7 +123,7 @@ def report(src, out):
     lines = ["# The layer-by-layer pipeline against the in-memory path ([8])", "",
              f"- command: `{r['command']}`", f"- device: {r['device']}; date {r['date']}; commit `{r['commit']}` "
              f"(old code: `{r['old_commit']}`)",
-             f"- reference model: `ref-qwen2-moe` trained {r['trained']['tokens']:,} tokens in this call "
+             f"- reference model: `{r['trained']['config']['name']}` trained {r['trained']['tokens']:,} tokens in this call "
              f"(validation loss {r['trained']['final_val_loss']:.3f}); scored on {r['eval_windows']} held-out windows "
              f"({r['eval_tokens']:,} tokens); original perplexity {r['original']['perplexity']:.4f}",
              "- every variant: `--budget B --projections gate,up,down --calibration DATA --calib-tokens 65536`; "
