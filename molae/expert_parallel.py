@@ -12,7 +12,7 @@ multiple of R: a unit per group). What travels (MOLAE.md §2):
                                  y = sum_k w_k W_down,k h_k (D numbers)
 
 plus routing metadata (each pair's local expert ids and weights, K numbers each), counted apart. The exchange is
-`torch.distributed.nn.functional.all_to_all_single` (differentiable: its backward is the reverse exchange); the
+`all_to_all_single_autograd` (torch's functional collective: its backward is the reverse exchange); the
 split sizes are exchanged first and read on the host (one sync per layer call: gloo and NCCL's
 all_to_all_single take Python split lists).
 
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .kernels import swiglu_weighted
-from .layers import Experts, grouped_linear
+from .layers import KINDS, Experts, grouped_linear
 
 
 def check_ep(n_experts: int, groups: int, ranks: int):
@@ -43,10 +43,10 @@ def check_ep(n_experts: int, groups: int, ranks: int):
 
 
 def _all_to_all(x: torch.Tensor, out_rows: list[int], in_rows: list[int], group) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_to_all_single
+    """Differentiable (its backward is the reverse exchange); torch's functional collective, waited on here."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-    out = x.new_empty((sum(out_rows), *x.shape[1:]))
-    return all_to_all_single(out, x.contiguous(), out_rows, in_rows, group=group)
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), out_rows, in_rows, group or dist.group.WORLD))
 
 
 def _exchange_plain(x: torch.Tensor, out_rows: list[int], in_rows: list[int], group) -> torch.Tensor:
@@ -60,23 +60,45 @@ class ExpertParallelExperts(nn.Module):
     forward(hidden_states [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D] for this rank's tokens.
     `last_traffic` holds the elements this rank sent in its last call (see `traffic`)."""
 
-    def __init__(self, full: Experts, group=None):
+    def __init__(self, dim: int, inter: int, n_experts: int, latent: dict[str, int] | None = None, groups: int = 1,
+                 group=None, device=None, dtype=None):
+        """This rank's tensors, allocated at their local sizes (so a real-sized layer never exists whole on one
+        rank) and drawn as `Experts.reset_parameters()` draws them (std = fan_in ** -0.5)."""
         super().__init__()
-        self.group = group
         R, r = dist.get_world_size(group), dist.get_rank(group)
-        E, G = full.n_experts, full.groups
-        check_ep(E, G, R)
-        self.dim, self.inter, self.n_experts, self.groups = full.dim, full.inter, E, G
-        self.latent, self.ranks, self.rank = dict(full.latent), R, r
-        self.units = max(G, R)
-        lo, hi = r * E // R, (r + 1) * E // R
-        for name, p in full.named_parameters():
-            kind, _, part = name.partition("_")
-            local = p.detach()[lo:hi] if part in ("A", "proj") else p.detach()  # the B's are replicated
-            self.register_parameter(name, nn.Parameter(local.clone()))
-        if hasattr(full, "expert_slot"):
-            self.register_buffer("expert_slot", full.expert_slot.clone())
+        check_ep(n_experts, groups, R)
+        self.group, self.ranks, self.rank = group, R, r
+        self.dim, self.inter, self.n_experts, self.groups = dim, inter, n_experts, groups
+        self.latent = {k: latent[k] for k in KINDS if k in (latent or {})}
+        self.units = max(groups, R)
+        D, F_, El, G = dim, inter, n_experts // R, groups
+        for kind in KINDS:
+            L = self.latent.get(kind)
+            if L is None:
+                shapes = {f"{kind}_proj": (El, D, F_) if kind == "down" else (El, F_, D)}
+            elif kind == "down":
+                shapes = {"down_B": (G, D, L), "down_A": (El, L, F_)}
+            else:
+                shapes = {f"{kind}_B": (G, L, D), f"{kind}_A": (El, F_, L)}
+            for name, shape in shapes.items():
+                w = torch.empty(shape, device=device, dtype=dtype)
+                self.register_parameter(name, nn.Parameter(nn.init.normal_(w, std=shape[-1] ** -0.5)))
         self.last_traffic: dict[str, int] = {}
+        self.clock = None  # a benchmark's phase clock (molae/bench/ep.py): mark(name) after each phase
+
+    @classmethod
+    def from_experts(cls, full: Experts, group=None) -> "ExpertParallelExperts":
+        """This rank's share of a whole `Experts` module (the same on every rank): its experts' slices of the
+        per-expert tensors, every group's B."""
+        ep = cls(full.dim, full.inter, full.n_experts, full.latent, full.groups, group, device="meta")
+        lo, hi = ep.rank * full.n_experts // ep.ranks, (ep.rank + 1) * full.n_experts // ep.ranks
+        for name, p in full.named_parameters():
+            part = name.partition("_")[2]
+            local = p.detach()[lo:hi] if part in ("A", "proj") else p.detach()  # the B's are replicated
+            setattr(ep, name, nn.Parameter(local.clone()))
+        if hasattr(full, "expert_slot"):
+            ep.register_buffer("expert_slot", full.expert_slot.clone())
+        return ep
 
     def replicated_params(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n.endswith("_B")]
@@ -93,6 +115,14 @@ class ExpertParallelExperts(nn.Module):
         dispatch = sum(self.latent[k] for k in latent_in) + (self.dim if len(latent_in) < 2 else 0)
         return dispatch, self.latent.get("down", self.dim)
 
+    def _mark(self, name: str):
+        if self.clock is not None:
+            self.clock.mark(name)
+
+    def expert_slot_of(self, idx_TK: torch.Tensor) -> torch.Tensor:
+        """Router ids -> the slots that hold the experts' tensors (units are ranges of slots)."""
+        return self.expert_slot[idx_TK] if hasattr(self, "expert_slot") else idx_TK
+
     def group_of(self, v_P: torch.Tensor) -> torch.Tensor:
         """The group (the shared B) of each pair's unit."""
         return v_P * self.groups // self.units
@@ -107,7 +137,7 @@ class ExpertParallelExperts(nn.Module):
         x_TD, w_TK = hidden_states, top_k_weights.to(hidden_states.dtype)
         T, K = top_k_index.shape
         E, R, V = self.n_experts, self.ranks, self.units
-        e_TK = self.expert_slot[top_k_index] if hasattr(self, "expert_slot") else top_k_index
+        e_TK = self.expert_slot_of(top_k_index)
         per_unit, per_rank = E // V, E // R
         unit_TK = e_TK // per_unit
         # pairs (token, unit), sorted by unit and so by destination rank
@@ -123,6 +153,7 @@ class ExpertParallelExperts(nn.Module):
         if len(parts) < 2:
             parts.append(x_PD)
         send_PW = torch.cat(parts, 1)
+        self._mark("route")
 
         dest_P = v_P // (V // R)
         send_rows = torch.bincount(dest_P, minlength=R)
@@ -132,17 +163,26 @@ class ExpertParallelExperts(nn.Module):
         recv_QW = _all_to_all(send_PW, rr, sr, self.group)
         ids_QK = _exchange_plain(ids_PK, rr, sr, self.group)
         wts_QK = _exchange_plain(wts_PK, rr, sr, self.group)
+        self._mark("dispatch")
         back_QC = self._local_experts(recv_QW, ids_QK, wts_QK)
+        self._mark("experts")
         back_PC = _all_to_all(back_QC, sr, rr, self.group)
+        self._mark("combine")
 
         remote = sum(n for i, n in enumerate(sr) if i != self.rank)
         dw, cw = self.widths()
         self.last_traffic = dict(pairs=len(t_P), remote_pairs=remote, dispatch=remote * dw, combine=remote * cw,
                                  metadata=remote * 2 * K)
+        y_TD = self._finish(back_PC, t_P, g_P, x_TD)
+        self._mark("finish")
+        return y_TD
+
+    def _finish(self, back_PC, t_P, g_P, x_TD) -> torch.Tensor:
+        """Each token's pairs summed: y directly, or latent u summed per group, then B_down once per group."""
         if "down" not in self.latent:
             return torch.zeros_like(x_TD).index_add(0, t_P, back_PC)
         if self.groups == 1:
-            u_TL = back_PC.new_zeros(T, back_PC.shape[1]).index_add(0, t_P, back_PC)
+            u_TL = back_PC.new_zeros(x_TD.shape[0], back_PC.shape[1]).index_add(0, t_P, back_PC)
             return u_TL @ self.down_B[0].T
         y_PD = torch.bmm(self.down_B[g_P], back_PC[:, :, None])[:, :, 0]
         return torch.zeros_like(x_TD).index_add(0, t_P, y_PD)

@@ -58,3 +58,38 @@ def test_bench_convert_calibrated_from_fp8_sources(tmp_path):
     write_convert_results(result, tmp_path / "results", commit="def5678")
     assert (tmp_path / "results" / "convert" / "tiny-dsv3-2L-calibrated-fp8-def5678.json").is_file()
     assert "| tiny-dsv3 | 2 | fp8 | calibrated" in (tmp_path / "results" / "convert.md").read_text()
+
+
+def test_bench_ep_on_two_gloo_processes(tmp_path):
+    """`molae bench ep` on the CPU: the bytes each implementation sends follow the widths exactly (the routing is
+    the same for all), equal the formula on every rank, and the report is written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ep"
+    proc = subprocess.run([sys.executable, "-m", "molae.cli", "bench", "ep", "--procs", "2", "--device", "cpu",
+                           "--shape", "40,16,8,2", "--tokens", "32", "--repeats", "2", "--warmup", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "ep.json").read_text())
+    fwd = {r["impl"]: r for r in result["rows"] if r["mode"] == "forward"}
+    assert set(fwd) == {"moe", "molae", "molae-budget"} and len(result["rows"]) == 6
+    n, moe = 40, fwd["moe"]
+    assert moe["dispatch_bytes"] == moe["combine_bytes"] > 0
+    for impl in ("molae", "molae-budget"):
+        r, d = fwd[impl], fwd[impl]["latent"]
+        assert r["dispatch_bytes"] * n == moe["dispatch_bytes"] * 2 * d and r["combine_bytes"] * n == moe["combine_bytes"] * d
+        assert r["bytes_match_formula"] and r["metadata_bytes"] == moe["metadata_bytes"]
+        assert set(r["phases_ms"]) == {"route", "dispatch", "experts", "combine", "finish"}
+    assert fwd["molae"]["latent"] == 16  # d = m
+    assert (out / "ep.md").read_text().count("\n| 40,16,8,2 |") == 6
+
+
+def test_bench_ep_refuses_more_gpus_than_there_are(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "molae.cli", "bench", "ep", "--procs", "64", "--out",
+                           str(tmp_path / "ep")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "--device" in proc.stderr and not (tmp_path / "ep").exists()

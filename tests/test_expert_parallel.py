@@ -41,7 +41,7 @@ def _compare(rank, world, case):
     (full(xr, idx, w) * g).sum().backward()
     y_ref = full(x, idx, w).detach()
 
-    ep = ExpertParallelExperts(full, group=None)
+    ep = ExpertParallelExperts.from_experts(full)
     mine = slice(rank * T, (rank + 1) * T)
     xl = x[mine].clone().requires_grad_()
     y = ep(xl, idx[mine], w[mine])
@@ -95,9 +95,14 @@ def test_latent_dispatch_sends_fewer_numbers(tmp_path):
     """MoLAE with up+gate and down factorized: dispatch 2d and combine d per pair, against D and D."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/one", rank=0, world_size=1)
     try:
-        assert ExpertParallelExperts(Experts(D, F_, E, latent=dict(gate=4, up=4, down=3))).widths() == (8, 3)
-        assert ExpertParallelExperts(Experts(D, F_, E, latent=dict(up=4))).widths() == (4 + D, D)
-        assert ExpertParallelExperts(Experts(D, F_, E)).widths() == (D, D)
+        assert ExpertParallelExperts(D, F_, E, latent=dict(gate=4, up=4, down=3)).widths() == (8, 3)
+        assert ExpertParallelExperts(D, F_, E, latent=dict(up=4)).widths() == (4 + D, D)
+        assert ExpertParallelExperts(D, F_, E).widths() == (D, D)
+        full = Experts(D, F_, E, latent=dict(gate=4, down=3), groups=2)  # one rank: the whole layer, same output
+        ep = ExpertParallelExperts.from_experts(full)
+        x, idx, w = torch.randn(10, D), torch.stack([torch.randperm(E)[:K] for _ in range(10)]), torch.rand(10, K)
+        torch.testing.assert_close(ep(x, idx, w), full(x, idx, w))
+        assert ep.last_traffic["remote_pairs"] == 0 and ep.last_traffic["pairs"] >= 10
     finally:
         dist.destroy_process_group()
 

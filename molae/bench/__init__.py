@@ -6,6 +6,8 @@
                  budgets on one model, scored on the same held-out windows
     layer.py     `molae bench layer` / `layer-report`: MoLAE experts against standard MoE kernels, timed side
                  by side in one run (and `matmul_rate`, the one matmul-peak measurement)
+    ep.py        `molae bench ep`: expert parallelism on K local processes, standard EP against MoLAE's
+                 latent dispatch (step time, the forward's phases, bytes sent against the formula)
 
 Adding a benchmark: a file here with the measurement and an `add_commands(bench)` that declares its
 subcommands through `molae.command.add_command` (outputs and devices checked before any work), and its
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("convert", "quality", "layer")
+BENCHMARKS = ("convert", "quality", "layer", "ep")
 
 
 def add_commands(bench) -> None:
