@@ -337,13 +337,17 @@ class ShardWriter:
         return weight_map
 
 
-def write_json_atomically(path: Path, data):
-    """JSON written beside `path` and renamed onto it: never half-written."""
+def write_text_atomically(path: Path, text: str):
+    """Text written beside `path` and renamed onto it: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".partial")
-    part.write_text(json.dumps(data, indent=2) + "\n")
+    part.write_text(text)
     part.replace(path)
+
+
+def write_json_atomically(path: Path, data):
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def temp_dir_for(dst: Path) -> Path:

@@ -232,7 +232,7 @@ def report(result: dict) -> str:
 
 
 def cmd_bench_ep(args):
-    from ..checkpoint import write_json_atomically
+    from ..checkpoint import write_json_atomically, write_text_atomically
 
     if args.device == "cuda" and torch.cuda.device_count() < args.procs:
         raise ValueError(f"--procs {args.procs} with --device cuda needs {args.procs} GPUs, this machine has "
@@ -247,11 +247,8 @@ def cmd_bench_ep(args):
                   device=device, ranks=args.procs, date=today(), commit=args.commit, torch=torch.__version__,
                   rows=rows)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomically(out / "ep.json", result)
-    part = out / "ep.md.partial"
-    part.write_text(report(result))
-    part.replace(out / "ep.md")
+    write_text_atomically(out / "ep.md", report(result))
     print(report(result), end="")
     print(f"wrote ep.json and ep.md under {out}")
 

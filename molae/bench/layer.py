@@ -375,13 +375,11 @@ def today() -> str:
 
 def write_results(result: dict, out: Path) -> None:
     """speed.json (every row) and speed.md (the tables and the targets' verdicts), both atomically."""
-    from ..checkpoint import write_json_atomically
+    from ..checkpoint import write_json_atomically, write_text_atomically
 
     out = Path(out)
     write_json_atomically(out / "speed.json", result)
-    part = out / "speed.md.partial"
-    part.write_text(report(result))
-    part.replace(out / "speed.md")
+    write_text_atomically(out / "speed.md", report(result))
 
 
 def _row(rows, **key):
