@@ -162,7 +162,7 @@ class ExpertParallelExperts(nn.Module):
         sr, rr = send_rows.tolist(), recv_rows.tolist()  # the host needs the split sizes
         recv_QW = _all_to_all(send_PW, rr, sr, self.group)
         ids_QK = _exchange_plain(ids_PK, rr, sr, self.group)
-        wts_QK = _exchange_plain(wts_PK, rr, sr, self.group)
+        wts_QK = _all_to_all(wts_PK, rr, sr, self.group)  # differentiable: the router learns through it
         self._mark("dispatch")
         back_QC = self._local_experts(recv_QW, ids_QK, wts_QK)
         self._mark("experts")

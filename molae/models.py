@@ -36,7 +36,10 @@ def is_hf_experts(module: nn.Module) -> bool:
 
 def find_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every experts submodule, HF's or already ours, in model order."""
-    return [(n, m) for n, m in model.named_modules() if is_hf_experts(m) or isinstance(m, Experts)]
+    from .expert_parallel import ExpertParallelExperts
+
+    return [(n, m) for n, m in model.named_modules()
+            if is_hf_experts(m) or isinstance(m, (Experts, ExpertParallelExperts))]
 
 
 def hf_expert_weights(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -37,17 +37,18 @@ def _compare(rank, world, case):
     w = torch.rand(world * T, K, dtype=torch.float64)
     g = torch.randn(world * T, D, dtype=torch.float64)
     full.impl = "reference"
-    xr = x.clone().requires_grad_()
-    (full(xr, idx, w) * g).sum().backward()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (full(xr, idx, wr) * g).sum().backward()
     y_ref = full(x, idx, w).detach()
 
     ep = ExpertParallelExperts.from_experts(full)
     mine = slice(rank * T, (rank + 1) * T)
-    xl = x[mine].clone().requires_grad_()
-    y = ep(xl, idx[mine], w[mine])
+    xl, wl = x[mine].clone().requires_grad_(), w[mine].clone().requires_grad_()
+    y = ep(xl, idx[mine], wl)
     (y * g[mine]).sum().backward()
     ep.sync_replicated_grads()
-    errors = {"y": (y - y_ref[mine]).abs().max().item(), "x.grad": (xl.grad - xr.grad[mine]).abs().max().item()}
+    errors = {"y": (y - y_ref[mine]).abs().max().item(), "x.grad": (xl.grad - xr.grad[mine]).abs().max().item(),
+              "w.grad": (wl.grad - wr.grad[mine]).abs().max().item()}  # the routing weights' gradient too
     lo, hi = rank * E // world, (rank + 1) * E // world
     for name, p in ep.named_parameters():
         ref = dict(full.named_parameters())[name].grad
@@ -87,7 +88,7 @@ def test_expert_parallel_matches_one_process(ep_results, name):
     assert len(results[name]) == world
     for rank, errors, got, want in results[name]:
         assert max(errors.values()) < 1e-10, (rank, errors)
-        assert len(errors) >= 5  # y, x.grad and every parameter's gradient were compared
+        assert len(errors) >= 6  # y, x.grad, w.grad and every parameter's gradient were compared
         assert got == want and want["remote_pairs"] > 0, (rank, got, want)
 
 

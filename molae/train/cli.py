@@ -26,6 +26,9 @@ def add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--lr", type=positive_float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="seed of the initialisation and of the data order")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile each decoder layer")
+    p.add_argument("--ep", type=positive_int, metavar="K",
+                   help="expert parallelism: each MoE layer's experts split over K of the torchrun processes "
+                        "(K divides their number; FSDP2 shards the rest over all of them)")
     p.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
                    help="set --steps from the step time measured in the first steps, to train about this long")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -37,7 +40,7 @@ def add_train_args(p: argparse.ArgumentParser):
 def config_from_args(args) -> TrainConfig:
     cfg = apply_overrides(load_config(args.config), args.set)
     flags = dict(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
-                 lr=args.lr, seed=args.seed, compile=args.compile, time_budget_s=args.time_budget)
+                 lr=args.lr, seed=args.seed, compile=args.compile, time_budget_s=args.time_budget, ep=args.ep)
     return replace(cfg, **{k: v for k, v in flags.items() if v is not None})
 
 

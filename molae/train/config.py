@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 (no autocast) on CPU
     compile: bool = False
+    ep: int = 1  # expert parallelism: each MoE layer's experts split over this many processes (torchrun)
     log_every: int = 10
     eval_every: int = 250
     eval_tokens: int = 2**18
@@ -98,7 +99,7 @@ def _typed(name: str, hint, value):
 
 def _check_ranges(c: TrainConfig):
     bad = [f"{k}={getattr(c, k)!r} (allowed >= 1)" for k in ("steps", "batch_size", "grad_accum", "log_every",
-                                                             "eval_every", "eval_tokens", "ckpt_every")
+                                                             "eval_every", "eval_tokens", "ckpt_every", "ep")
            if getattr(c, k) < 1]
     bad += [f"seq_len={c.seq_len} (allowed >= 2)"] if c.seq_len < 2 else []
     bad += [f"{k}={getattr(c, k)!r} (allowed > 0)" for k in ("lr", "grad_clip", "init_std") if getattr(c, k) <= 0]

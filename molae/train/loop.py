@@ -22,7 +22,7 @@ from ..data import TokenData
 from ..evaluate import efficiency, window_bytes, windows_nll
 from ..families import FAMILIES
 from .config import TrainConfig, config_from_dict
-from .distributed import Run, shard
+from .distributed import ExpertShards, Run, shard
 from .log import Logger, read_log
 from .metrics import LoadMeter, measured_peak_flops, nonfinite_grads, train_flops_per_token, update_router_bias
 from .model import build_model, export_pretrained
@@ -111,15 +111,16 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
     flops_per_token = train_flops_per_token(model.config, eff["flops_per_token"], cfg.seq_len)
     params = dict(total=eff["total_params"], non_embedding=eff["non_embedding_params"], active=eff["active_params"],
                   routed_experts=eff["routed_expert_params"])
+    experts = _expert_parallel(model, cfg, run)
     meter = LoadMeter(model)
     amp_dtype = autocast_dtype(cfg, run.device)
     amp = (lambda: torch.autocast(run.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     if run.world > 1:
-        shard(model, run)
+        shard(model, run, ignored=set(experts.local.values()) if experts else None)
     opt, sched = make_optimizer(model, cfg)
     start = 0
     if resume:
-        ck = load_checkpoint(out / "checkpoint.pt", model, opt, sched)
+        ck = load_checkpoint(out / "checkpoint.pt", model, opt, sched, experts)
         start = on_disk["step"] = ck["step"]
     if run.main:
         write_json_atomically(out / "train_config.json", asdict(cfg))
@@ -159,11 +160,12 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
             loss_sum += loss.detach() / cfg.grad_accum
             if aux is not None:
                 aux_sum += aux.detach() / cfg.grad_accum
+        if experts is not None:
+            experts.reduce_grads()
         params_with_grad = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params_with_grad])
-        gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm, gn = _grad_norm(params_with_grad, experts)
         if torch.isfinite(gn):
-            torch.nn.utils.clip_grads_with_norm_(params_with_grad, cfg.grad_clip, grad_norm)
+            _clip(params_with_grad, cfg.grad_clip, grad_norm, gn, experts)
             opt.step()
             bad_streak = 0
         else:  # skip the update (a NaN would reach every parameter through the clip factor); say where
@@ -214,14 +216,47 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
                 val = validation_loss(model, data, cfg, run, amp)
                 logger.log(dict(step=step, val_loss=val, tokens=step * cfg.tokens_per_step * run.world), bar)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run)
+            save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run, experts)
             on_disk["step"] = step
             window["t0"] = time.perf_counter()  # checkpoint time is not training throughput
     bar.close()
     if val is None:  # resumed a run that had already reached --steps
         val, bpb = validation_loss(model, data, cfg, run, amp, bits_per_byte=True)
         logger.log(dict(step=step, val_loss=val, val_bits_per_byte=bpb, tokens=step * cfg.tokens_per_step * run.world))
-    return _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt, skipped)
+    return _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt, skipped,
+                   experts)
+
+
+def _expert_parallel(model, cfg: TrainConfig, run: Run):
+    """`--ep K`: the experts split over K processes (distributed.ExpertShards), or None."""
+    if cfg.ep == 1:
+        return None
+    if run.world == 1:
+        raise ValueError(f"--ep {cfg.ep} needs several processes: torchrun --nproc-per-node {cfg.ep} -m molae.train ...")
+    if cfg.compile:
+        raise ValueError("--ep with compile is not supported yet: drop --compile (or --set compile=false)")
+    return ExpertShards(model, run, cfg.ep)
+
+
+def _grad_norm(params, experts) -> tuple:
+    """(the norm as clip_grads_with_norm_ takes it, the same as a plain tensor). With expert parallelism: the
+    FSDP2 parameters' norm and this rank's EP group's local experts' together."""
+    local = {id(p) for p in experts.local.values()} if experts else set()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in local])
+    plain = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if experts is None:
+        return norm, plain
+    plain = (plain.square() + experts.squared_norm()).sqrt()
+    return plain, plain
+
+
+def _clip(params, max_norm: float, norm, plain, experts):
+    if experts is None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return
+    coef = min(1.0, max_norm / (plain.item() + 1e-6))  # DTensor and local gradients alike: a Python scalar
+    for p in params:
+        p.grad.mul_(coef)
 
 
 def _new_window() -> dict:
@@ -251,8 +286,9 @@ def _window_record(window, step, cfg, run, sched, grad_norm, flops_per_token, pe
     return rec
 
 
-def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt, skipped) -> dict:
-    msd, _ = full_state(model, opt)
+def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt, skipped,
+            experts=None) -> dict:
+    msd, _ = full_state(model, opt, experts)
     summary = None
     if run.main:
         records = read_log(out / "log.jsonl")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..expert_parallel import ExpertParallelExperts
 from ..layers import Experts
 from ..models import find_experts, layer_index
 
@@ -36,7 +37,7 @@ class LoadMeter:
     def __init__(self, model):
         self.counts, self.handles = {}, []
         for name, m in find_experts(model):
-            if isinstance(m, Experts):
+            if isinstance(m, (Experts, ExpertParallelExperts)):
                 self.handles.append(m.register_forward_hook(self._hook(layer_index(name), m.n_experts)))
 
     def _hook(self, layer, E):

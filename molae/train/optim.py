@@ -22,7 +22,8 @@ def make_optimizer(model, cfg: TrainConfig):
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
-                            fused=torch.cuda.is_available() and next(model.parameters()).is_cuda)
+                            fused=torch.cuda.is_available() and next(model.parameters()).is_cuda and cfg.ep == 1,
+                            foreach=False if cfg.ep > 1 else None)  # EP: FSDP2's DTensors beside local tensors
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg) / cfg.lr)
     return opt, sched
 
