@@ -380,13 +380,13 @@ def test_fsdp2_two_gloo_processes_match_one_process_with_accumulation(data_dir, 
         assert part[s] == pytest.approx(one[s], rel=1e-4), s
 
 
-@pytest.mark.parametrize("molae", [None, {"latent_dim": 16, "groups": 2, "projections": ["gate", "up", "down"]}],
+@pytest.mark.parametrize("section", [None, {"latent_dim": 16, "groups": 2, "projections": ["gate", "up", "down"]}],
                          ids=["standard", "molae-g2"])
-def test_expert_parallel_training_matches_one_process(data_dir, tmp_path, molae):
+def test_expert_parallel_training_matches_one_process(data_dir, tmp_path, section):
     """--ep 2 in two gloo processes (each MoE layer's experts split over them, FSDP2 for the rest) reproduces one
     process with grad_accum 2, step for step within 1e-4 relative in float32; also across an EP checkpoint and
     --resume; the exported model holds every expert."""
-    cfg = write_config(tmp_path / "cfg.json", steps=6, ckpt_every=3, eval_every=6, molae=molae)
+    cfg = write_config(tmp_path / "cfg.json", steps=6, ckpt_every=3, eval_every=6, molae=section)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "molae.train",
                 "--config", str(cfg), "--data", str(data_dir), "--no-progress", "--ep", "2"]
