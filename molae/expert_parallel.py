@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .kernels import swiglu_weighted
-from .layers import KINDS, Experts, grouped_linear
+from .layers import KINDS, Experts, grouped_linear, param_shapes
 
 
 def check_ep(n_experts: int, groups: int, ranks: int):
@@ -71,18 +71,9 @@ class ExpertParallelExperts(nn.Module):
         self.dim, self.inter, self.n_experts, self.groups = dim, inter, n_experts, groups
         self.latent = {k: latent[k] for k in KINDS if k in (latent or {})}
         self.units = max(groups, R)
-        D, F_, El, G = dim, inter, n_experts // R, groups
-        for kind in KINDS:
-            L = self.latent.get(kind)
-            if L is None:
-                shapes = {f"{kind}_proj": (El, D, F_) if kind == "down" else (El, F_, D)}
-            elif kind == "down":
-                shapes = {"down_B": (G, D, L), "down_A": (El, L, F_)}
-            else:
-                shapes = {f"{kind}_B": (G, L, D), f"{kind}_A": (El, F_, L)}
-            for name, shape in shapes.items():
-                w = torch.empty(shape, device=device, dtype=dtype)
-                self.register_parameter(name, nn.Parameter(nn.init.normal_(w, std=shape[-1] ** -0.5)))
+        for name, shape in param_shapes(dim, inter, n_experts // R, self.latent, groups).items():
+            w = torch.empty(shape, device=device, dtype=dtype)
+            self.register_parameter(name, nn.Parameter(nn.init.normal_(w, std=shape[-1] ** -0.5)))
         self.last_traffic: dict[str, int] = {}
         self.clock = None  # a benchmark's phase clock (molae/bench/ep.py): mark(name) after each phase
 
@@ -92,21 +83,23 @@ class ExpertParallelExperts(nn.Module):
         per-expert tensors, every group's B."""
         ep = cls(full.dim, full.inter, full.n_experts, full.latent, full.groups, group, device="meta")
         lo, hi = ep.rank * full.n_experts // ep.ranks, (ep.rank + 1) * full.n_experts // ep.ranks
-        for name, p in full.named_parameters():
-            part = name.partition("_")[2]
-            local = p.detach()[lo:hi] if part in ("A", "proj") else p.detach()  # the B's are replicated
-            setattr(ep, name, nn.Parameter(local.clone()))
+        local = ep.local_params()
+        for name, p in full.named_parameters():  # this rank's experts' slices; the B's whole (replicated)
+            setattr(ep, name, nn.Parameter((p.detach()[lo:hi] if name in local else p.detach()).clone()))
         if hasattr(full, "expert_slot"):
             ep.register_buffer("expert_slot", full.expert_slot.clone())
         return ep
 
-    def replicated_params(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if n.endswith("_B")]
+    def local_params(self) -> dict[str, nn.Parameter]:
+        """The per-expert tensors (A's, whole matrices): this rank's experts only. The rest, the B's, are
+        replicated on every rank."""
+        return {n: p for n, p in self.named_parameters() if not n.endswith("_B")}
 
     def sync_replicated_grads(self):
         """Sum the replicated B's gradients over the EP ranks (each holds its own tokens' part)."""
-        for p in self.replicated_params():
-            if p.grad is not None:
+        local = self.local_params()
+        for n, p in self.named_parameters():
+            if n not in local and p.grad is not None:
                 dist.all_reduce(p.grad, group=self.group)
 
     def widths(self) -> tuple[int, int]:

@@ -347,6 +347,23 @@ class Routing:
 # ----------------------------------------------------------------------------- experts
 
 
+def param_shapes(dim: int, inter: int, n_experts: int, latent: dict[str, int], groups: int) -> dict[str, tuple]:
+    """{name: shape} of an experts module's tensors, per kind: a whole `{kind}_proj` [E, F, D] ([E, D, F] for
+    down), or W_i = A_i B_g (gate, up: A [E, F, L], B [G, L, D]) and W_i = B_g A_i (down: B [G, D, L], A [E, L, F]).
+    E is the number of experts whose tensors are held (an EP rank holds its own); the B's are per group."""
+    D, F_, E, G = dim, inter, n_experts, groups
+    shapes = {}
+    for kind in KINDS:
+        L = latent.get(kind)
+        if L is None:
+            shapes[f"{kind}_proj"] = (E, D, F_) if kind == "down" else (E, F_, D)
+        elif kind == "down":
+            shapes.update(down_B=(G, D, L), down_A=(E, L, F_))
+        else:
+            shapes.update({f"{kind}_B": (G, L, D), f"{kind}_A": (E, F_, L)})
+    return shapes
+
+
 class Experts(nn.Module):
     """Routed SwiGLU experts, stacked; kinds in `latent` factorized through per-group latents.
 
@@ -368,20 +385,10 @@ class Experts(nn.Module):
         self.dim, self.inter, self.n_experts, self.groups = dim, inter, n_experts, groups
         self.latent = {k: latent[k] for k in KINDS if k in latent}
         self.impl = "fast"
-        D, F_, E, G = dim, inter, n_experts, groups
-        for kind in KINDS:
-            L = self.latent.get(kind)
-            if L is None:  # whole per-expert matrix
-                shape = (E, D, F_) if kind == "down" else (E, F_, D)
-                self.register_parameter(f"{kind}_proj", nn.Parameter(torch.empty(shape)))
-            elif kind == "down":  # W_i = B_g @ A_i
-                self.down_B = nn.Parameter(torch.empty(G, D, L))
-                self.down_A = nn.Parameter(torch.empty(E, L, F_))
-            else:  # W_i = A_i @ B_g
-                self.register_parameter(f"{kind}_B", nn.Parameter(torch.empty(G, L, D)))
-                self.register_parameter(f"{kind}_A", nn.Parameter(torch.empty(E, F_, L)))
+        for name, shape in param_shapes(dim, inter, n_experts, self.latent, groups).items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
         if permuted:  # router's expert id -> slot of its tensors (and so its group)
-            self.register_buffer("expert_slot", torch.arange(E))
+            self.register_buffer("expert_slot", torch.arange(n_experts))
         self.reset_parameters()
 
     def reset_parameters(self, std: float | None = None):

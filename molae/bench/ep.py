@@ -20,7 +20,6 @@ formula (`expert_parallel.traffic`). Writes ep.json and ep.md (command, device, 
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..command import add_command, comma_list, int_list, positive_int
-from .layer import SHAPES, Shape, parse_shape, today
+from .layer import SHAPES, Shape, _sync, parse_shape, today
 
 IMPLS = ("moe", "molae", "molae-budget")
 MODES = ("forward", "forward+backward")
@@ -74,12 +73,8 @@ def latent_of(impl: str, shape: Shape, budget: float) -> dict[str, int] | None:
     return dict(gate=d, up=d, down=d)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _median_ms(step, device, warmup: int, repeats: int) -> float:
+    """layer.median_ms with a fixed number of repeats: every rank must run the same steps (they are collective)."""
     for _ in range(warmup):
         step()
     _sync(device)
@@ -96,7 +91,7 @@ def run_rank(rank: int, world: int, init: str, a: dict) -> list[dict] | None:
     """One process of the benchmark; rank 0 returns the rows."""
     import torch.distributed as dist
 
-    from ..expert_parallel import ExpertParallelExperts, traffic
+    from ..expert_parallel import ExpertParallelExperts
 
     cuda = a["device"] == "cuda"
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
@@ -118,7 +113,7 @@ def run_rank(rank: int, world: int, init: str, a: dict) -> list[dict] | None:
                     torch.manual_seed(rank)
                     ep = ExpertParallelExperts(shape.dim, shape.inter, shape.n_experts, latent, 1, device=device,
                                                dtype=dtype)
-                    rows += _measure(ep, shape, impl, T, x, idx, w, device, a, world, traffic)
+                    rows += _measure(ep, shape, impl, T, x, idx, w, device, a, world)
                     del ep
                     if cuda:
                         torch.cuda.empty_cache()
@@ -127,8 +122,10 @@ def run_rank(rank: int, world: int, init: str, a: dict) -> list[dict] | None:
         dist.destroy_process_group()
 
 
-def _measure(ep, shape, impl, T, x, idx, w, device, a, world, traffic) -> list[dict]:
+def _measure(ep, shape, impl, T, x, idx, w, device, a, world) -> list[dict]:
     import torch.distributed as dist
+
+    from ..expert_parallel import traffic
 
     size = x.element_size()
     out = []
@@ -242,9 +239,10 @@ def cmd_bench_ep(args):
         parse_shape(s)
     rows = bench_ep(args.procs, shapes, args.tokens, list(args.impls), list(args.modes), args.device, args.budget,
                     args.warmup, args.repeats)
-    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({os.cpu_count()} cores), gloo"
-    result = dict(command="molae " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("molae") else " ".join(sys.argv),
-                  device=device, ranks=args.procs, date=today(), commit=args.commit, torch=torch.__version__,
+    from .convert import device_name
+
+    device = device_name(args.device) + (", NCCL" if args.device == "cuda" else ", gloo")
+    result = dict(command="molae " + " ".join(sys.argv[1:]), device=device, ranks=args.procs, date=today(), commit=args.commit, torch=torch.__version__,
                   rows=rows)
     out = Path(args.out)
     write_json_atomically(out / "ep.json", result)

@@ -84,8 +84,7 @@ class ExpertShards:
             shard_ = ExpertParallelExperts.from_experts(m, group=self.ep_group)
             set_submodule(model, name, shard_)
             self.modules[name] = shard_
-        self.local = {f"{n}.{p}": t for n, m in self.modules.items() for p, t in m.named_parameters()
-                      if not p.endswith("_B")}
+        self.local = {f"{n}.{p}": t for n, m in self.modules.items() for p, t in m.local_params().items()}
 
     def reduce_grads(self):
         for p in self.local.values():
