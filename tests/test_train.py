@@ -348,36 +348,39 @@ def test_train_bad_input_is_one_line(data_dir, tmp_path):
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
 
 
+def two_processes(cfg: Path, data_dir: Path, out: Path, *extra):
+    """`molae train` under torchrun with 2 gloo processes; fails the test with their stderr if it fails."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "molae.train",
+                        "--config", str(cfg), "--data", str(data_dir), "--out", str(out), "--no-progress",
+                        *map(str, extra)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def assert_same_curve(run: Path, ref: Path):
+    """The two runs logged steps 1..6 with losses equal within 1e-4 relative."""
+    got, want = losses(run), losses(ref)
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=1e-4), s
+
+
 def test_fsdp2_two_gloo_processes_match_one_process_with_accumulation(data_dir, tmp_path):
     """Two FSDP2 processes (gloo, CPU) with micro-batches j = rank see the tokens one process sees with
     grad_accum 2 (j = micro): the loss curves agree to float tolerance."""
     cfg = write_config(tmp_path / "cfg.json", steps=6, ckpt_every=3, eval_every=6)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "molae.train",
-                        "--config", str(cfg), "--data", str(data_dir), "--out", str(tmp_path / "fsdp"), "--no-progress"],
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    two_processes(cfg, data_dir, tmp_path / "fsdp")
     r = cli("train", "--config", cfg, "--data", data_dir, "--out", tmp_path / "one", "--grad-accum", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
-    two, one = losses(tmp_path / "fsdp"), losses(tmp_path / "one")
-    assert sorted(two) == sorted(one) == list(range(1, 7))
-    for s in one:
-        assert two[s] == pytest.approx(one[s], rel=1e-4), s
+    assert_same_curve(tmp_path / "fsdp", tmp_path / "one")
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["world"] == 2 and summary["tokens"] == 6 * 2 * 4 * 64
     assert (tmp_path / "fsdp" / "model" / "config.json").exists()
     # FSDP2 checkpoint and resume: stop after 3 steps (all warmup, so the lr does not depend on the total),
     # resume to 6 from the gathered checkpoint: the same curve.
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "molae.train",
-                "--config", str(cfg), "--data", str(data_dir), "--out", str(tmp_path / "part"), "--no-progress"]
-    r = subprocess.run(torchrun + ["--steps", "3"], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(torchrun + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    part = losses(tmp_path / "part")
-    assert sorted(part) == list(range(1, 7))
-    for s in one:
-        assert part[s] == pytest.approx(one[s], rel=1e-4), s
+    two_processes(cfg, data_dir, tmp_path / "part", "--steps", 3)
+    two_processes(cfg, data_dir, tmp_path / "part", "--resume")
+    assert_same_curve(tmp_path / "part", tmp_path / "one")
 
 
 @pytest.mark.parametrize("section", [None, {"latent_dim": 16, "groups": 2, "projections": ["gate", "up", "down"]}],
@@ -387,17 +390,10 @@ def test_expert_parallel_training_matches_one_process(data_dir, tmp_path, sectio
     process with grad_accum 2, step for step within 1e-4 relative in float32; also across an EP checkpoint and
     --resume; the exported model holds every expert."""
     cfg = write_config(tmp_path / "cfg.json", steps=6, ckpt_every=3, eval_every=6, molae=section)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "molae.train",
-                "--config", str(cfg), "--data", str(data_dir), "--no-progress", "--ep", "2"]
-    r = subprocess.run(torchrun + ["--out", str(tmp_path / "ep")], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    two_processes(cfg, data_dir, tmp_path / "ep", "--ep", 2)
     r = cli("train", "--config", cfg, "--data", data_dir, "--out", tmp_path / "one", "--grad-accum", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
-    ep, one = losses(tmp_path / "ep"), losses(tmp_path / "one")
-    assert sorted(ep) == sorted(one) == list(range(1, 7))
-    for s in one:
-        assert ep[s] == pytest.approx(one[s], rel=1e-4), s
+    assert_same_curve(tmp_path / "ep", tmp_path / "one")
     # the gradients too (Adam would hide a constant factor in the losses): their logged norms agree
     norms = [{r["step"]: r["grad_norm"] for r in map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())
               if "grad_norm" in r} for d in ("ep", "one")]
@@ -412,14 +408,9 @@ def test_expert_parallel_training_matches_one_process(data_dir, tmp_path, sectio
     for k in saved:
         assert saved[k].shape == ref[k].shape, k
     part = tmp_path / "part"
-    r = subprocess.run(torchrun + ["--out", str(part), "--steps", "3"], capture_output=True, text=True, timeout=300,
-                       env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(torchrun + ["--out", str(part), "--resume"], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    resumed = losses(part)
-    for s in one:
-        assert resumed[s] == pytest.approx(one[s], rel=1e-4), s
+    two_processes(cfg, data_dir, part, "--ep", 2, "--steps", 3)
+    two_processes(cfg, data_dir, part, "--ep", 2, "--resume")
+    assert_same_curve(part, tmp_path / "one")
 
 
 def test_expert_parallel_needs_processes(data_dir, tmp_path):
