@@ -12,11 +12,12 @@ PRESET=${3:-ref-qwen2-moe}
 VARIANTS=${2:-}  # variant names separated by ; (scripts/gpu/pipeline_quality.py), default all
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
-rm -rf /tmp/run /tmp/pq
-python3 -m molae.train --config $PRESET --data $DATA --out /tmp/run --time-budget $BUDGET --no-progress 2>&1 \
+RUN=/tmp/run-$PRESET PQ=/tmp/pq-$PRESET  # per preset: two presets may run side by side
+rm -rf $RUN $PQ
+python3 -m molae.train --config $PRESET --data $DATA --out $RUN --time-budget $BUDGET --no-progress 2>&1 \
   | grep -E "^final|Error|error" || true
-cp /tmp/run/summary.json $OUT/train-summary.json
-python3 scripts/gpu/pipeline_quality.py /tmp/run/model $DATA /tmp/pq $OUT/pipeline_quality.json \
+cp $RUN/summary.json $OUT/train-summary.json
+python3 scripts/gpu/pipeline_quality.py $RUN/model $DATA $PQ $OUT/pipeline_quality.json \
   --commit "${COMMIT:-unknown}" --old "${OLD:-unknown}" --device-name "$GPU" \
   --variants "$VARIANTS" \
   --command "COMMIT=${COMMIT:-unknown} OLD=${OLD:-unknown} bash scripts/gpu/pipeline_quality.sh $BUDGET \"$VARIANTS\" $PRESET" 2>&1 \
