@@ -4,6 +4,7 @@
 #   b: Mixtral-8x7B at 2 layers (data-free, calibrated); Qwen1.5-MoE-A2.7B whole (calibrated)
 #   c: re-measures after the memory and speed fixes: DeepSeek-V3 MoE layer from fp8 (calibrated), Qwen3-30B-A3B at
 #      4 layers (data-free, calibrated: the time ratio)
+#   d: flatness in the layer count at one commit: Qwen3-30B-A3B at 4 and 16 layers, data-free and calibrated
 # Every run: --budget 0.5 --projections gate,up,down; calibrated = 16,384 tokens of the standard library.
 # Results (results/convert/*.json and convert.md) go to $OUT/results; copy them into results/ locally.
 source scripts/gpu/common.sh
@@ -27,6 +28,7 @@ case "$1" in
   c) bench --model deepseek-v3-layer --fp8 "${C[@]}"
      bench --model qwen3-30b-a3b --layers 4
      bench --model qwen3-30b-a3b --layers 4 "${C[@]}" ;;
-  *) echo "usage: bash scripts/gpu/convert.sh a|b|c"; exit 2 ;;
+  d) for n in 4 16; do bench --model qwen3-30b-a3b --layers $n; bench --model qwen3-30b-a3b --layers $n "${C[@]}"; done ;;
+  *) echo "usage: bash scripts/gpu/convert.sh a|b|c|d"; exit 2 ;;
 esac
 df -h /tmp | tail -1
