@@ -149,14 +149,12 @@ def efficiency(model, dtype_bytes: int | None = None) -> dict:
     non-expert weight matrix once, and per MoE layer MOLAE.md §2's expert terms: standard
     2*3*n*m*k; latent 2*n*d*t per factorized kind (shared projections, t = min(k, G) groups
     touched, an upper bound) + 2*m*d*k per factorized kind + 2*n*m*k per whole kind.
-    Attention scores (which grow with context) are left out. All-to-all bytes per token:
-    dispatch sends each token's input to its k experts (the hidden state n, or the gate and
+    Attention scores (which grow with context) are left out; a dense model has no expert terms. All-to-all
+    bytes per token: dispatch sends each token's input to its k experts (the hidden state n, or the gate and
     up latents when both are factorized), combine returns n (or d_down when down is factorized).
     """
     k = getattr(model.config, "num_experts_per_tok", None)
-    experts = find_experts(model)
-    if k is None or not experts:
-        raise ValueError(f"{type(model).__name__} has no MoE experts: the efficiency report is for MoE models")
+    experts = find_experts(model)  # none in a dense model (the start of an upcycled run): every weight is active
     params = dict(model.named_parameters())
     expert_names = {f"{name}.{p}" for name, m in experts for p, _ in m.named_parameters()
                     if p not in getattr(m, "shared_params", ())}  # LatentMoE's projections are dense

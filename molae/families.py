@@ -18,6 +18,7 @@ Fields:
   balancing     "aux-loss": the family's Switch load-balancing loss (softmax routers); "bias": DeepSeek-V3's
                 loss-free correction bias (sigmoid routers), updated from the routed counts
   preset        kwargs of the family's config for a training preset from shared shape arguments, or None
+  shared_expert the MoE block's shared-expert submodule (a SwiGLU MLP), or None: where upcycling puts a copy
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Family:
     router: str = "gate"
     balancing: str = "aux-loss"
     preset: Callable[..., dict] | None = None
+    shared_expert: str | None = None
 
 
 def _qwen2_moe(hidden, layers, heads, experts, top_k, inter, shared, **kw):
@@ -67,12 +69,13 @@ def _deepseek_v3(hidden, layers, heads, experts, top_k, inter, shared, dense_int
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("qwen2_moe", SWIGLU, "num_experts", preset=_qwen2_moe),
+    Family("qwen2_moe", SWIGLU, "num_experts", preset=_qwen2_moe, shared_expert="shared_expert"),
     Family("qwen3_moe", SWIGLU, "num_experts"),
     Family("mixtral", MIXTRAL_NAMES, "num_local_experts", preset=_mixtral),
     Family("olmoe", SWIGLU, "num_experts"),
-    Family("deepseek_v2", SWIGLU, "n_routed_experts", balancing="bias"),
-    Family("deepseek_v3", SWIGLU, "n_routed_experts", balancing="bias", preset=_deepseek_v3),
+    Family("deepseek_v2", SWIGLU, "n_routed_experts", balancing="bias", shared_expert="shared_experts"),
+    Family("deepseek_v3", SWIGLU, "n_routed_experts", balancing="bias", preset=_deepseek_v3,
+           shared_expert="shared_experts"),
     Family("phimoe", MIXTRAL_NAMES, "num_local_experts", router="router"),
 )}
 SUPPORTED = tuple(FAMILIES)

@@ -29,6 +29,9 @@ def add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--ep", type=positive_int, metavar="K",
                    help="expert parallelism: each MoE layer's experts split over K of the torchrun processes "
                         "(K divides their number; FSDP2 shards the rest over all of them)")
+    p.add_argument("--upcycle-from", metavar="DENSE",
+                   help="start the MoE from this trained dense model of the same family (directory or hub id): "
+                        "fine-grained copies of its FFNs as experts, the rest copied (train/upcycle.py)")
     p.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
                    help="set --steps from the step time measured in the first steps, to train about this long")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -41,7 +44,10 @@ def config_from_args(args) -> TrainConfig:
     cfg = apply_overrides(load_config(args.config), args.set)
     flags = dict(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
                  lr=args.lr, seed=args.seed, compile=args.compile, time_budget_s=args.time_budget, ep=args.ep)
-    return replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if args.upcycle_from is not None:  # the preset's recipe (or the default one) from this dense model
+        cfg = replace(cfg, upcycle={**(cfg.upcycle or {}), "from": args.upcycle_from})
+    return cfg
 
 
 def cmd_train(args):

@@ -22,6 +22,9 @@ class TrainConfig:
     # None: standard MoE. {"latent_dim": int | {kind: int} | None, "groups": G, "projections": [...]}: MoLAE.
     # {"latent_moe_dim": l}: LatentMoE's routed path (give num_experts / top-k scaled in `model`).
     molae: dict | None = None
+    # None: a fresh initialisation. {"from": a dense model (directory or hub id), "shuffle": bool, "reinit":
+    # fraction}: start from that dense model of the same family (train/upcycle.py; --upcycle-from sets "from").
+    upcycle: dict | None = None
     seq_len: int = 512
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1
@@ -118,6 +121,7 @@ def _check_ranges(c: TrainConfig):
 
 
 MOLAE_KEYS = {"latent_dim": int | dict | None, "groups": int, "projections": list | str, "latent_moe_dim": int}
+UPCYCLE_KEYS = {"from": str, "shuffle": bool, "reinit": float}
 
 
 def _check_sections(c: TrainConfig):
@@ -136,6 +140,17 @@ def _check_sections(c: TrainConfig):
             raise ValueError(f"molae section has unknown keys {sorted(unknown)}: allowed {', '.join(MOLAE_KEYS)}")
         for key, value in c.molae.items():
             _typed(f"molae.{key}", MOLAE_KEYS[key], value)
+    if c.upcycle is not None:
+        unknown = set(c.upcycle) - set(UPCYCLE_KEYS)
+        if unknown:
+            raise ValueError(f"upcycle section has unknown keys {sorted(unknown)}: allowed {', '.join(UPCYCLE_KEYS)}")
+        for key, value in c.upcycle.items():
+            _typed(f"upcycle.{key}", UPCYCLE_KEYS[key], value)
+        if not 0 <= c.upcycle.get("reinit", 0.5) < 1:
+            raise ValueError(f"upcycle.reinit={c.upcycle['reinit']} is out of range: give a fraction from 0 to below 1")
+        if c.molae is not None:
+            raise ValueError("upcycle starts a standard MoE from a dense model: drop the molae section "
+                             "(convert the upcycled MoE afterwards)")
 
 
 # ----------------------------------------------------------------------------- presets
@@ -165,6 +180,20 @@ PRESETS: dict[str, TrainConfig] = {
                                    model=_deepseek_v3(640, 7, 10, 48, 6, 160, 1, 1728), seq_len=1024, batch_size=32,
                                    steps=4000, lr=1.5e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
                                    compile=True),
+    # [10] an upcycled reference, as Qwen1.5-MoE-A2.7B was made from Qwen-1.8B (train/upcycle.py): a dense
+    # Qwen2-MoE-family model (every layer's FFN dense, F = 1536) trained first, then `ref-qwen2-upcycled
+    # --upcycle-from RUN/model`: 24 routed experts of F/4 (6 shuffled copies of 4 partitions), top-4 as Qwen1.5's,
+    # a shared expert holding one whole copy (Qwen1.5: 4 of its 64 fine-grained experts), half of each routed
+    # expert's neurons re-initialised. Half the scratch reference's peak learning rate: it starts trained.
+    "dense-qwen2": TrainConfig(name="dense-qwen2", family="qwen2_moe",
+                               model={**_qwen2_moe(512, 6, 8, 24, 4, 384, 1536), "intermediate_size": 1536,
+                                      "mlp_only_layers": list(range(6))}, seq_len=1024, batch_size=32, steps=4000,
+                               lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500, compile=True),
+    "ref-qwen2-upcycled": TrainConfig(name="ref-qwen2-upcycled", family="qwen2_moe",
+                                      model=_qwen2_moe(512, 6, 8, 24, 4, 384, 1536),
+                                      upcycle=dict(shuffle=True, reinit=0.5), seq_len=1024, batch_size=32,
+                                      steps=4000, lr=1e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
+                                      compile=True),
     # The pretraining comparison's base (results/pretrain.md): n = m, 16 experts, top-2; variants set `molae`.
     "pretrain-moe": TrainConfig(name="pretrain-moe", family="qwen2_moe", model=_qwen2_moe(512, 6, 8, 16, 2, 512, 0),
                                 seq_len=512, batch_size=64, steps=1500, lr=2e-3, warmup=100, log_every=25,
@@ -192,8 +221,8 @@ def config_from_dict(d: dict) -> TrainConfig:
 def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
     """`key=value` (a JSON value, or else a bare string), typed by the field it sets (TrainConfig's
     annotations; `model.key` by the family config's default, `molae.key` by MOLAE_KEYS);
-    `model.key=value` and `molae.key=value` set one entry of those sections; `molae=null` makes a
-    standard MoE. Each pair is checked as it is applied, so an error names the pair."""
+    `model.key=value`, `molae.key=value` and `upcycle.key=value` set one entry of those sections; `molae=null`
+    makes a standard MoE. Each pair is checked as it is applied, so an error names the pair."""
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
@@ -205,8 +234,8 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
         d = asdict(cfg)
         section, _, sub = key.partition(".")
         if sub:
-            if section not in ("model", "molae"):
-                raise ValueError(f"--set {pair}: only model.* and molae.* take a sub-key")
+            if section not in ("model", "molae", "upcycle"):
+                raise ValueError(f"--set {pair}: only model.*, molae.* and upcycle.* take a sub-key")
             d[section] = dict(d[section] or {})
             d[section][sub] = value
         else:

@@ -28,6 +28,7 @@ from .metrics import LoadMeter, measured_peak_flops, nonfinite_grads, train_flop
 from .model import build_model, export_pretrained
 from .optim import autocast_dtype, lr_at, make_optimizer
 from .state import full_state, load_checkpoint, save_checkpoint
+from .upcycle import check_configs, dense_run_summary, load_dense_state, upcycle
 
 
 def validation_windows(data: TokenData, cfg: TrainConfig, world: int) -> torch.Tensor:
@@ -103,9 +104,11 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
             raise ValueError(f"--resume with a config that differs from {out}/train_config.json: "
                              "resume with the same --config and overrides (only --steps may change)")
         cfg = replace(saved, steps=cfg.steps)  # a longer --steps extends the run
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.vocab_size).to(run.device)
+    model = build_model(cfg, data.vocab_size)
+    upcycled = _upcycle(model, cfg) if cfg.upcycle is not None and not resume else None  # before anything is written
+    model = model.to(run.device)
+    out.mkdir(parents=True, exist_ok=True)
     molae_spec = model.config.molae
     eff = efficiency(model)
     flops_per_token = train_flops_per_token(model.config, eff["flops_per_token"], cfg.seq_len)
@@ -135,6 +138,8 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
         logger.log(dict(step=0, event="start", params=params, flops_per_token=flops_per_token, peak_flops=peak,
                         world=run.world, device=str(run.device), data=data.manifest.get("file_list_sha256"),
                         tokenizer=data.manifest.get("tokenizer_sha256")))
+        if upcycled is not None:
+            logger.log(dict(step=0, event="upcycle", **upcycled))
     model.train()
     bar = progress_bar(total=cfg.steps, initial=start, desc=cfg.name, unit="step", disable=not (progress and run.main))
     window = _new_window()
@@ -227,6 +232,20 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
                    experts)
 
 
+def _upcycle(model, cfg: TrainConfig) -> dict:
+    """`upcycle` in the config: the fresh MoE filled from the dense model (train/upcycle.py); what was done."""
+    if not cfg.upcycle.get("from"):
+        raise ValueError(f"--config {cfg.name} starts from a dense model: pass --upcycle-from DIR (a dense model of "
+                         f"the {cfg.family} family, e.g. the model/ of a `molae train --config dense-qwen2` run)")
+    state, dense_config = load_dense_state(cfg.upcycle["from"])
+    check_configs(dense_config, model.config)
+    info = upcycle(model, cfg.family, state, shuffle=cfg.upcycle.get("shuffle", True),
+                   reinit=cfg.upcycle.get("reinit", 0.5), seed=cfg.seed)
+    return dict(source=cfg.upcycle["from"], dense_run=dense_run_summary(cfg.upcycle["from"]), copied=info["copied"],
+                from_ffn=len(info["from_ffn"]), initialised=info["initialised"], shuffle=info["shuffle"],
+                reinit=info["reinit"])
+
+
 def _expert_parallel(model, cfg: TrainConfig, run: Run):
     """`--ep K`: the experts split over K processes (distributed.ExpertShards), or None."""
     if cfg.ep == 1:
@@ -307,6 +326,9 @@ def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_to
                        data=dict(path=str(data.path), file_list_sha256=data.manifest.get("file_list_sha256"),
                                  tokenizer_sha256=data.manifest.get("tokenizer_sha256")),
                        torch=torch.__version__)
+        up = next((r for r in records if r.get("event") == "upcycle"), None)  # in the log: survives --resume
+        if up is not None:
+            summary["upcycle"] = {k: v for k, v in up.items() if k not in ("step", "event", "time")}
         tmp = out / ".model.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         export_pretrained(model, molae_spec, msd, tmp, data.tokenizer())
