@@ -58,7 +58,7 @@ def cmd_convert(args):
                           dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
                           method=args.method, budget=args.budget, calibration=args.calibration,
                           calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-                          calib_batch=args.calib_batch, carry=args.carry, heal_steps=args.heal_steps,
+                          calib_seed=args.calib_seed, calib_batch=args.calib_batch, carry=args.carry, heal_steps=args.heal_steps,
                           heal_lr=args.heal_lr, group_by=args.group_by,
                           damp=args.damp, mobe_steps=args.mobe_steps)
     summary = convert_checkpoint(args.src, args.out, opts, report=args.report, resume=args.resume,
@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "factorization (and the data the baselines score experts on)")
     conv.add_argument("--calib-tokens", type=positive_int, default=65536, help="calibration tokens (default 65536)")
     conv.add_argument("--calib-seq-len", type=positive_int, default=512, help="calibration window length (default 512)")
+    conv.add_argument("--calib-seed", type=int, default=0,
+                      help="which windows of a prepared --calibration directory (default 0; another seed: another "
+                           "sample)")
     conv.add_argument("--calib-batch", type=positive_int, default=8,
                       help="calibration windows per forward pass of a layer (default 8)")
     conv.add_argument("--calib-carry", dest="carry", default="original", choices=["original", "converted"],

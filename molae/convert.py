@@ -219,6 +219,7 @@ class ConvertOptions:
     calibration: str | None = None  # text file, directory or prepared data directory
     calib_tokens: int = 65536
     calib_seq_len: int = 512
+    calib_seed: int = 0  # which windows of a prepared data directory (a second sample: another seed)
     calib_batch: int = 8  # calibration windows per forward pass of a layer
     carry: str = "original"  # what the next layer sees: the original layer's outputs (measured better without
     # layer-wise healing: results/pipeline_quality.md), or the converted layer's
@@ -351,7 +352,11 @@ def _calibration_windows(ckpt: SourceCheckpoint, opts: ConvertOptions) -> torch.
             raise ValueError(f"{ckpt.path} has no tokenizer to read --calibration {opts.calibration} with: pass a "
                              "prepared data directory") from None
     vocab = ckpt.config.get("vocab_size")
-    return calibration_ids(opts.calibration, tokenizer, opts.calib_tokens, opts.calib_seq_len, model_vocab=vocab)
+    if opts.calib_seed and tokenizer is not None:
+        raise ValueError(f"--calib-seed picks windows of a prepared data directory; --calibration {opts.calibration} "
+                         "is text, read in order: drop --calib-seed or `molae data prepare` the text")
+    return calibration_ids(opts.calibration, tokenizer, opts.calib_tokens, opts.calib_seq_len, opts.calib_seed,
+                           model_vocab=vocab)
 
 
 class KindLoader(Mapping):
@@ -536,6 +541,7 @@ def _finish(ckpt, groups, plan, opts, method, base_type, writer, dst, report, ov
                    groups=opts.groups, group_by=opts.group_by, projections=list(check_projections(opts.projections)),
                    calibration=None if opts.calibration is None else str(opts.calibration),
                    calib_tokens=opts.calib_tokens if opts.calibration else None,
+                   calib_seed=opts.calib_seed if opts.calibration else None,
                    carry=opts.carry if opts.calibration else None, heal_steps=opts.heal_steps or None)
     if method.latent:
         layers = {unit.split(".")[1]: LayerSpec.from_dict(info["record"], unit) for unit, info in infos.items()

@@ -49,14 +49,20 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
 
 
 @torch.no_grad()
-def token_nlls(model, x_BT: torch.Tensor, attention_mask=None, amp=contextlib.nullcontext) -> torch.Tensor:
-    """[B, T-1] next-token NLL (nats) of tokens 1..T-1 of each row, the model reading tokens 0..T-2: the one
-    place molae turns logits into losses (sliding-window perplexity, fixed windows, validation, the demo)."""
+def token_scores(model, x_BT: torch.Tensor, attention_mask=None, amp=contextlib.nullcontext):
+    """([B, T-1] next-token NLL (nats), [B, T-1] whether the argmax was that token) of tokens 1..T-1 of each
+    row, the model reading tokens 0..T-2: the one place molae turns logits into losses (sliding-window
+    perplexity, fixed windows, validation, the demo)."""
     with amp():
         logits = model(input_ids=x_BT[:, :-1],
                        attention_mask=None if attention_mask is None else attention_mask[:, :-1]).logits
     logits = logits if logits.dtype == torch.float64 else logits.float()
-    return F.cross_entropy(logits.transpose(1, 2), x_BT[:, 1:], reduction="none")
+    return F.cross_entropy(logits.transpose(1, 2), x_BT[:, 1:], reduction="none"), logits.argmax(-1) == x_BT[:, 1:]
+
+
+def token_nlls(model, x_BT: torch.Tensor, attention_mask=None, amp=contextlib.nullcontext) -> torch.Tensor:
+    """[B, T-1] next-token NLL (nats): `token_scores` without the argmax hits."""
+    return token_scores(model, x_BT, attention_mask, amp)[0]
 
 
 @torch.no_grad()
@@ -66,11 +72,81 @@ def window_nlls(model, windows_WT: torch.Tensor, batch_size: int, device, amp=co
                       for i in range(0, len(windows_WT), batch_size)])
 
 
+def window_scores(model, windows_WT: torch.Tensor, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([W] summed next-token NLL (nats, float64), [W, T] argmax hits (CPU)) of [W, T+1] windows."""
+    nll, hit = [], []
+    for i in range(0, len(windows_WT), batch_size):
+        n, h = token_scores(model, windows_WT[i:i + batch_size].to(device))
+        nll.append(n.double().sum(1).cpu())
+        hit.append(h.cpu())
+    return torch.cat(nll), torch.cat(hit)
+
+
+def newline_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
+    """[V] bool: the tokens whose text holds a newline (the ends of lines)."""
+    return torch.tensor(["\n" in tokenizer.decode([i]) for i in range(vocab_size)])
+
+
+def line_exact_match(windows_WT: torch.Tensor, hit_WT: torch.Tensor, newline_V: torch.Tensor,
+                     min_tokens: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact-match next-line completion, per window: ([W] lines completed exactly, [W] lines scored). A line is
+    the tokens after a newline-holding token up to and including the next one (at least `min_tokens` of them):
+    greedy decoding from its true prefix writes it exactly iff the argmax was right at each of its tokens, so
+    the teacher-forced hits of one forward pass score it. The partial lines at a window's ends are not scored."""
+    is_nl_WT = newline_V[windows_WT[:, 1:]]  # at target positions
+    matched, lines = torch.zeros(len(windows_WT), dtype=torch.long), torch.zeros(len(windows_WT), dtype=torch.long)
+    for w in range(len(windows_WT)):
+        ends = is_nl_WT[w].nonzero().flatten().tolist()
+        for a, b in zip(ends, ends[1:]):
+            if b - a >= min_tokens:
+                lines[w] += 1
+                matched[w] += bool(hit_WT[w, a + 1:b + 1].all())
+    return matched, lines
+
+
+def ratio_interval(num_W, den_W, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval (over windows) of sum(num) / sum(den)."""
+    g = torch.Generator().manual_seed(seed)
+    num, den = torch.as_tensor(num_W).double(), torch.as_tensor(den_W).double()
+    idx = torch.randint(0, len(num), (n, len(num)), generator=g)
+    r = num[idx].sum(1) / den[idx].sum(1).clamp_min(1)
+    return float(torch.quantile(r, 0.025)), float(torch.quantile(r, 0.975))
+
+
 def windows_nll(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext) -> torch.Tensor:
     """[summed next-token NLL (nats), scored tokens] (float64, on device) over [W, T+1] windows."""
     nll = window_nlls(model, windows_WT, batch_size, device, amp)
     return torch.stack([nll.sum(), torch.tensor(float(windows_WT[:, 1:].numel()), device=nll.device,
                                                 dtype=torch.float64)])
+
+
+def bootstrap_means(nll_RW: torch.Tensor, n: int = 2000, seed: int = 0) -> torch.Tensor:
+    """[n, R] mean NLL of each row of nll_RW (R runs scored on the same W windows: mean NLL per window) over n
+    resamplings of the windows, the same resampling for every row (so differences between rows are paired)."""
+    g = torch.Generator().manual_seed(seed)
+    idx_NW = torch.randint(0, nll_RW.shape[1], (n, nll_RW.shape[1]), generator=g)
+    return nll_RW.double()[:, idx_NW].mean(-1).T
+
+
+def perplexity_interval(nll_W, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval (over windows) of the perplexity exp(mean NLL); nll_W: mean NLL per window."""
+    m = bootstrap_means(torch.as_tensor(nll_W)[None], n, seed)[:, 0].exp()
+    return float(torch.quantile(m, 0.025)), float(torch.quantile(m, 0.975))
+
+
+def paired_change(new_W, ref_W, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(change, 2.5%, 97.5%) of perplexity(new) / perplexity(ref) - 1, both scored on the same windows (mean NLL
+    per window), the interval by a paired bootstrap over the windows. "Better" only where it excludes zero."""
+    new, ref = torch.as_tensor(new_W).double(), torch.as_tensor(ref_W).double()
+    d = bootstrap_means(torch.stack([new, ref]), n, seed)
+    r = (d[:, 0] - d[:, 1]).exp() - 1
+    return float((new.mean() - ref.mean()).exp() - 1), float(torch.quantile(r, 0.025)), float(torch.quantile(r, 0.975))
+
+
+def verdict(change_95: tuple[float, float]) -> str:
+    """"better" / "worse" where a paired interval of a change excludes zero, "tied" otherwise."""
+    lo, hi = change_95
+    return "better" if hi < 0 else "worse" if lo > 0 else "tied"
 
 
 def window_bytes(tokenizer, windows_WT: torch.Tensor) -> int:

@@ -405,6 +405,41 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     assert main(["bench", "quality-report", str(tmp_path / "q.json"), "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "quality.md").read_text()
     assert "| molae-alloc+heal |" in md and (tmp_path / "r" / "quality.png").stat().st_size > 0
+    for r in [q["original"], *reached]:  # intervals per cell, and the windows they resample
+        lo, hi = r["perplexity_95"]
+        assert lo <= r["perplexity"] <= hi and len(r["window_nll"]) == 1024 // 64
+        assert math.exp(sum(r["window_nll"]) / len(r["window_nll"])) == pytest.approx(r["perplexity"], rel=1e-5)
+    assert "paired 95%" in md and any(f"| {v} |" in md for v in ("better", "tied", "worse"))
+    for r in [q["original"], *reached]:
+        assert 0 <= r["next_line"] <= 1 and r["lines"] == sum(r["window_lines"]) > 0
+    assert "exact-match next-line completion" in md
+    assert "window_nll" not in (tmp_path / "r" / "quality.json").read_text()  # the run files keep them
+
+
+def test_paired_intervals_say_better_only_where_they_exclude_zero():
+    from molae.evaluate import paired_change, perplexity_interval, verdict
+
+    g = torch.Generator().manual_seed(0)
+    ref = 2 + torch.rand(400, generator=g, dtype=torch.float64)
+    change, lo, hi = paired_change(ref - 0.01, ref)  # lower on every window: better, however noisy the windows
+    assert change == pytest.approx(math.exp(-0.01) - 1) and lo <= change <= hi < 0 and verdict((lo, hi)) == "better"
+    noise = 0.05 * torch.randn(400, generator=g, dtype=torch.float64)
+    assert verdict(paired_change(ref + noise, ref)[1:]) == "tied"
+    assert verdict(paired_change(ref + 0.02 + noise, ref)[1:]) == "worse"
+    lo, hi = perplexity_interval(ref)
+    assert lo < math.exp(ref.mean()) < hi
+
+
+def test_another_calibration_seed_is_another_sample(data_dir, tmp_path):
+    from molae.convert import ConvertOptions, _calibration_windows as calibration_windows
+
+    src = saved("qwen2_moe", tmp_path / "src")
+    from molae.checkpoint import SourceCheckpoint
+
+    ck = SourceCheckpoint(src)
+    a, b, c = (calibration_windows(ck, ConvertOptions(calibration=str(data_dir), calib_tokens=256, calib_seq_len=32,
+                                                      calib_seed=s)) for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == c.shape
 
 
 @pytest.mark.parametrize("args, message", [
@@ -430,3 +465,19 @@ def test_heal_refuses_a_model_that_is_not_molae(data_dir, tmp_path, capsys):
     code = main(["heal", str(src), "--teacher", str(src), "--data", str(data_dir), "--tokens", "4096"])
     err = capsys.readouterr().err
     assert code != 0 and "not a MoLAE checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_next_line_exact_match_counts_the_lines_every_argmax_got_right():
+    from molae.evaluate import line_exact_match
+
+    nl = torch.zeros(10, dtype=torch.bool)
+    nl[9] = True  # token 9 ends a line
+    #             targets: 9 | 1 2 3 9 | 4 5 9 | 1 2 3 4 9 | 7   (the lines between the first and last newline)
+    w = torch.tensor([[0, 9, 1, 2, 3, 9, 4, 5, 9, 1, 2, 3, 4, 9, 7]])
+    hit = torch.ones(1, 14, dtype=torch.bool)
+    hit[0, 10] = False  # a miss inside the 5-token line
+    matched, lines = line_exact_match(w, hit, nl, min_tokens=4)
+    assert lines.tolist() == [2] and matched.tolist() == [1]  # "1 2 3 9" exact; "4 5 9" too short; the last missed
+    hit[0, 0] = hit[0, 13] = False  # misses outside whole lines change nothing
+    assert line_exact_match(w, hit, nl, min_tokens=4)[1].tolist() == [2]
+    assert line_exact_match(w, hit, nl, min_tokens=3)[0].tolist() == [2]  # "4 5 9" counts now

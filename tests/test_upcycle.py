@@ -138,8 +138,11 @@ def test_molae_train_upcycles_a_dense_run_and_continues(data_dir, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--upcycle-from DIR" in r.stderr
     assert not (tmp_path / "cold").exists()
     r = cli("train", "--config", tmp_path / "moe.json", "--data", data_dir, "--out", tmp_path / "up",
-            "--upcycle-from", tmp_path / "dense" / "model", "--no-progress", "--device", "cpu")
+            "--upcycle-from", tmp_path / "dense" / "model", "--no-progress", "--device", "cpu", "--export-at", "0.5")
     assert r.returncode == 0, r.stderr[-2000:]
+    half = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "up" / "model-step4")  # --export-at 0.5
+    assert type(half).__name__ == "Qwen2MoeForCausalLM"
+    assert '"event": "export"' in (tmp_path / "up" / "log.jsonl").read_text()
     r = cli("train", "--config", tmp_path / "moe.json", "--data", data_dir, "--out", tmp_path / "scratch",
             "--set", "upcycle=null", "--no-progress", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -13,8 +13,11 @@ a fresh directory, is loaded back with transformers and scored on the same held-
 
 All MoLAE variants factorize gate, up and down with G = 1 (the budgets go below the third that a
 whole down projection would take). Every calibrated method gets the same calibration windows
-(--calib-tokens of the training split), run through the layer-by-layer pipeline. Results are appended to --json after each run; --resume
-skips the variants already there. `molae bench quality-report FILES --out results` renders
+(--calib-tokens of the training split, --calib-seed picks which), run through the layer-by-layer pipeline.
+Scored on --eval-tokens of held-out windows: perplexity with a 95% bootstrap interval over the windows, and
+exact-match next-line completion (evaluate.line_exact_match); the windows' NLLs are kept, so the report gives
+paired intervals for best MoLAE against the best baseline. Results are appended to --json after each run;
+--resume skips the variants already there. `molae bench quality-report FILES --out results` renders
 quality.md (one table per model) and quality.png (validation perplexity against parameters).
 """
 
@@ -31,7 +34,8 @@ from ..checkpoint import SourceCheckpoint, resolve, write_json_atomically
 from ..convert import ConvertOptions, convert_checkpoint, find_expert_groups
 from ..evaluate import load
 from ..layers import KINDS
-from ..evaluate import window_bytes, windows_nll
+from ..evaluate import (line_exact_match, newline_tokens, paired_change, perplexity_interval, ratio_interval, verdict,
+                        window_bytes, window_scores)
 
 from ..budget import uniform_latent
 from ..methods import METHODS
@@ -42,16 +46,28 @@ BASELINES = tuple(name for name in METHODS if name != "molae")
 VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES)  # --methods names
 
 
-def score(path, windows_WT: torch.Tensor, n_bytes: int, device, batch_size: int = 16) -> dict:
-    """Validation loss (nats/token), perplexity and bits per byte of the model at `path` (float32)."""
+def score(path, windows_WT: torch.Tensor, n_bytes: int, device, newline_V: torch.Tensor | None = None,
+          batch_size: int = 16) -> dict:
+    """Of the model at `path` (float32) on held-out windows: loss (nats/token), perplexity with its 95% interval
+    over the windows, bits per byte, each window's mean NLL (what the report's paired intervals resample); with
+    `newline_V`, exact-match next-line completion (evaluate.line_exact_match) with its interval."""
     model = load(str(path), str(device), "float32", need_tokenizer=False)[0]
-    nll, count = windows_nll(model, windows_WT, batch_size, device).tolist()
-    count = int(count)
+    nll_W, hit_WT = window_scores(model, windows_WT, batch_size, device)
     del model
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return dict(loss=nll / count, perplexity=math.exp(nll / count), bits_per_byte=nll / math.log(2) / n_bytes,
-                tokens=count)
+    count = windows_WT[:, 1:].numel()
+    nll = float(nll_W.sum())
+    per_window = nll_W / (windows_WT.shape[1] - 1)  # each window scores all but its first token
+    out = dict(loss=nll / count, perplexity=math.exp(nll / count), perplexity_95=perplexity_interval(per_window),
+               bits_per_byte=nll / math.log(2) / n_bytes, tokens=count,
+               window_nll=[round(float(x), 6) for x in per_window])
+    if newline_V is not None:
+        matched, lines = line_exact_match(windows_WT, hit_WT, newline_V)
+        out.update(next_line=float(matched.sum() / lines.sum().clamp_min(1)),
+                   next_line_95=ratio_interval(matched, lines), lines=int(lines.sum()),
+                   window_lines=lines.tolist(), window_matched=matched.tolist())
+    return out
 
 
 def variants(budgets, rank_ratios, methods) -> list[tuple[str, float, dict]]:
@@ -83,6 +99,7 @@ def bench_quality(args):
     data = TokenData(args.data)
     windows = data.val_windows(args.seq_len, args.eval_tokens)
     n_bytes = window_bytes(data.tokenizer(), windows)
+    newline_V = newline_tokens(data.tokenizer(), data.vocab_size)
     ckpt = SourceCheckpoint(src)
     g = next(iter(find_expert_groups(ckpt).values()))
     E, m, n = g.n_experts, g.inter, g.dim
@@ -90,14 +107,15 @@ def bench_quality(args):
     result = json.loads(out_json.read_text()) if args.resume and out_json.exists() else dict(
         name=args.name, model=str(args.model), shapes=dict(experts=E, inter=m, dim=n, top_k=ckpt.config.get(
             "num_experts_per_tok")), device=args.device_name, date=args.date, commit=args.commit,
-        command=args.command, settings=dict(calib_tokens=args.calib_tokens, heal_tokens=args.heal_tokens,
+        command=args.command, settings=dict(calib_tokens=args.calib_tokens, calib_seed=args.calib_seed,
+                                            heal_tokens=args.heal_tokens,
                                             eval_tokens=len(windows) * args.seq_len, seq_len=args.seq_len,
                                             eval_bytes=n_bytes, mobe_steps=args.mobe_steps), runs=[])
     done = {(r["variant"], r["budget"]) for r in result["runs"]}
     save = lambda: write_json_atomically(out_json, result)  # noqa: E731
     if "original" not in result:
         t0 = time.perf_counter()
-        result["original"] = dict(score(src, windows, n_bytes, device), seconds=time.perf_counter() - t0,
+        result["original"] = dict(score(src, windows, n_bytes, device, newline_V), seconds=time.perf_counter() - t0,
                                   params=_params(ckpt))
         save()
     work = Path(args.workdir)
@@ -122,7 +140,8 @@ def bench_quality(args):
                                   mobe_steps=args.mobe_steps,
                                   latent_dim=uniform_latent(f, E, m, n) if spec.get("uniform") else None,
                                   **(dict(calibration=str(args.data), calib_tokens=args.calib_tokens,
-                                          calib_seq_len=args.seq_len) if spec.get("calibrated") else {}))
+                                          calib_seq_len=args.seq_len, calib_seed=args.calib_seed)
+                                     if spec.get("calibrated") else {}))
             try:
                 summary = convert_checkpoint(src, dst, opts, overwrite=True)
             except ValueError as e:  # a published form that cannot reach this budget (MoBE's floor): say so
@@ -139,7 +158,7 @@ def bench_quality(args):
                                total=summary["before"]["total"] - summary["before"]["expert"]
                                + summary["after"]["expert_stored"]),
                    convert_seconds=time.perf_counter() - t0)
-        run.update(score(dst, windows, n_bytes, device))
+        run.update(score(dst, windows, n_bytes, device, newline_V))
         result["runs"].append(run)
         save()
         if name != "molae-alloc":  # kept for its healed copy
@@ -172,7 +191,10 @@ def report(files, out: Path, commit: str | None = None, note: str = ""):
         for r in results:
             r["commit_recorded_on_device"], r["commit"] = r["commit"], commit
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(out / "quality.json", results)
+    per_window = ("window_nll", "window_lines", "window_matched")  # the run files keep them
+    slim = lambda x: {k: v for k, v in x.items() if k not in per_window}  # noqa: E731
+    write_json_atomically(out / "quality.json", [dict(r, original=slim(r["original"]),
+                                                      runs=[slim(x) for x in r["runs"]]) for r in results])
     lines = ["# Conversion quality: MoLAE against peer MoE compressors ([5])", "",
              "Written by `molae bench quality-report` from the JSON files of `molae bench quality` runs. Budget: "
              "the fraction of routed-expert parameters kept (what each method stores; whole-matrix baselines "
@@ -195,18 +217,26 @@ def report(files, out: Path, commit: str | None = None, note: str = ""):
                   f"{o['params']['routed']:,} routed-expert parameters", ""]
         budgets = sorted({x["budget"] for x in r["runs"]}, reverse=True)
         names = list(dict.fromkeys(x["variant"] for x in r["runs"]))
-        for metric, fmt, what in (("perplexity", ".3f", "validation perplexity"),
-                                  ("bits_per_byte", ".4f", "bits per byte")):
+        metrics = [("perplexity", ".3f", "validation perplexity"), ("bits_per_byte", ".4f", "bits per byte")]
+        if "next_line" in o:
+            metrics.append(("next_line", ".4f", f"exact-match next-line completion, share of {o['lines']:,} held-out "
+                                                "lines of 4+ tokens that greedy decoding writes exactly (original "
+                                                f"{o['next_line']:.4f})"))
+        for metric, fmt, what in metrics:
             lines += ["| method | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |",
                       "|---|" + "---:|" * len(budgets)]
             for name in names:
                 cells = []
                 for b in budgets:
-                    x = next((x for x in r["runs"] if x["variant"] == name and x["budget"] == b), None)
+                    x = next((x for x in r["runs"] if x["variant"] == name and x["budget"] == b
+                              and metric in x), None)
                     kept = None if x is None else 100 * x["params"]["routed"] / x["params"]["routed_before"]
-                    cells.append("" if x is None else f"{x[metric]:{fmt}} ({kept:.0f}%)")
+                    ci = x.get(f"{metric}_95") if x is not None else None
+                    ci = f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else ""
+                    cells.append("" if x is None else f"{x[metric]:{fmt}}{ci} ({kept:.0f}%)")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
-            lines += ["", f"Cells: {what} (routed-expert parameters kept).", ""]
+            lines += ["", f"Cells: {what} [95% interval, bootstrap over the held-out windows, where recorded] "
+                      "(routed-expert parameters kept).", ""]
         lines += _verdict(r, budgets)
         lines += [f"- not run: {x['variant']} at {100 * x['budget']:g}%: {x['unreachable']}" for x in r["unreachable"]]
         lines += [""] if r["unreachable"] else []
@@ -216,19 +246,27 @@ def report(files, out: Path, commit: str | None = None, note: str = ""):
 
 
 def _verdict(r, budgets) -> list[str]:
-    """Per budget: the best MoLAE variant against the best baseline, and the gap to the original."""
-    o = r["original"]["perplexity"]
-    lines = ["| budget | best MoLAE | best baseline | MoLAE at or below every baseline | best MoLAE vs original |",
-             "|---:|---|---|---|---:|"]
+    """Per budget: the best MoLAE variant against the best baseline, and the gap to the original; where the
+    runs recorded their windows' NLLs, the paired 95% interval of best MoLAE / best baseline - 1 and the
+    verdict it allows (better / tied / worse)."""
+    o = r["original"]
+    paired = "window_nll" in o
+    lines = ["| budget | best MoLAE | best baseline | MoLAE at or below every baseline | best MoLAE vs original |"
+             + (" best MoLAE vs best baseline (paired 95%) | verdict |" if paired else ""),
+             "|---:|---|---|---|---:|" + ("---:|---|" if paired else "")]
     for b in budgets:
         runs = [x for x in r["runs"] if x["budget"] == b]
         mol = _best(runs, "molae")
         base = min((x for x in runs if x["method"] in BASELINES), key=lambda x: x["perplexity"], default=None)
         if mol is None or base is None:
             continue
-        lines.append(f"| {100 * b:g}% | {mol['variant']} {mol['perplexity']:.3f} | {base['variant']} "
-                     f"{base['perplexity']:.3f} | {'yes' if mol['perplexity'] <= base['perplexity'] else 'no'} | "
-                     f"{100 * (mol['perplexity'] / o - 1):+.2f}% |")
+        row = (f"| {100 * b:g}% | {mol['variant']} {mol['perplexity']:.3f} | {base['variant']} "
+               f"{base['perplexity']:.3f} | {'yes' if mol['perplexity'] <= base['perplexity'] else 'no'} | "
+               f"{100 * (mol['perplexity'] / o['perplexity'] - 1):+.2f}% |")
+        if paired and "window_nll" in mol and "window_nll" in base:
+            c, lo, hi = paired_change(mol["window_nll"], base["window_nll"])
+            row += f" {100 * c:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}] | {verdict((lo, hi))} |"
+        lines.append(row)
     return lines + [""]
 
 
@@ -320,6 +358,8 @@ def add_commands(bench):
     bq.add_argument("--methods", type=comma_list(VARIANTS), default=VARIANTS,
                     help=f"variants to run (default all: {','.join(VARIANTS)})")
     bq.add_argument("--calib-tokens", type=positive_int, default=65536, help="calibration tokens (default 65536)")
+    bq.add_argument("--calib-seed", type=int, default=0,
+                    help="which calibration windows (default 0; run again with another seed for a second sample)")
     bq.add_argument("--heal-tokens", type=positive_int, default=1048576, help="healing tokens (default 1048576)")
     bq.add_argument("--heal-batch-size", type=positive_int, default=16, help="healing windows per step (default 16)")
     bq.add_argument("--heal-lr", type=positive_float, default=1e-4, help="healing peak learning rate (default 1e-4)")

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from ..command import Parser, declare, positive_float, positive_int, run_command
+from ..command import Parser, declare, fraction_list, positive_float, positive_int, run_command
 from .config import PRESETS, TrainConfig, apply_overrides, load_config
 from .loop import train
 
@@ -32,6 +32,8 @@ def add_train_args(p: argparse.ArgumentParser):
     p.add_argument("--upcycle-from", metavar="DENSE",
                    help="start the MoE from this trained dense model of the same family (directory or hub id): "
                         "fine-grained copies of its FFNs as experts, the rest copied (train/upcycle.py)")
+    p.add_argument("--export-at", type=fraction_list, metavar="F,F",
+                   help="also export the model at these fractions of the run, as OUT/model-step{N} (e.g. 0.25,0.5)")
     p.add_argument("--time-budget", type=positive_float, metavar="SECONDS",
                    help="set --steps from the step time measured in the first steps, to train about this long")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -43,7 +45,8 @@ def add_train_args(p: argparse.ArgumentParser):
 def config_from_args(args) -> TrainConfig:
     cfg = apply_overrides(load_config(args.config), args.set)
     flags = dict(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
-                 lr=args.lr, seed=args.seed, compile=args.compile, time_budget_s=args.time_budget, ep=args.ep)
+                 lr=args.lr, seed=args.seed, compile=args.compile, time_budget_s=args.time_budget, ep=args.ep,
+                 export_at=args.export_at)
     cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     if args.upcycle_from is not None:  # the preset's recipe (or the default one) from this dense model
         cfg = replace(cfg, upcycle={**(cfg.upcycle or {}), "from": args.upcycle_from})

@@ -47,6 +47,7 @@ class TrainConfig:
     eval_tokens: int = 2**18
     ckpt_every: int = 250
     time_budget_s: float | None = None  # set `steps` from the step time measured during warmup
+    export_at: list = field(default_factory=list)  # fractions of the run at which to export model-step{N}/ too
 
     def __post_init__(self):
         """Every field of its declared type and in range, so that a JSON file, a --set or a flag with
@@ -114,6 +115,8 @@ def _check_ranges(c: TrainConfig):
         and c.time_budget_s <= 0 else []
     bad += [f"dtype={c.dtype!r} (allowed auto, bfloat16, float16, float32)"] if c.dtype not in (
         "auto", "bfloat16", "float16", "float32") else []
+    bad += [f"export_at={c.export_at} (allowed fractions between 0 and 1)"] if not all(
+        isinstance(f, (int, float)) and 0 < f < 1 for f in c.export_at) else []
     if bad:
         raise ValueError(f"{', '.join(bad)}: out of range; give values in the ranges shown")
     if c.family not in SUPPORTED:

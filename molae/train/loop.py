@@ -66,7 +66,7 @@ def check_out(out: Path, resume: bool):
         raise FileExistsError(f"--out {out} holds other files: choose a new or empty directory")
 
 
-RUN_FILES = ("train_config.json", "log.jsonl", "tb", "checkpoint.pt.partial", ".model.partial")
+RUN_FILES = ("train_config.json", "log.jsonl", "tb", "checkpoint.pt.partial", ".model.partial")  # + model-step*
 
 
 def train(cfg: TrainConfig, data, out, resume: bool = False, device: str | None = None,
@@ -220,6 +220,13 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
             else:
                 val = validation_loss(model, data, cfg, run, amp)
                 logger.log(dict(step=step, val_loss=val, tokens=step * cfg.tokens_per_step * run.world), bar)
+        if step in _export_steps(cfg):  # a model part-way, to follow what conversion loses as the experts train
+            msd, _ = full_state(model, opt, experts)
+            if run.main:
+                _publish(model, molae_spec, msd, data, out / f"model-step{step}")
+                logger.log(dict(step=step, event="export", path=f"model-step{step}",
+                                tokens=step * cfg.tokens_per_step * run.world), bar)
+            run.barrier()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run, experts)
             on_disk["step"] = step
@@ -230,6 +237,21 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
         logger.log(dict(step=step, val_loss=val, val_bits_per_byte=bpb, tokens=step * cfg.tokens_per_step * run.world))
     return _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_token, peak, val, opt, skipped,
                    experts)
+
+
+def _publish(model, molae_spec, msd, data, dst: Path):
+    """The model exported into dst (written beside it, then renamed onto it)."""
+    tmp = dst.with_name(f".{dst.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_pretrained(model, molae_spec, msd, tmp, data.tokenizer())
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def _export_steps(cfg: TrainConfig) -> set[int]:
+    """The steps `export_at` (fractions of the run) names, for the run's final step count."""
+    return {max(1, round(f * cfg.steps)) for f in cfg.export_at} - {cfg.steps}
 
 
 def _upcycle(model, cfg: TrainConfig) -> dict:
@@ -329,12 +351,7 @@ def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_to
         up = next((r for r in records if r.get("event") == "upcycle"), None)  # in the log: survives --resume
         if up is not None:
             summary["upcycle"] = {k: v for k, v in up.items() if k not in ("step", "event", "time")}
-        tmp = out / ".model.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_pretrained(model, molae_spec, msd, tmp, data.tokenizer())
-        if (out / "model").exists():
-            shutil.rmtree(out / "model")
-        os.replace(tmp, out / "model")
+        _publish(model, molae_spec, msd, data, out / "model")
         write_json_atomically(out / "summary.json", summary)
     logger.close()
     run.barrier()

@@ -51,15 +51,11 @@ def run(args, tree, env_root):
     return time.perf_counter() - t0
 
 
-def bootstrap(new, old, n=2000, seed=0):
+def bootstrap(new, old):
     """95% interval of exp(mean(new) - mean(old)) - 1 over resampled windows (paired: same windows)."""
-    import torch
+    from molae.evaluate import paired_change
 
-    g = torch.Generator().manual_seed(seed)
-    W = len(new)
-    idx = torch.randint(0, W, (n, W), generator=g)
-    d = (new[idx] - old[idx]).mean(1)
-    return [float(torch.quantile(d, q).exp() - 1) for q in (0.025, 0.975)]
+    return list(paired_change(new, old)[1:])
 
 
 def measure(a):
