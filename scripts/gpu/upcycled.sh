@@ -1,0 +1,43 @@
+# [10] The upcycled reference, one background job (start it with scripts/gpu/bg.sh, collect it across calls):
+#   COMMIT=<sha> bash scripts/gpu/bg.sh start upcycled bash scripts/gpu/upcycled.sh [DENSE_S [MOE_S]]
+# 1. `dense-qwen2` trained DENSE_S seconds; 2. `ref-qwen2-upcycled --upcycle-from` it, MOE_S seconds, exported
+# also at a quarter and a half of its steps; 3. the same MoE preset from scratch for the same steps (in the
+# background, beside what follows); 4. `molae bench quality` on the upcycled model (1,048,576 held-out tokens,
+# intervals, next-line exact match): the main methods at 50% and 25%, calibration seed 0; then seed 1 for the
+# best MoLAE and the SVD/D2-MoE peers; then those at the quarter and half exports; 5. `molae analyze` of the
+# upcycled model (end and quarter) and the scratch one. Everything lands in $OUT as it finishes (priority order).
+source scripts/gpu/common.sh
+set +e  # a background job: a failed step should not stop the ones after it
+DENSE_S=${1:-120} MOE_S=${2:-150}
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+C=${COMMIT:-unknown}
+[ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
+W=/tmp/upc; rm -rf $W; mkdir -p $W
+train() { python3 -m molae.train --data $DATA --no-progress "$@" 2>&1 | grep -E "^final|Error|error" || true; }
+train --config dense-qwen2 --out $W/dense --time-budget $DENSE_S
+cp $W/dense/summary.json $OUT/train-summary-dense.json
+train --config ref-qwen2-upcycled --upcycle-from $W/dense/model --out $W/up --time-budget $MOE_S --export-at 0.25,0.5
+cp $W/up/summary.json $OUT/train-summary-upcycled.json
+STEPS=$(python3 -c "import json; print(json.load(open('$W/up/summary.json'))['config']['steps'])")
+(train --config ref-qwen2-upcycled --set upcycle=null --out $W/scratch --steps $STEPS \
+   && cp $W/scratch/summary.json $OUT/train-summary-scratch.json) > $OUT/scratch.log 2>&1 &
+SCRATCH=$!
+q() {  # NAME MODEL SEED METHODS
+  python3 -m molae.cli bench quality --model $2 --name "$1" --data $DATA --device cuda --workdir $W/q-$1 \
+    --json $OUT/quality-$1.json --eval-tokens 1048576 --mobe-steps 300 --budgets 0.5,0.25 --calib-seed $3 \
+    --methods $4 --commit "$C" --device-name "$GPU" --date "$(date -u +%F)" \
+    --command "COMMIT=$C bash scripts/gpu/bg.sh start upcycled bash scripts/gpu/upcycled.sh $DENSE_S $MOE_S" 2>&1 \
+    | grep -v "Warning\|warn(\|it/s\]\|run/s\]" | tail -2
+}
+MAIN=molae-alloc,molae-alloc+heal,svd,d2moe,mobe,hcsmoe,prune-reap
+q upcycled $W/up/model 0 $MAIN
+an() { python3 -m molae.cli analyze $2 --out $OUT/analyze-$1 --device cuda 2>&1 | tail -1; rm -f $OUT/analyze-$1/*.png; }
+an upcycled $W/up/model
+Q=$(ls -d $W/up/model-step* | sort -V | head -1); H=$(ls -d $W/up/model-step* | sort -V | tail -1)
+an upcycled-quarter $Q
+q upcycled-seed1 $W/up/model 1 molae-alloc,molae-alloc+heal,svd,d2moe
+q upcycled-quarter $Q 0 molae-alloc,molae-alloc+heal,svd,d2moe
+q upcycled-half $H 0 molae-alloc,molae-alloc+heal,svd,d2moe
+wait $SCRATCH || true
+an scratch $W/scratch/model
+echo "upcycled.sh done"
