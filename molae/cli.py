@@ -231,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "its calibration inputs (default 0: none; molae heal is the whole-model pass)")
     conv.add_argument("--heal-lr", type=positive_float, default=1e-3, help="layer-wise healing learning rate "
                       "(default 1e-3)")
-    conv.add_argument("--group-by", default="index", choices=["index", "similarity"],
-                      help="experts of a group: by index (default) or by similar row spaces")
+    conv.add_argument("--group-by", default="index", choices=["index", "similarity", "routing"],
+                      help="experts of a group: by index (default), by similar row spaces, or the router's own "
+                           "groups (routing: G = DeepSeek-V2/V3's n_group, so a token touches at most topk_group)")
     conv.add_argument("--damp", type=non_negative_float, default=0.01,
                       help="ridge added to calibration Gram matrices, relative to their mean diagonal (default 0.01)")
     conv.add_argument("--mobe-steps", type=positive_int, default=30000,

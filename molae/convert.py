@@ -225,7 +225,7 @@ class ConvertOptions:
     # layer-wise healing: results/pipeline_quality.md), or the converted layer's
     heal_steps: int = 0  # layer-wise healing: Adam steps per converted layer on its captured inputs (0: none)
     heal_lr: float = 1e-3
-    group_by: str = "index"  # or "similarity"
+    group_by: str = "index"  # or "similarity", or "routing" (G = the router's n_group, its contiguous groups)
     damp: float = 0.01  # ridge on calibration Grams, relative to their mean diagonal
     mobe_steps: int = 30000  # MoBE's Adam steps (its authors' default)
 
@@ -243,8 +243,8 @@ def check_options(opts: ConvertOptions):
     if opts.budget is not None and not 0 < opts.budget < 1:
         raise ValueError(f"--budget {opts.budget} is out of range: allowed 0 < budget < 1 (a fraction of the "
                          "routed-expert parameters)")
-    if opts.group_by not in ("index", "similarity"):
-        raise ValueError(f"--group-by {opts.group_by} is not known: allowed index or similarity")
+    if opts.group_by not in ("index", "similarity", "routing"):
+        raise ValueError(f"--group-by {opts.group_by} is not known: allowed index, similarity or routing")
     if opts.carry not in ("converted", "original"):
         raise ValueError(f"--calib-carry {opts.carry} is not known: allowed converted or original")
     calibrated = opts.calibration is not None
@@ -273,7 +273,8 @@ def _plan(ckpt, groups, opts: ConvertOptions, method) -> dict[str, dict]:
     plan = {}
     for i in parse_layers(opts.layers, sorted(by_layer)):
         g = by_layer[i]
-        shape = methods.LayerShape(i, g.n_experts, g.inter, g.dim, ckpt.config.get("num_experts_per_tok", 1))
+        shape = methods.LayerShape(i, g.n_experts, g.inter, g.dim, ckpt.config.get("num_experts_per_tok", 1),
+                                   ckpt.config.get("n_group") or 1)
         plan[str(i)] = dict(method.plan(shape, opts), layer=i)
     return plan
 

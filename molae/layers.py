@@ -50,12 +50,21 @@ class MoEConfig:
     routed_scale: float = 1.0  # DeepSeek-V3's routed_scaling_factor
     shared_inter: int = 0  # H: intermediate size of the always-on shared expert (0: none)
     shared_gate: bool = False  # Qwen2-MoE: scale the shared expert by sigmoid(x . w)
+    n_group: int = 1  # DeepSeek-V3's group-limited routing: experts in n_group contiguous routing groups, ...
+    topk_group: int = 1  # ... each token routed within its topk_group best groups (n_group = 1: no limit)
 
     def __post_init__(self):
-        for name in ("dim", "inter", "n_experts", "top_k"):
+        for name in ("dim", "inter", "n_experts", "top_k", "n_group", "topk_group"):
             _check_positive_int(name, getattr(self, name))
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} is out of range: allowed 1 <= top_k <= n_experts={self.n_experts}")
+        if self.n_group > 1:
+            if self.n_experts % self.n_group or self.topk_group > self.n_group:
+                raise ValueError(f"n_group={self.n_group}, topk_group={self.topk_group}: n_group must divide "
+                                 f"n_experts={self.n_experts} and topk_group be at most n_group")
+            if self.top_k > self.topk_group * (self.n_experts // self.n_group):
+                raise ValueError(f"top_k={self.top_k} exceeds the experts of topk_group={self.topk_group} groups "
+                                 f"({self.topk_group * (self.n_experts // self.n_group)}): raise topk_group")
         if self.router not in ("softmax", "sigmoid"):
             raise ValueError(f"router={self.router!r} is not known: allowed 'softmax' or 'sigmoid'")
         if self.shared_inter < 0:
@@ -565,15 +574,33 @@ class Router(nn.Module):
         logits_TE = F.linear(x_TD.float(), self.weight.float())
         if cfg.router == "softmax":
             probs_TE = logits_TE.softmax(-1)
-            w_TK, idx_TK = probs_TE.topk(cfg.top_k, dim=-1)
+            idx_TK = self.group_limit(probs_TE, "max").topk(cfg.top_k, dim=-1).indices
+            w_TK = probs_TE.gather(1, idx_TK)
         else:
             scores_TE = logits_TE.sigmoid()
-            idx_TK = (scores_TE + self.bias).topk(cfg.top_k, dim=-1).indices
+            idx_TK = self.group_limit(scores_TE + self.bias, "top2").topk(cfg.top_k, dim=-1).indices
             w_TK = scores_TE.gather(1, idx_TK)
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         if cfg.norm_topk_prob:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         return w_TK * cfg.routed_scale, idx_TK, load_balancing_loss(probs_TE, idx_TK)
+
+
+    def group_limit(self, choice_TE: torch.Tensor, rule: str) -> torch.Tensor:
+        return group_limited(choice_TE, self.cfg.n_group, self.cfg.topk_group, rule)
+
+
+def group_limited(choice_TE: torch.Tensor, n_group: int, topk_group: int, rule: str = "top2") -> torch.Tensor:
+    """choice_TE with every expert outside each token's topk_group best routing groups (n_group contiguous
+    blocks of experts) set to -inf. A group's score: its best expert's ("max": DeepSeek-V2's
+    group_limited_greedy) or its two best experts' summed ("top2": DeepSeek-V3, as transformers'
+    DeepseekV3TopkRouter). n_group = 1: unchanged."""
+    if n_group == 1:
+        return choice_TE
+    c_TGE = choice_TE.view(len(choice_TE), n_group, -1)
+    score_TG = c_TGE.max(-1).values if rule == "max" else c_TGE.topk(min(2, c_TGE.shape[-1]), -1).values.sum(-1)
+    keep_TG = torch.zeros_like(score_TG, dtype=torch.bool).scatter_(1, score_TG.topk(topk_group, -1).indices, True)
+    return c_TGE.masked_fill(~keep_TG[..., None], float("-inf")).view_as(choice_TE)
 
 
 def load_balancing_loss(probs_TE, idx_TK):

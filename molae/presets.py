@@ -47,7 +47,7 @@ def moe_layer(name: str) -> dict:
     if t == "deepseek_v3":
         return dict(dim=c["hidden_size"], inter=c["moe_intermediate_size"], n_experts=c["n_routed_experts"],
                     top_k=c["num_experts_per_tok"], router="sigmoid", norm_topk_prob=c["norm_topk_prob"],
-                    routed_scale=c["routed_scaling_factor"],
+                    routed_scale=c["routed_scaling_factor"], n_group=c["n_group"], topk_group=c["topk_group"],
                     shared_inter=c["n_shared_experts"] * c["moe_intermediate_size"])
     raise ValueError(f"no layer mapping for {t}")
 

@@ -302,3 +302,29 @@ def test_disk_full(mixtral_src, tmp_path, monkeypatch):
     monkeypatch.undo()
     convert_checkpoint(mixtral_src, tmp_path / "o", ConvertOptions(latent_dim=8), resume=True)
     assert (tmp_path / "o" / "config.json").is_file()
+
+
+def test_group_by_routing_makes_the_molae_groups_the_routers_groups(tmp_path, ids):
+    """DeepSeek-V3's router limits each token to topk_group of n_group contiguous expert groups: --group-by routing
+    gives MoLAE G = n_group with those groups (the same conversion as --groups n_group by index), so a token
+    touches at most topk_group shared projections."""
+    model = tiny_model("deepseek_v3", dtype=torch.float32)  # 8 experts in n_group = 2 groups, topk_group = 1
+    src = save(model, tmp_path / "src")
+    kw = dict(latent_dim=8, projections=("gate", "up", "down"))
+    convert_checkpoint(src, tmp_path / "routing", ConvertOptions(group_by="routing", **kw))
+    convert_checkpoint(src, tmp_path / "index", ConvertOptions(groups=2, **kw))
+    cfg = json.loads((tmp_path / "routing" / "config.json").read_text())
+    assert {v["groups"] for v in cfg["molae"]["layers"].values()} == {model.config.n_group}
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "routing")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "index")
+    torch.testing.assert_close(logits(a, ids), logits(b, ids))
+    layer = next(m for m in a.model.layers if hasattr(m.mlp, "gate") and hasattr(m.mlp.gate, "weight"))
+    x = torch.randn(50, model.config.hidden_size)
+    idx = layer.mlp.gate(x)[2]  # (logits, weights, indices) of transformers' router
+    per_group = model.config.n_routed_experts // model.config.n_group
+    assert max(len(set((r // per_group).tolist())) for r in idx) <= model.config.topk_group
+    with pytest.raises(ValueError, match="has no expert groups"):
+        convert_checkpoint(save(tiny_model("qwen2_moe", dtype=torch.float32), tmp_path / "q"), tmp_path / "qo",
+                           ConvertOptions(group_by="routing", **kw))
+    with pytest.raises(ValueError, match="leave out --groups 4"):
+        convert_checkpoint(src, tmp_path / "x", ConvertOptions(group_by="routing", groups=4, **kw))

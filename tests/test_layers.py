@@ -149,6 +149,51 @@ def test_routers():
     torch.testing.assert_close(w, 2.5 * scores.gather(1, idx))
 
 
+def test_group_limited_routing_matches_transformers_deepseek_v3_router():
+    """n_group / topk_group as DeepSeek-V3 routes (transformers' DeepseekV3TopkRouter), on fresh random inputs
+    and a random correction bias: the same experts and weights; each token's experts in <= topk_group groups."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    torch.manual_seed(fresh_seed())
+    E, K, G, Gk = 16, 4, 4, 2
+    hf = DeepseekV3TopkRouter(DeepseekV3Config(hidden_size=16, n_routed_experts=E, num_experts_per_tok=K, n_group=G,
+                                               topk_group=Gk, norm_topk_prob=True, routed_scaling_factor=2.5))
+    ours = MoE(MoEConfig(16, 8, E, K, router="sigmoid", norm_topk_prob=True, routed_scale=2.5, n_group=G,
+                         topk_group=Gk)).router
+    with torch.no_grad():
+        hf.weight.normal_(0, 0.5)
+        hf.e_score_correction_bias.normal_(0, 0.3)
+        ours.weight.copy_(hf.weight)
+        ours.bias.copy_(hf.e_score_correction_bias)
+    x = torch.randn(200, 16)
+    w, idx, _ = ours(x)
+    _, w_hf, idx_hf = hf(x)
+    order, order_hf = idx.sort(-1), idx_hf.sort(-1)  # transformers returns them unsorted
+    assert torch.equal(order.values, order_hf.values)
+    torch.testing.assert_close(w.gather(1, order.indices), w_hf.gather(1, order_hf.indices), rtol=1e-5, atol=1e-6)
+    groups_per_token = torch.tensor([len(set((r // (E // G)).tolist())) for r in idx])
+    assert groups_per_token.max() <= Gk and (groups_per_token == Gk).any()
+    free = MoE(MoEConfig(16, 8, E, K, router="sigmoid", norm_topk_prob=True, routed_scale=2.5)).router
+    free.load_state_dict(ours.state_dict())
+    assert not torch.equal(free(x)[1].sort(-1).values, order.values)  # the limit changed some tokens' experts
+
+
+def test_group_limited_softmax_routing_keeps_each_token_in_its_best_groups():
+    torch.manual_seed(fresh_seed())
+    r = MoE(MoEConfig(16, 8, 12, 3, n_group=3, topk_group=1)).router
+    x = torch.randn(100, 16)
+    w, idx, _ = r(x)
+    probs = torch.softmax(x @ r.weight.T, -1)
+    best = probs.view(100, 3, 4).max(-1).values.argmax(-1)  # DeepSeek-V2's group score: its best expert
+    assert torch.equal(idx // 4, best[:, None].expand(100, 3))
+    torch.testing.assert_close(w, probs.gather(1, idx))
+    with pytest.raises(ValueError, match="n_group must divide"):
+        MoEConfig(16, 8, 12, 3, n_group=5)
+    with pytest.raises(ValueError, match="raise topk_group"):
+        MoEConfig(16, 8, 12, 5, n_group=3, topk_group=1)
+
+
 def test_load_balancing_loss():
     T, E, K = 64, 8, 2
     probs = torch.full((T, E), 1 / E)

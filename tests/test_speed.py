@@ -60,3 +60,14 @@ def test_bench_layer_cli_writes_results_and_rejects_bad_input(tmp_path):
             *bad, "--out", str(tmp_path / "x"))
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and what in p.stderr, p.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_deepseek_v3_shapes_are_routed_within_4_of_their_8_groups():
+    from molae.bench.layer import inputs
+
+    shape = parse_shape("deepseek-v3")
+    assert (shape.n_group, shape.topk_group) == (8, 4)
+    x = inputs(shape, 64, 1, "cpu", torch.float32, torch.Generator().manual_seed(0))[0]
+    groups = torch.tensor([len(set((r // 32).tolist())) for r in x["idx"]])
+    assert groups.max() <= 4 and all(len(set(r.tolist())) == 8 for r in x["idx"])  # still 8 distinct experts
+    assert parse_shape("qwen3-30b-a3b").n_group == 1

@@ -279,6 +279,20 @@ def test_other_families_train_and_deepseek_balances_with_its_bias(family, data_d
         assert "aux_loss" not in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[1])
 
 
+def test_molae_groups_can_be_the_routers_groups():
+    ds = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=96,
+              moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+              first_k_dense_replace=1, n_group=4, topk_group=2, q_lora_rank=None, kv_lora_rank=16,
+              qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)
+    cfg = tiny_config(family="deepseek_v3", model=ds, molae={"latent_dim": 16, "groups": "routing"})
+    model = T.build_model(cfg, 512)
+    assert {m.groups for m in model.modules() if isinstance(m, Experts)} == {4}
+    with pytest.raises(ValueError, match="has no routing groups"):
+        T.build_model(tiny_config(molae={"latent_dim": 16, "groups": "routing"}), 512)
+    with pytest.raises(ValueError, match="not a number or 'routing'"):
+        tiny_config(molae={"latent_dim": 16, "groups": "eight"})
+
+
 def test_latent_moe_run_trains_and_loads(data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

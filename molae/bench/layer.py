@@ -10,7 +10,10 @@ below 8).
 Method (the device library's METHOD.md): the bf16 matmul peak and the device copy bandwidth are
 measured in the same run; each figure is the median of repeats after warm-up, timed with CUDA
 events; inputs rotate among several sets so no step reads the previous one's from L2. Routing is
-uniform random (K distinct experts per token), weights float32 as routers give them. "forward" is
+uniform random (K distinct experts per token) within the model's own routing-group limit (DeepSeek-V3: each
+token in 4 of its 8 groups, so MoLAE's G = 8, whose groups are the routing groups, touches at most 4;
+results/speed.md's runs predate the limit: there every token could enter any group), weights float32 as
+routers give them. "forward" is
 timed under no_grad (inference); "forward+backward" includes the gradients of the input, the
 routing weights and every weight. Decode sizes (1-64 tokens) are forward only, replayed from CUDA
 graphs where the implementation captures (no host sync), with the weight bytes read per token: the
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from ..layers import KINDS, PRESETS, Experts, Routing, grouped_linear, pick_backend
+from ..layers import KINDS, PRESETS, Experts, Routing, group_limited, grouped_linear, pick_backend
 from ..command import (add_command, comma_list, existing_path, int_list, positive_float, positive_int,
                        progress_bar)
 
@@ -53,6 +56,8 @@ class Shape:
     inter: int  # F = m
     n_experts: int  # E
     top_k: int  # K
+    n_group: int = 1  # routing groups (DeepSeek-V3: 8): each token's experts from its topk_group best
+    topk_group: int = 1
 
     @property
     def latent(self) -> int:  # the paper's d = m, capped at n (Mixtral: m > n)
@@ -62,7 +67,7 @@ class Shape:
 def parse_shape(text: str) -> Shape:
     if text in PRESETS:
         c = PRESETS[text]
-        return Shape(text, c.dim, c.inter, c.n_experts, c.top_k)
+        return Shape(text, c.dim, c.inter, c.n_experts, c.top_k, c.n_group, c.topk_group)
     try:
         D, F_, E, K = (int(v) for v in text.split(","))
     except ValueError:
@@ -116,7 +121,8 @@ def inputs(shape: Shape, T: int, sets: int, device, dtype, gen: torch.Generator)
     """`sets` independent (x, top-k index, weights, output gradient) sets of T tokens."""
     out = []
     for _ in range(sets):
-        scores = torch.rand(T, shape.n_experts, generator=gen, device=device)
+        scores = group_limited(torch.rand(T, shape.n_experts, generator=gen, device=device), shape.n_group,
+                               shape.topk_group)  # the model's own limit: DeepSeek-V3 routes within 4 of 8 groups
         out.append(dict(
             x=torch.randn(T, shape.dim, generator=gen, device=device, dtype=dtype),
             idx=scores.topk(shape.top_k, dim=-1).indices,  # K distinct experts per token, uniform

@@ -15,6 +15,7 @@ class LayerShape:
     inter: int  # m
     dim: int  # n
     top_k: int
+    n_group: int = 1  # the router's groups (DeepSeek-V2/V3 n_group): contiguous blocks of E / n_group experts
 
 
 @dataclass

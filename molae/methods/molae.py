@@ -30,7 +30,17 @@ class MoLAE(Method):
             raise ValueError("--budget and --latent-dim both choose the latent size: give one of them")
 
     def groups(self, shape: LayerShape, opts) -> int:
-        return opts.groups
+        """G: --groups, or with --group-by routing the router's n_group (MoLAE groups = routing groups, so a
+        token routed within topk_group groups runs at most topk_group shared projections)."""
+        if opts.group_by != "routing":
+            return opts.groups
+        if shape.n_group == 1:
+            raise ValueError("--group-by routing: this model's router has no expert groups (n_group 1): "
+                             "give --groups G with --group-by index or similarity")
+        if opts.groups not in (1, shape.n_group):
+            raise ValueError(f"--group-by routing sets G to the router's n_group = {shape.n_group}: leave out "
+                             f"--groups {opts.groups}")
+        return shape.n_group
 
     def plan(self, shape: LayerShape, opts) -> dict:
         G = self.groups(shape, opts)

@@ -19,7 +19,8 @@ class TrainConfig:
     name: str = "custom"
     family: str = "qwen2_moe"  # a transformers MoE model_type (models.SUPPORTED)
     model: dict = field(default_factory=dict)  # the family's config kwargs; vocab_size comes from the data
-    # None: standard MoE. {"latent_dim": int | {kind: int} | None, "groups": G, "projections": [...]}: MoLAE.
+    # None: standard MoE. {"latent_dim": int | {kind: int} | None, "groups": G or "routing" (G = the router's
+    # n_group: MoLAE groups = DeepSeek-V3's routing groups), "projections": [...]}: MoLAE.
     # {"latent_moe_dim": l}: LatentMoE's routed path (give num_experts / top-k scaled in `model`).
     molae: dict | None = None
     # None: a fresh initialisation. {"from": a dense model (directory or hub id), "shuffle": bool, "reinit":
@@ -123,7 +124,7 @@ def _check_ranges(c: TrainConfig):
         raise ValueError(f"family {c.family!r} is not supported: choose one of {', '.join(SUPPORTED)}")
 
 
-MOLAE_KEYS = {"latent_dim": int | dict | None, "groups": int, "projections": list | str, "latent_moe_dim": int}
+MOLAE_KEYS = {"latent_dim": int | dict | None, "groups": int | str, "projections": list | str, "latent_moe_dim": int}
 UPCYCLE_KEYS = {"from": str, "shuffle": bool, "reinit": float}
 
 
@@ -143,6 +144,9 @@ def _check_sections(c: TrainConfig):
             raise ValueError(f"molae section has unknown keys {sorted(unknown)}: allowed {', '.join(MOLAE_KEYS)}")
         for key, value in c.molae.items():
             _typed(f"molae.{key}", MOLAE_KEYS[key], value)
+        if isinstance(c.molae.get("groups"), str) and c.molae["groups"] != "routing":
+            raise ValueError(f"molae.groups={c.molae['groups']!r} is not a number or 'routing' (G = the router's "
+                             "n_group): give one of them")
     if c.upcycle is not None:
         unknown = set(c.upcycle) - set(UPCYCLE_KEYS)
         if unknown:

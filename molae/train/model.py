@@ -40,12 +40,23 @@ def layer_spec(cfg: TrainConfig, vocab_size: int) -> dict:
         one = LayerSpec(latent_moe=int(spec["latent_moe_dim"]))
     elif spec:
         projections = check_projections(spec.get("projections", ("up", "gate")))
-        one = LayerSpec(resolve_latent_dims(spec.get("latent_dim"), projections, m, n), int(spec.get("groups", 1)))
+        one = LayerSpec(resolve_latent_dims(spec.get("latent_dim"), projections, m, n), _groups(spec, base))
     else:
         one = LayerSpec()  # our standard experts (fast path), exported in the family's layout
     layers = moe_layers(base)
     return MolaeSpec(cfg.family, {str(i): one for i in layers}, trained=dict(run=cfg.name),
                      source_layout={str(i): dict(layout="fused", names={}) for i in layers}).to_dict()
+
+
+def _groups(spec: dict, base) -> int:
+    """molae.groups: G, or "routing": the router's n_group (DeepSeek-V3's contiguous routing groups)."""
+    g = spec.get("groups", 1)
+    if g != "routing":
+        return int(g)
+    if (getattr(base, "n_group", None) or 1) == 1:
+        raise ValueError(f"molae.groups=routing: the {base.model_type} config has no routing groups (n_group 1): "
+                         "give molae.groups a number, or set model.n_group and model.topk_group")
+    return base.n_group
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
