@@ -93,3 +93,41 @@ def test_bench_ep_refuses_more_gpus_than_there_are(tmp_path):
                            str(tmp_path / "ep")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "--device" in proc.stderr and not (tmp_path / "ep").exists()
+
+
+def test_bench_generate_times_each_implementation_of_a_saved_model(tmp_path):
+    import torch
+    from tiny import tiny_model
+
+    from molae.bench.generate import IMPLS
+    from molae.cli import main
+
+    tiny_model("qwen3_moe", dtype=torch.float32).save_pretrained(tmp_path / "src")
+    code = main(["bench", "generate", "--model", str(tmp_path / "src"), "--device", "cpu", "--dtype", "float32",
+                 "--prefill", "8,16", "--batch", "1,2", "--new-tokens", "4", "--out", str(tmp_path / "r")])
+    assert code == 0
+    r = json.loads((tmp_path / "r" / "generate.json").read_text())
+    rows = {x["impl"]: x for x in r["rows"]}
+    assert list(rows) == list(IMPLS)
+    for impl in ("hf-eager", "moe", "molae"):  # (transformers' batched/grouped kernels may not run on a CPU)
+        x = rows[impl]
+        assert "error" not in x, x
+        assert [p["tokens"] for p in x["prefill"]] == [8, 16] and all(p["tokens_per_s"] > 0 for p in x["prefill"])
+        assert [d["batch"] for d in x["decode"]] == [1, 2] and all(d["tokens_per_s"] > 0 for d in x["decode"])
+    assert rows["moe"]["same_tokens_as_hf_eager"] is True  # our standard experts: the same function
+    assert rows["molae"]["decode_bytes"] < rows["moe"]["decode_bytes"] == rows["hf-eager"]["decode_bytes"]
+    assert rows["molae"]["params"] < rows["moe"]["params"]
+    md = (tmp_path / "r" / "generate.md").read_text()
+    assert "MoLAE speed-up" in md and "decode B=2" in md and r["commit"] and r["command"]
+
+
+def test_bench_generate_models_are_real_shapes_or_directories(tmp_path, capsys):
+    from molae.bench.generate import model_config
+    from molae.cli import main
+
+    name, c = model_config("deepseek-v3:2")
+    assert name == "deepseek-v3:2" and c["num_hidden_layers"] == 3 + 2 and c["n_routed_experts"] == 256
+    assert model_config("qwen3-30b-a3b")[1]["num_hidden_layers"] == 2
+    assert main(["bench", "generate", "--model", "nope:3", "--device", "cpu", "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err
+    assert "neither NAME:LAYERS" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -289,7 +289,7 @@ def test_molae_groups_can_be_the_routers_groups():
     assert {m.groups for m in model.modules() if isinstance(m, Experts)} == {4}
     with pytest.raises(ValueError, match="has no routing groups"):
         T.build_model(tiny_config(molae={"latent_dim": 16, "groups": "routing"}), 512)
-    with pytest.raises(ValueError, match="not a number or 'routing'"):
+    with pytest.raises(ValueError, match="takes a whole number or 'routing'"):
         tiny_config(molae={"latent_dim": 16, "groups": "eight"})
 
 

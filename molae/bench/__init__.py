@@ -8,6 +8,8 @@
                  by side in one run (and `matmul_rate`, the one matmul-peak measurement)
     ep.py        `molae bench ep`: expert parallelism on K local processes, standard EP against MoLAE's
                  latent dispatch (step time, the forward's phases, bytes sent against the formula)
+    generate.py  `molae bench generate`: a whole model (a real model's shapes, a few layers, or a checkpoint)
+                 generating text with transformers' generate, original against MoLAE: prefill, decode, memory
 
 Adding a benchmark: a file here with the measurement and an `add_commands(bench)` that declares its
 subcommands through `molae.command.add_command` (outputs and devices checked before any work), and its
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("convert", "quality", "layer", "ep")
+BENCHMARKS = ("convert", "quality", "layer", "ep", "generate")
 
 
 def add_commands(bench) -> None:

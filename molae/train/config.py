@@ -145,8 +145,8 @@ def _check_sections(c: TrainConfig):
         for key, value in c.molae.items():
             _typed(f"molae.{key}", MOLAE_KEYS[key], value)
         if isinstance(c.molae.get("groups"), str) and c.molae["groups"] != "routing":
-            raise ValueError(f"molae.groups={c.molae['groups']!r} is not a number or 'routing' (G = the router's "
-                             "n_group): give one of them")
+            raise ValueError(f"molae.groups={c.molae['groups']!r}: molae.groups takes a whole number or 'routing' "
+                             "(G = the router's n_group)")
     if c.upcycle is not None:
         unknown = set(c.upcycle) - set(UPCYCLE_KEYS)
         if unknown:

@@ -1,0 +1,248 @@
+"""`molae bench generate`: a whole model generating text, converted against its original, timed side by side.
+
+Models (--model, repeatable): a real model's exact shapes with its first few decoder layers (`NAME:LAYERS`, NAME
+from presets.REAL_MODELS; random weights built in memory on the device: several DeepSeek-V3 layers do not fit
+on the GPU machine's disk; DeepSeek-V3 keeps its first_k_dense_replace dense layers in front), or a checkpoint
+directory (a reference model). Implementations (--impls), all with the same weights:
+  hf-eager, hf-batched_mm, hf-grouped_mm   the original through transformers' experts implementations
+  moe                                     the original with our standard `Experts` (fast path) in each block
+  molae                                   converted in memory (models.to_molae, data-free, gate, up and down
+                                          factorized, d from --budget, G = 1): the routers are untouched
+Per implementation: prefill tokens/s (one forward over P tokens, batch 1, CUDA events, the median of repeats
+after warm-up, two input sets rotated) at each --prefill; decode tokens/s at each --batch with transformers'
+`generate` (greedy, static cache; --compile: the forward compiled, mode reduce-overhead, i.e. CUDA graphs), as
+B * (N - 1) / (t(N new tokens) - t(1 new token)), so that prompt processing is not counted; the peak memory; the
+weight bytes a batch-1 decode step reads (the active parameters: every non-expert weight, top-k experts per
+layer, and for MoLAE the shared latents); and whether its greedy tokens equal hf-eager's (`moe` must: the same
+function). An implementation that fails (say, it cannot be compiled) is recorded with its error, not fatal.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..budget import uniform_latent
+from ..command import add_command, comma_list, fraction, int_list, positive_int
+from ..evaluate import efficiency
+from ..layers import KINDS
+from ..models import find_experts, set_submodule, standard_experts, to_molae
+from ..presets import REAL_MODELS
+from .convert import device_name
+from .layer import _sync, median_ms, today
+
+IMPLS = ("hf-eager", "hf-batched_mm", "hf-grouped_mm", "moe", "molae")
+STANDARD = ("hf-eager", "hf-batched_mm", "hf-grouped_mm", "moe")
+
+
+def model_config(spec: str) -> tuple[str, dict | None]:
+    """(name, config kwargs) of `NAME:LAYERS` (a real model's shapes), or (path, None) for a checkpoint."""
+    name, _, layers = spec.partition(":")
+    if name not in REAL_MODELS:
+        if Path(spec).is_dir():
+            return spec, None
+        raise ValueError(f"--model {spec}: neither NAME:LAYERS with NAME one of {', '.join(REAL_MODELS)} nor a "
+                         "checkpoint directory")
+    try:
+        n = int(layers or 2)
+    except ValueError:
+        raise ValueError(f"--model {spec}: LAYERS must be a whole number, e.g. {name}:4") from None
+    c = dict(REAL_MODELS[name])
+    c["num_hidden_layers"] = c.get("first_k_dense_replace", 0) + n  # n MoE layers behind the model's dense ones
+    return f"{name}:{n}", c
+
+
+def build(spec: str, impl: str, device, dtype, budget: float, seed: int = 0):
+    """The model of `spec` for one implementation, on the device, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name, c = model_config(spec)
+    experts_impl = impl[3:] if impl.startswith("hf-") else "eager"
+    torch.manual_seed(seed)
+    if c is None:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, experts_implementation=experts_impl)
+        model.to(device)
+    else:
+        cfg = AutoConfig.for_model(**c, experts_implementation=experts_impl)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval()
+    if impl == "moe":
+        for n, m in find_experts(model):
+            set_submodule(model, n, standard_experts(m))
+    elif impl == "molae":
+        _, m = find_experts(model)[0]
+        E, F_, D = m.gate_up_proj.shape[0], m.gate_up_proj.shape[1] // 2, m.gate_up_proj.shape[2]
+        to_molae(model, latent_dim=uniform_latent(budget, E, F_, D), projections=KINDS, dtype=dtype)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def decode_bytes(model) -> int:
+    """Weight bytes a batch-1 decode step reads: the active parameters (evaluate.efficiency) at their size."""
+    e = efficiency(model)
+    return e["active_params"] * next(model.parameters()).element_size()
+
+
+def time_prefill(model, P: int, device) -> dict:
+    gen = torch.Generator(device).manual_seed(P)
+    ids = [torch.randint(0, model.config.vocab_size, (1, P), generator=gen, device=device) for _ in range(2)]
+    with torch.no_grad():
+        t = median_ms(lambda i: model(input_ids=ids[i]), 2, device, min_repeats=3, max_repeats=10)
+    return dict(tokens=P, ms=t["ms"], tokens_per_s=P / t["ms"] * 1e3, peak_gb=t["peak_gb"])
+
+
+def time_decode(model, B: int, new: int, device, repeats: int = 3, prompt: int = 32) -> dict:
+    """Greedy generate with a static cache: decode tokens/s net of the prompt (see the module notes)."""
+    gen = torch.Generator(device).manual_seed(B)
+    ids = torch.randint(1, model.config.vocab_size, (B, prompt), generator=gen, device=device)
+
+    def run(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
+        _sync(device)
+        return time.perf_counter() - t0, out
+
+    run(new)  # warm-up (and compilation)
+    full = [run(new) for _ in range(repeats)]
+    one = [run(1)[0] for _ in range(repeats)]
+    t_full, t_one = statistics.median(t for t, _ in full), statistics.median(one)
+    return dict(batch=B, new_tokens=new, seconds=t_full, seconds_one=t_one,
+                tokens_per_s=B * (new - 1) / max(t_full - t_one, 1e-9), tokens=full[0][1][:, prompt:].cpu())
+
+
+def bench_generate(specs, impls, prefill, batches, new_tokens, device, dtype, budget, compile_: bool) -> dict:
+    rows = []
+    for spec in specs:
+        reference = None
+        for impl in impls:
+            row = dict(model=model_config(spec)[0], impl=impl)
+            try:
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                model = build(spec, impl, device, dtype, budget)
+                row.update(params=efficiency(model)["total_params"], decode_bytes=decode_bytes(model))
+                if compile_:
+                    model.forward = torch.compile(model.forward, mode="reduce-overhead")
+                row["prefill"] = [time_prefill(model, P, device) for P in prefill]
+                row["decode"] = [time_decode(model, B, new_tokens, device) for B in batches]
+                tokens = row["decode"][0].pop("tokens")
+                for d in row["decode"][1:]:
+                    d.pop("tokens")
+                if impl == "hf-eager":
+                    reference = tokens
+                row["same_tokens_as_hf_eager"] = None if reference is None else bool(torch.equal(tokens, reference))
+                row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if torch.device(device).type == "cuda" \
+                    else None
+                del model
+            except Exception as e:  # noqa: BLE001  (an implementation that cannot run here is a result)
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            rows.append(row)
+    return dict(rows=rows, prefill=list(prefill), batches=list(batches), new_tokens=new_tokens, budget=budget,
+                compile=compile_, dtype=str(dtype).removeprefix("torch."), device=device_name(device),
+                torch=torch.__version__, date=today())
+
+
+def report(result: dict) -> str:
+    """Markdown: per model, prefill and decode tokens/s of each implementation, MoLAE's speed-up over the
+    fastest standard one, and that against the ratio of decode bytes (the target: 80% of it)."""
+    r = result
+    lines = ["# Whole-model generation: `molae bench generate`", "",
+             f"- command: `{r.get('command', '')}`", f"- device: {r['device']}; torch {r['torch']}; date {r['date']}; "
+             f"commit `{r.get('commit', 'unknown')}`; {r['dtype']}; compile: {r['compile']}",
+             f"- MoLAE: data-free, gate, up and down factorized at {100 * r['budget']:g}% of the routed-expert "
+             "parameters, G = 1; decode: greedy `generate`, static cache, tokens/s net of the prompt", ""]
+    for model in dict.fromkeys(x["model"] for x in r["rows"]):
+        rows = [x for x in r["rows"] if x["model"] == model]
+        lines += [f"## {model}", "",
+                  "| impl | params | decode bytes/token | " + " | ".join(f"prefill {p}" for p in r["prefill"]) + " | "
+                  + " | ".join(f"decode B={b}" for b in r["batches"]) + " | peak GB | tokens = hf-eager |",
+                  "|---|---:|---:|" + "---:|" * (len(r["prefill"]) + len(r["batches"])) + "---:|---|"]
+        for x in rows:
+            if "error" in x:
+                lines.append(f"| {x['impl']} | failed: {x['error']} |")
+                continue
+            cells = [f"{p['tokens_per_s']:,.0f}" for p in x["prefill"]] + [f"{d['tokens_per_s']:,.1f}"
+                                                                           for d in x["decode"]]
+            peak = "" if x["peak_gb"] is None else f"{x['peak_gb']:.1f}"
+            lines.append(f"| {x['impl']} | {x['params'] / 1e6:,.1f}M | {x['decode_bytes'] / 1e6:,.1f} MB | "
+                         + " | ".join(cells) + f" | {peak} | {x['same_tokens_as_hf_eager']} |")
+        lines += ["", "Cells: tokens/s.", ""] + _speedups(r, rows)
+    return "\n".join(lines) + "\n"
+
+
+def _speedups(r, rows) -> list[str]:
+    ok = [x for x in rows if "error" not in x]
+    mol = next((x for x in ok if x["impl"] == "molae"), None)
+    std = [x for x in ok if x["impl"] in STANDARD]
+    if mol is None or not std:
+        return []
+    lines = ["| measure | fastest standard | MoLAE speed-up | bytes ratio (standard / MoLAE) "
+             "| speed-up / bytes ratio |", "|---|---|---:|---:|---:|"]
+    for i, b in enumerate(r["batches"]):
+        best = max(std, key=lambda x: x["decode"][i]["tokens_per_s"])
+        s = mol["decode"][i]["tokens_per_s"] / best["decode"][i]["tokens_per_s"]
+        ratio = best["decode_bytes"] / mol["decode_bytes"]
+        lines.append(f"| decode B={b} | {best['impl']} | {s:.2f}x | {ratio:.2f}x | {100 * s / ratio:.0f}% |")
+    for i, p in enumerate(r["prefill"]):
+        best = max(std, key=lambda x: x["prefill"][i]["tokens_per_s"])
+        s = mol["prefill"][i]["tokens_per_s"] / best["prefill"][i]["tokens_per_s"]
+        lines.append(f"| prefill {p} | {best['impl']} | {s:.2f}x | | |")
+    return lines + ["", "Target (issue [12]): whole-model decode at batch 1, speed-up at least 80% of the bytes ratio.",
+                    ""]
+
+
+def cmd_bench_generate(args):
+    import subprocess
+    import sys
+
+    import transformers
+
+    from ..checkpoint import write_json_atomically, write_text_atomically
+
+    specs = args.model or ["qwen3-30b-a3b:4", "deepseek-v3:2"]
+    for s in specs:
+        model_config(s)  # every --model checked before any is built
+    result = bench_generate(specs, args.impls, args.prefill, args.batch, args.new_tokens, args.device,
+                            getattr(torch, args.dtype), args.budget, args.compile)
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip() or "unknown"
+    result.update(commit=commit, command=args.command or "molae " + " ".join(sys.argv[1:]),
+                  transformers=transformers.__version__)
+    write_json_atomically(args.out / "generate.json", result)
+    write_text_atomically(args.out / "generate.md", report(result))
+    failed = [f"{x['model']} {x['impl']}" for x in result["rows"] if "error" in x]
+    print(report(result).rstrip())
+    print(f"wrote generate.json and generate.md under {args.out}"
+          + (f" ({len(failed)} failed: {', '.join(failed)})" if failed else ""))
+
+
+def add_commands(bench):
+    """This benchmark's `molae bench` subcommands."""
+    bg = add_command(bench, "generate", cmd_bench_generate, outputs={"out": "writable"}, devices=("device",),
+                     help="a whole model generating text: original (transformers' experts, ours) against MoLAE",
+                     description="Build each model (a real model's shapes with a few layers, or a checkpoint), "
+                                 "time prefill and greedy decode with transformers' generate for each "
+                                 "implementation side by side, and write generate.json and generate.md.")
+    bg.add_argument("--model", action="append", default=None, metavar="NAME:LAYERS|DIR",
+                    help=f"NAME one of {', '.join(REAL_MODELS)} with its first LAYERS MoE layers, or a checkpoint "
+                         "directory; repeatable (default qwen3-30b-a3b:4 and deepseek-v3:2)")
+    bg.add_argument("--impls", type=comma_list(IMPLS), default=IMPLS, help=f"default all: {','.join(IMPLS)}")
+    bg.add_argument("--prefill", type=int_list, default=[512, 2048, 8192],
+                    help="prompt lengths (default 512,2048,8192)")
+    bg.add_argument("--batch", type=int_list, default=[1, 8, 32], help="decode batch sizes (default 1,8,32)")
+    bg.add_argument("--new-tokens", type=positive_int, default=64, help="tokens generated per decode (default 64)")
+    bg.add_argument("--budget", type=fraction, default=0.5,
+                    help="MoLAE: fraction of the routed-expert parameters kept (default 0.5)")
+    bg.add_argument("--compile", action="store_true", help="torch.compile the forward (mode reduce-overhead)")
+    bg.add_argument("--device", default="cuda", help="cuda (default) or cpu (for trying the harness)")
+    bg.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="weights and activations (default bfloat16)")
+    bg.add_argument("--out", type=Path, default=Path("results"), help="where generate.json and generate.md go")
+    bg.add_argument("--commit", default=None, help="the git commit measured (default: git rev-parse HEAD)")
+    bg.add_argument("--command", default=None, help="the exact command, recorded (default: this one)")
