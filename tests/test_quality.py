@@ -394,14 +394,17 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     q = json.loads((tmp_path / "q.json").read_text())
     from molae.bench.quality import BASELINES
 
-    assert len(q["runs"]) == 4 + len(BASELINES)  # every MoLAE variant and every other method of the registry
+    assert len(q["runs"]) == 4 + len(BASELINES) + 1  # every MoLAE variant, every other method, SVD healed
+    healed = {r["variant"]: r for r in q["runs"] if "heal" in r}
+    assert set(healed) == {"molae-alloc+heal", "svd+heal"} and healed["svd+heal"]["method"] == "svd"
+    assert healed["svd+heal"]["heal"]["tokens"] == healed["molae-alloc+heal"]["heal"]["tokens"]  # the same budget
     reached = [r for r in q["runs"] if "unreachable" not in r]
     assert all(math.isfinite(r["perplexity"]) for r in reached)
     assert [r["variant"] for r in q["runs"] if "unreachable" in r] == ["mobe"]  # m > n: published MoBE cannot
     assert main(["bench", "quality", "--model", str(src), "--name", "tiny", "--data", str(data_dir), "--device", "cpu",
                  "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json"), "--resume", "--budgets", "0.5",
                  "--rank-ratios", "1", "--seq-len", "64", "--eval-tokens", "1024", "--calib-tokens", "512"]) == 0
-    assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 4 + len(BASELINES)  # nothing run twice
+    assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 4 + len(BASELINES) + 1  # none run twice
     assert main(["bench", "quality-report", str(tmp_path / "q.json"), "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "quality.md").read_text()
     assert "| molae-alloc+heal |" in md and (tmp_path / "r" / "quality.png").stat().st_size > 0

@@ -10,6 +10,7 @@ a fresh directory, is loaded back with transformers and scored on the same held-
       molae-alloc         activation-aware + d per layer and projection from --budget
       molae-alloc+heal    the same, then `molae heal` (latent factors only, KL to the original)
       every other method of the registry (molae/methods): svd, d2moe, mobe, hcsmoe, prune-frequency, prune-reap
+      svd+heal            SVD, then the same `molae heal` (the one peer whose written form keeps factors)
 
 All MoLAE variants factorize gate, up and down with G = 1 (the budgets go below the third that a
 whole down projection would take). Every calibrated method gets the same calibration windows
@@ -43,7 +44,11 @@ from ..command import (add_command, comma_list, existing_path, float_list, fract
                        positive_int, progress_bar)
 
 BASELINES = tuple(name for name in METHODS if name != "molae")
-VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES)  # --methods names
+# "+heal": the same whole-model healing budget (`molae heal`) for every method whose written form keeps factors to
+# train: MoLAE and SVD (MoLAE experts with G = E). The others write whole matrices (D2-MoE, MoBE) or whole experts
+# (HC-SMoE, pruning); `molae heal` trains latent factors only, so they are reported unhealed.
+HEALED = {"molae-alloc+heal": "molae-alloc", "svd+heal": "svd"}
+VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES, "svd+heal")  # --methods
 
 
 def score(path, windows_WT: torch.Tensor, n_bytes: int, device, newline_V: torch.Tensor | None = None,
@@ -86,6 +91,8 @@ def variants(budgets, rank_ratios, methods) -> list[tuple[str, float, dict]]:
         for b in BASELINES:
             if b in methods:
                 out.append((b, f, dict(method=b, budget=f, calibrated=METHODS[b].calibration != "none")))
+        if "svd+heal" in methods and "svd" in methods:
+            out.append(("svd+heal", f, dict(heal="svd", method="svd")))
     return out
 
 
@@ -161,7 +168,7 @@ def bench_quality(args):
         run.update(score(dst, windows, n_bytes, device, newline_V))
         result["runs"].append(run)
         save()
-        if name != "molae-alloc":  # kept for its healed copy
+        if name not in HEALED.values():  # kept for its healed copy
             shutil.rmtree(dst, ignore_errors=True)
     return result
 
