@@ -128,6 +128,15 @@ MOLAE_KEYS = {"latent_dim": int | dict | None, "groups": int | str, "projections
 UPCYCLE_KEYS = {"from": str, "shuffle": bool, "reinit": float}
 
 
+def _check_keys(name: str, section: dict, keys: dict):
+    """A section of the config has only the known keys, each of its declared type."""
+    unknown = set(section) - set(keys)
+    if unknown:
+        raise ValueError(f"{name} section has unknown keys {sorted(unknown)}: allowed {', '.join(keys)}")
+    for key, value in section.items():
+        _typed(f"{name}.{key}", keys[key], value)
+
+
 def _check_sections(c: TrainConfig):
     """The `model` section's values have the types of the family config's defaults; the `molae`
     section has only known keys of the right types."""
@@ -139,20 +148,12 @@ def _check_sections(c: TrainConfig):
         if value is not None and default is not None and not isinstance(default, (dict, list)):
             _typed(f"model.{key}", float if type(default) is float else type(default), value)
     if c.molae is not None:
-        unknown = set(c.molae) - set(MOLAE_KEYS)
-        if unknown:
-            raise ValueError(f"molae section has unknown keys {sorted(unknown)}: allowed {', '.join(MOLAE_KEYS)}")
-        for key, value in c.molae.items():
-            _typed(f"molae.{key}", MOLAE_KEYS[key], value)
+        _check_keys("molae", c.molae, MOLAE_KEYS)
         if isinstance(c.molae.get("groups"), str) and c.molae["groups"] != "routing":
             raise ValueError(f"molae.groups={c.molae['groups']!r}: molae.groups takes a whole number or 'routing' "
                              "(G = the router's n_group)")
     if c.upcycle is not None:
-        unknown = set(c.upcycle) - set(UPCYCLE_KEYS)
-        if unknown:
-            raise ValueError(f"upcycle section has unknown keys {sorted(unknown)}: allowed {', '.join(UPCYCLE_KEYS)}")
-        for key, value in c.upcycle.items():
-            _typed(f"upcycle.{key}", UPCYCLE_KEYS[key], value)
+        _check_keys("upcycle", c.upcycle, UPCYCLE_KEYS)
         if not 0 <= c.upcycle.get("reinit", 0.5) < 1:
             raise ValueError(f"upcycle.reinit={c.upcycle['reinit']} is out of range: give a fraction from 0 to below 1")
         if c.molae is not None:
