@@ -49,6 +49,17 @@ def cmd_train(args):
     run(args)
 
 
+def group_choices(text: str) -> tuple:
+    """--group-choices 1,4,E: whole numbers >= 1, or E (every expert its own group)."""
+    out = []
+    for v in text.split(","):
+        v = v.strip()
+        if v != "E" and not (v.isdigit() and int(v) >= 1):
+            raise argparse.ArgumentTypeError(f"{text}: each choice is a whole number >= 1 or E")
+        out.append(v if v == "E" else int(v))
+    return tuple(out)
+
+
 def cmd_convert(args):
     from .convert import ConvertOptions, convert_checkpoint, format_summary
 
@@ -58,8 +69,8 @@ def cmd_convert(args):
                           dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
                           method=args.method, budget=args.budget, calibration=args.calibration,
                           calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
-                          calib_seed=args.calib_seed, calib_batch=args.calib_batch, carry=args.carry, heal_steps=args.heal_steps,
-                          heal_lr=args.heal_lr, group_by=args.group_by,
+                          calib_seed=args.calib_seed, calib_batch=args.calib_batch, carry=args.carry,
+                          heal_steps=args.heal_steps, heal_lr=args.heal_lr, group_by=args.group_by, group_choices=args.group_choices,
                           damp=args.damp, mobe_steps=args.mobe_steps)
     summary = convert_checkpoint(args.src, args.out, opts, report=args.report, resume=args.resume,
                                  overwrite=args.overwrite)
@@ -234,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--group-by", default="index", choices=["index", "similarity", "routing"],
                       help="experts of a group: by index (default), by similar row spaces, or the router's own "
                            "groups (routing: G = DeepSeek-V2/V3's n_group, so a token touches at most topk_group)")
+    conv.add_argument("--group-choices", type=group_choices, default=None, metavar="G,G,...",
+                      help="with --budget: choose G per layer among these (divisors of E; E: one latent per "
+                           "expert, SVD-LLM's form) with the d's, for the least error (e.g. 1,4,E)")
     conv.add_argument("--damp", type=non_negative_float, default=0.01,
                       help="ridge added to calibration Gram matrices, relative to their mean diagonal (default 0.01)")
     conv.add_argument("--mobe-steps", type=positive_int, default=30000,

@@ -34,7 +34,7 @@ from . import methods
 from .budget import latent_cost, routed_params
 from .calibrate import LayerInputs, calibration_ids
 from .command import check_device, progress_bar
-from .factorize import allocate_latent
+from .factorize import allocate_latent, choose_groups
 from .layers import KINDS, check_projections, multiply_out
 from .families import FUSED, KIND_OF_NAME, SUPPORTED, family, fuse_gate_up, fused_rows
 from .models import find_experts, is_embedding, layer_index, set_submodule
@@ -226,6 +226,7 @@ class ConvertOptions:
     heal_steps: int = 0  # layer-wise healing: Adam steps per converted layer on its captured inputs (0: none)
     heal_lr: float = 1e-3
     group_by: str = "index"  # or "similarity", or "routing" (G = the router's n_group, its contiguous groups)
+    group_choices: tuple | None = None  # with --budget: G per layer chosen among these (ints, or "E": one per expert)
     damp: float = 0.01  # ridge on calibration Grams, relative to their mean diagonal
     mobe_steps: int = 30000  # MoBE's Adam steps (its authors' default)
 
@@ -245,6 +246,10 @@ def check_options(opts: ConvertOptions):
                          "routed-expert parameters)")
     if opts.group_by not in ("index", "similarity", "routing"):
         raise ValueError(f"--group-by {opts.group_by} is not known: allowed index, similarity or routing")
+    if opts.group_choices is not None and (opts.budget is None or opts.groups != 1 or opts.group_by != "index"
+                                           or not method.allocates):
+        raise ValueError("--group-choices lets --budget choose G per layer: it needs --budget and the molae method, "
+                         "without --groups or --group-by")
     if opts.carry not in ("converted", "original"):
         raise ValueError(f"--calib-carry {opts.carry} is not known: allowed converted or original")
     calibrated = opts.calibration is not None
@@ -291,10 +296,17 @@ def _allocate(plan: dict, spectra: dict, by_layer: dict, opts: ConvertOptions):
             if kind not in spec["latent"]:
                 fixed += dense
                 continue
-            s2 = spectra[(key, kind)]
-            items[(key, kind)] = dict(sigma2=s2, energy=s2.sum().item(), dense=dense,
-                                      cost=latent_cost(g.n_experts, g.inter, g.dim, spec["groups"]))
-    for (key, kind), d in allocate_latent(items, int(opts.budget * total) - fixed).items():
+            by_g = spectra[(key, kind)]  # {G: sigma2}
+            items[(key, kind)] = {G: dict(sigma2=s2, energy=s2.sum().item(), dense=dense,
+                                          cost=latent_cost(g.n_experts, g.inter, g.dim, G)) for G, s2 in by_g.items()}
+    choices = {key: spec.pop("group_choices") for key, spec in plan.items() if "group_choices" in spec}
+    if choices:  # G per layer first (factorize.choose_groups), then d for the chosen G's
+        curves = {key: {G: {kind: items[(k, kind)][G] for (k, kind) in items if k == key} for G in Gs}
+                  for key, Gs in choices.items()}
+        for key, G in choose_groups(curves, int(opts.budget * total) - fixed).items():
+            plan[key]["groups"] = G
+    chosen = {(key, kind): by_g[plan[key]["groups"]] for (key, kind), by_g in items.items()}
+    for (key, kind), d in allocate_latent(chosen, int(opts.budget * total) - fixed).items():
         plan[key]["latent"][kind] = d
 
 
@@ -324,7 +336,8 @@ def convert_checkpoint(src, dst, opts: ConvertOptions, report: Path | None = Non
     ids = _calibration_windows(ckpt, opts) if opts.calibration is not None else None
     plan = _plan(ckpt, groups, opts, method)
     check_disk_space(dst, ckpt.disk_bytes() + 2**20)
-    options = dict(asdict(opts), src=str(ckpt.path), projections=list(opts.projections))
+    options = dict(asdict(opts), src=str(ckpt.path), projections=list(opts.projections),
+                   group_choices=None if opts.group_choices is None else list(opts.group_choices))
     options.pop("device")  # a run may resume on another device
     writer = ShardWriter(temp_dir_for(dst), options, parse_size(opts.max_shard_size), resume=resume)
     with removed_on_error(writer.tmp):
@@ -427,8 +440,11 @@ class Pipeline:
             elif self.runner is not None:
                 hidden = self.runner.run(layer, int(unit.split(".")[1]), hidden)[0]
             if spec is not None:
-                for kind, s2 in self.method.spectra(self._weights(i, layer), inputs, spec, self.opts).items():
-                    spectra[(str(i), kind)] = s2
+                W = self._weights(i, layer)
+                for G in spec.get("group_choices", [spec["groups"]]):
+                    for kind, s2 in self.method.spectra(W, inputs, dict(spec, groups=G), self.opts).items():
+                        spectra.setdefault((str(i), kind), {})[G] = s2
+                del W
             del layer, inputs
         _allocate(plan, spectra, self.by_layer, self.opts)
 
@@ -540,6 +556,7 @@ def _finish(ckpt, groups, plan, opts, method, base_type, writer, dst, report, ov
     summary.update(method=opts.method, allocate_seconds=writer.state.get("allocate_seconds"))
     options = dict(method=opts.method, budget=opts.budget, latent_dim=opts.latent_dim, rank_ratio=opts.rank_ratio,
                    groups=opts.groups, group_by=opts.group_by, projections=list(check_projections(opts.projections)),
+                   group_choices=None if opts.group_choices is None else list(opts.group_choices),
                    calibration=None if opts.calibration is None else str(opts.calibration),
                    calib_tokens=opts.calib_tokens if opts.calibration else None,
                    calib_seed=opts.calib_seed if opts.calibration else None,

@@ -369,6 +369,37 @@ def allocate_latent(items: dict, budget: int) -> dict:
     return d
 
 
+def choose_groups(curves: dict, budget: int) -> dict:
+    """G per layer, where each layer offers several (--group-choices), under one parameter budget.
+
+    curves: {layer: {G: {kind: item}}}, items as `allocate_latent` takes them (the spectra of that G's group
+    stacks and that G's cost per unit of d). A multiple-choice knapsack, solved by its Lagrangian: for a price
+    lam per parameter each layer takes the G (and d per kind) with the least sum of relative error + lam * cost;
+    lam is bisected to the cheapest price whose choices fit the budget. `allocate_latent` then spends what is
+    left over the chosen G's. Returns {layer: G}."""
+    def best(items_by_kind: dict, lam: float) -> tuple[float, int]:
+        value = cost = 0
+        for it in items_by_kind.values():
+            d_max = max(1, min(len(it["sigma2"]), (it["dense"] - 1) // it["cost"]))
+            kept = torch.cumsum(it["sigma2"][:d_max].double(), 0) / max(it["energy"], 1e-300)
+            total = (1 - kept) + lam * it["cost"] * torch.arange(1, d_max + 1, dtype=torch.float64)
+            j = int(total.argmin())
+            value, cost = value + float(total[j]), cost + it["cost"] * (j + 1)
+        return value, cost
+
+    def choose(lam):
+        picks = {layer: min(opts, key=lambda G: best(opts[G], lam)[0]) for layer, opts in curves.items()}
+        return picks, sum(best(curves[layer][G], lam)[1] for layer, G in picks.items())
+
+    lo, hi = 0.0, 1.0
+    while choose(hi)[1] > budget and hi < 1e12:  # a price high enough to fit
+        hi *= 4
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if choose(mid)[1] <= budget else (mid, hi)
+    return choose(hi)[0]
+
+
 # ----------------------------------------------------------------------------- grouping by similarity
 
 

@@ -210,3 +210,21 @@ def test_groups_must_divide_experts():
         factorize_experts(w, {"up": 7}, groups=8)
     with pytest.raises(ValueError, match=r"projections=\['up', 'side'\] is not valid"):
         convert_moe(moe, latent_dim=4, projections=("up", "side"))
+
+
+def test_choose_groups_gives_each_layer_the_grouping_that_fits_it():
+    """Layer a's experts share nothing (G = 4 holds all its energy in 4 dimensions, G = 1 needs 16); layer b's
+    share one direction (G = 1 holds it all in one): under a budget that fits both best choices, each gets its own."""
+    from molae.factorize import allocate_latent, choose_groups
+
+    def item(s2, cost):
+        s2 = torch.tensor(s2, dtype=torch.float64)
+        return dict(sigma2=s2, energy=float(s2.sum()), dense=10**6, cost=cost)
+
+    flat, four, one = [1.0] * 16, [4.0] * 4 + [0.0] * 12, [16.0] + [0.0] * 15
+    curves = {"a": {1: {"up": item(flat, 10)}, 4: {"up": item(four, 13)}},
+              "b": {1: {"up": item(one, 10)}, 4: {"up": item([4.0] * 4 + [0.0] * 12, 13)}}}
+    assert choose_groups(curves, 4 * 13 + 10 + 5) == {"a": 4, "b": 1}
+    picked = {("a", "up"): curves["a"][4]["up"], ("b", "up"): curves["b"][1]["up"]}
+    assert allocate_latent(picked, 4 * 13 + 10 + 5) == {("a", "up"): 4, ("b", "up"): 1}
+    assert choose_groups({"a": {1: {"up": item(flat, 10)}}}, 100) == {"a": 1}  # one choice: that one

@@ -394,9 +394,9 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     q = json.loads((tmp_path / "q.json").read_text())
     from molae.bench.quality import BASELINES
 
-    assert len(q["runs"]) == 4 + len(BASELINES) + 1  # every MoLAE variant, every other method, SVD healed
+    assert len(q["runs"]) == 6 + len(BASELINES) + 1  # every MoLAE variant, every other method, SVD healed
     healed = {r["variant"]: r for r in q["runs"] if "heal" in r}
-    assert set(healed) == {"molae-alloc+heal", "svd+heal"} and healed["svd+heal"]["method"] == "svd"
+    assert set(healed) == {"molae-alloc+heal", "molae-alloc-g+heal", "svd+heal"} and healed["svd+heal"]["method"] == "svd"
     assert healed["svd+heal"]["heal"]["tokens"] == healed["molae-alloc+heal"]["heal"]["tokens"]  # the same budget
     reached = [r for r in q["runs"] if "unreachable" not in r]
     assert all(math.isfinite(r["perplexity"]) for r in reached)
@@ -404,7 +404,7 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     assert main(["bench", "quality", "--model", str(src), "--name", "tiny", "--data", str(data_dir), "--device", "cpu",
                  "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json"), "--resume", "--budgets", "0.5",
                  "--rank-ratios", "1", "--seq-len", "64", "--eval-tokens", "1024", "--calib-tokens", "512"]) == 0
-    assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 4 + len(BASELINES) + 1  # none run twice
+    assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 6 + len(BASELINES) + 1  # none run twice
     assert main(["bench", "quality-report", str(tmp_path / "q.json"), "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "quality.md").read_text()
     assert "| molae-alloc+heal |" in md and (tmp_path / "r" / "quality.png").stat().st_size > 0
@@ -484,3 +484,26 @@ def test_next_line_exact_match_counts_the_lines_every_argmax_got_right():
     hit[0, 0] = hit[0, 13] = False  # misses outside whole lines change nothing
     assert line_exact_match(w, hit, nl, min_tokens=4)[1].tolist() == [2]
     assert line_exact_match(w, hit, nl, min_tokens=3)[0].tolist() == [2]  # "4 5 9" counts now
+
+
+def test_group_choices_let_the_budget_choose_g_per_layer(data_dir, tmp_path, capsys):
+    src = saved("mixtral", tmp_path / "src")  # 4 experts per layer
+    base = dict(budget=0.5, projections=("gate", "up", "down"), calibration=str(data_dir), calib_tokens=512,
+                calib_seq_len=64)
+    convert_checkpoint(src, tmp_path / "plain", ConvertOptions(**base))
+    convert_checkpoint(src, tmp_path / "one", ConvertOptions(**base, group_choices=(1,)))
+    cfg = lambda d: json.loads((tmp_path / d / "config.json").read_text())["molae"]["layers"]  # noqa: E731
+    assert cfg("one") == cfg("plain")  # a single choice is the plain conversion
+    s = convert_checkpoint(src, tmp_path / "auto", ConvertOptions(**base, group_choices=(1, "E")))
+    assert {v["groups"] for v in cfg("auto").values()} <= {1, 4}
+    assert s["after"]["expert_stored"] <= 0.5 * s["before"]["expert"]
+    ids = torch.randint(0, 512, (2, 16))
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "auto")
+    assert torch.isfinite(m(ids).logits).all()
+    with pytest.raises(ValueError, match="does not divide"):
+        convert_checkpoint(src, tmp_path / "bad", ConvertOptions(**base, group_choices=(3,)))
+    with pytest.raises(ValueError, match="needs --budget"):
+        convert_checkpoint(src, tmp_path / "bad", ConvertOptions(latent_dim=8, group_choices=(1, 2)))
+    with pytest.raises(SystemExit):
+        main(["convert", str(src), "--out", str(tmp_path / "x"), "--budget", "0.5", "--group-choices", "1,x"])
+    assert "each choice is a whole number >= 1 or E" in capsys.readouterr().err

@@ -11,6 +11,7 @@ a fresh directory, is loaded back with transformers and scored on the same held-
       molae-alloc+heal    the same, then `molae heal` (latent factors only, KL to the original)
       every other method of the registry (molae/methods): svd, d2moe, mobe, hcsmoe, prune-frequency, prune-reap
       svd+heal            SVD, then the same `molae heal` (the one peer whose written form keeps factors)
+      molae-alloc-g(+heal) molae-alloc with G per layer chosen by the budget too (--group-choices 1,2,4,..,E)
 
 All MoLAE variants factorize gate, up and down with G = 1 (the budgets go below the third that a
 whole down projection would take). Every calibrated method gets the same calibration windows
@@ -47,8 +48,9 @@ BASELINES = tuple(name for name in METHODS if name != "molae")
 # "+heal": the same whole-model healing budget (`molae heal`) for every method whose written form keeps factors to
 # train: MoLAE and SVD (MoLAE experts with G = E). The others write whole matrices (D2-MoE, MoBE) or whole experts
 # (HC-SMoE, pruning); `molae heal` trains latent factors only, so they are reported unhealed.
-HEALED = {"molae-alloc+heal": "molae-alloc", "svd+heal": "svd"}
-VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES, "svd+heal")  # --methods
+HEALED = {"molae-alloc+heal": "molae-alloc", "molae-alloc-g+heal": "molae-alloc-g", "svd+heal": "svd"}
+VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES, "svd+heal",
+            "molae-alloc-g", "molae-alloc-g+heal")  # --methods names
 
 
 def score(path, windows_WT: torch.Tensor, n_bytes: int, device, newline_V: torch.Tensor | None = None,
@@ -93,6 +95,10 @@ def variants(budgets, rank_ratios, methods) -> list[tuple[str, float, dict]]:
                 out.append((b, f, dict(method=b, budget=f, calibrated=METHODS[b].calibration != "none")))
         if "svd+heal" in methods and "svd" in methods:
             out.append(("svd+heal", f, dict(heal="svd", method="svd")))
+        if "molae-alloc-g" in methods:  # G per layer chosen by the budget too, from 1 up to one latent per expert
+            out.append(("molae-alloc-g", f, dict(calibrated=True, budget=f, group_choices=(1, 2, 4, 8, 16, "E"))))
+            if "molae-alloc-g+heal" in methods:
+                out.append(("molae-alloc-g+heal", f, dict(heal="molae-alloc-g")))
     return out
 
 
@@ -142,8 +148,11 @@ def bench_quality(args):
             extra = dict(heal={k: info[k] for k in ("steps", "tokens", "kl_first", "kl_last", "held_out_kl_before",
                                                     "held_out_kl_after", "applied", "seconds")})
         else:
+            choices = spec.get("group_choices")  # the divisors of E among them
             opts = ConvertOptions(projections=KINDS, device=args.device, method=spec.get("method", "molae"),
                                   budget=spec.get("budget"), rank_ratio=spec.get("rank_ratio"),
+                                  group_choices=None if choices is None else tuple(
+                                      c for c in choices if c == "E" or (c < E and E % c == 0)),
                                   mobe_steps=args.mobe_steps,
                                   latent_dim=uniform_latent(f, E, m, n) if spec.get("uniform") else None,
                                   **(dict(calibration=str(args.data), calib_tokens=args.calib_tokens,

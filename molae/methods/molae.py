@@ -56,7 +56,14 @@ class MoLAE(Method):
                 check_latent_dim(d, shape.experts // G * shape.inter, shape.dim, name="latent_dim")
             except ValueError as e:
                 raise ValueError(f"--latent-dim for layer {shape.layer}: {e}") from None
-        return dict(latent=latent, groups=G)
+        if opts.group_choices is None:
+            return dict(latent=latent, groups=G)
+        choices = sorted({shape.experts if c == "E" else int(c) for c in opts.group_choices})
+        bad = [c for c in choices if c < 1 or shape.experts % c]
+        if bad:
+            raise ValueError(f"--group-choices {bad[0]} does not divide layer {shape.layer}'s {shape.experts} "
+                             "experts: give divisors of E (or E itself, one latent per expert)")
+        return dict(latent=latent, groups=choices[0], group_choices=choices)
 
     # ---- grouping
     def _perm(self, W, inputs, spec: dict, opts) -> torch.Tensor | None:
