@@ -29,7 +29,7 @@ q() {  # NAME MODEL SEED METHODS
     --command "COMMIT=$C bash scripts/gpu/bg.sh start upcycled bash scripts/gpu/upcycled.sh $DENSE_S $MOE_S" 2>&1 \
     | grep -v "Warning\|warn(\|it/s\]\|run/s\]" | tail -2
 }
-MAIN=molae-alloc,molae-alloc+heal,svd,svd+heal,d2moe,mobe,hcsmoe,prune-reap
+MAIN=molae-alloc,molae-alloc+heal,molae-alloc-g,molae-alloc-g+heal,svd,svd+heal,d2moe,mobe,hcsmoe,prune-reap
 q upcycled $W/up/model 0 $MAIN
 an() { python3 -m molae.cli analyze $2 --out $OUT/analyze-$1 --device cuda 2>&1 | tail -1; rm -f $OUT/analyze-$1/*.png; }
 an upcycled $W/up/model
