@@ -8,8 +8,8 @@ from pathlib import Path
 
 from . import __version__
 from .methods import METHODS
-from .command import (Parser, add_command, existing_path, fraction, non_negative_float, non_negative_int,
-                      positive_float, positive_int, projection_list, run_command, text_file)
+from .command import (Parser, add_command, existing_path, fraction, group_choices, non_negative_float,
+                      non_negative_int, positive_float, positive_int, projection_list, run_command, text_file)
 
 
 def cmd_demo(args):
@@ -49,17 +49,6 @@ def cmd_train(args):
     run(args)
 
 
-def group_choices(text: str) -> tuple:
-    """--group-choices 1,4,E: whole numbers >= 1, or E (every expert its own group)."""
-    out = []
-    for v in text.split(","):
-        v = v.strip()
-        if v != "E" and not (v.isdigit() and int(v) >= 1):
-            raise argparse.ArgumentTypeError(f"{text}: each choice is a whole number >= 1 or E")
-        out.append(v if v == "E" else int(v))
-    return tuple(out)
-
-
 def cmd_convert(args):
     from .convert import ConvertOptions, convert_checkpoint, format_summary
 
@@ -70,8 +59,8 @@ def cmd_convert(args):
                           method=args.method, budget=args.budget, calibration=args.calibration,
                           calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
                           calib_seed=args.calib_seed, calib_batch=args.calib_batch, carry=args.carry,
-                          heal_steps=args.heal_steps, heal_lr=args.heal_lr, group_by=args.group_by, group_choices=args.group_choices,
-                          damp=args.damp, mobe_steps=args.mobe_steps)
+                          heal_steps=args.heal_steps, heal_lr=args.heal_lr, group_by=args.group_by,
+                          group_choices=args.group_choices, damp=args.damp, mobe_steps=args.mobe_steps)
     summary = convert_checkpoint(args.src, args.out, opts, report=args.report, resume=args.resume,
                                  overwrite=args.overwrite)
     print(format_summary(summary))

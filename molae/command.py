@@ -176,6 +176,17 @@ def int_list(text):
     return values
 
 
+def group_choices(text: str) -> tuple:
+    """--group-choices 1,4,E: whole numbers >= 1, or E (every expert its own group)."""
+    out = []
+    for v in text.split(","):
+        v = v.strip()
+        if v != "E" and not (v.isdigit() and int(v) >= 1):
+            raise argparse.ArgumentTypeError(f"{text}: each choice is a whole number >= 1 or E")
+        out.append(v if v == "E" else int(v))
+    return tuple(out)
+
+
 def projection_list(text):
     """A comma list of distinct projection kinds, at least one."""
     from .layers import check_projections

@@ -301,7 +301,7 @@ def _allocate(plan: dict, spectra: dict, by_layer: dict, opts: ConvertOptions):
                                           cost=latent_cost(g.n_experts, g.inter, g.dim, G)) for G, s2 in by_g.items()}
     choices = {key: spec.pop("group_choices") for key, spec in plan.items() if "group_choices" in spec}
     if choices:  # G per layer first (factorize.choose_groups), then d for the chosen G's
-        curves = {key: {G: {kind: items[(k, kind)][G] for (k, kind) in items if k == key} for G in Gs}
+        curves = {key: {G: {kind: items[(key, kind)][G] for kind in plan[key]["latent"]} for G in Gs}
                   for key, Gs in choices.items()}
         for key, G in choose_groups(curves, int(opts.budget * total) - fixed).items():
             plan[key]["groups"] = G

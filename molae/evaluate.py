@@ -49,15 +49,16 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
 
 
 @torch.no_grad()
-def token_scores(model, x_BT: torch.Tensor, attention_mask=None, amp=contextlib.nullcontext):
-    """([B, T-1] next-token NLL (nats), [B, T-1] whether the argmax was that token) of tokens 1..T-1 of each
-    row, the model reading tokens 0..T-2: the one place molae turns logits into losses (sliding-window
-    perplexity, fixed windows, validation, the demo)."""
+def token_scores(model, x_BT: torch.Tensor, attention_mask=None, amp=contextlib.nullcontext, hits: bool = False):
+    """([B, T-1] next-token NLL (nats), with `hits` [B, T-1] whether the argmax was that token, else None) of
+    tokens 1..T-1 of each row, the model reading tokens 0..T-2: the one place molae turns logits into losses
+    (sliding-window perplexity, fixed windows, validation, the demo)."""
     with amp():
         logits = model(input_ids=x_BT[:, :-1],
                        attention_mask=None if attention_mask is None else attention_mask[:, :-1]).logits
     logits = logits if logits.dtype == torch.float64 else logits.float()
-    return F.cross_entropy(logits.transpose(1, 2), x_BT[:, 1:], reduction="none"), logits.argmax(-1) == x_BT[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), x_BT[:, 1:], reduction="none")
+    return nll, (logits.argmax(-1) == x_BT[:, 1:]) if hits else None
 
 
 def token_nlls(model, x_BT: torch.Tensor, attention_mask=None, amp=contextlib.nullcontext) -> torch.Tensor:
@@ -65,21 +66,21 @@ def token_nlls(model, x_BT: torch.Tensor, attention_mask=None, amp=contextlib.nu
     return token_scores(model, x_BT, attention_mask, amp)[0]
 
 
-@torch.no_grad()
-def window_nlls(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext) -> torch.Tensor:
-    """[W] summed next-token NLL (nats, float64, on device) of each [T+1] window (T tokens scored each)."""
-    return torch.cat([token_nlls(model, windows_WT[i:i + batch_size].to(device), amp=amp).double().sum(1)
-                      for i in range(0, len(windows_WT), batch_size)])
-
-
-def window_scores(model, windows_WT: torch.Tensor, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """([W] summed next-token NLL (nats, float64), [W, T] argmax hits (CPU)) of [W, T+1] windows."""
+def window_scores(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext,
+                  hits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([W] summed next-token NLL (nats, float64, on device) of each [T+1] window (T tokens scored each), with
+    `hits` [W, T] argmax hits (CPU), else None)."""
     nll, hit = [], []
     for i in range(0, len(windows_WT), batch_size):
-        n, h = token_scores(model, windows_WT[i:i + batch_size].to(device))
-        nll.append(n.double().sum(1).cpu())
-        hit.append(h.cpu())
-    return torch.cat(nll), torch.cat(hit)
+        n, h = token_scores(model, windows_WT[i:i + batch_size].to(device), amp=amp, hits=hits)
+        nll.append(n.double().sum(1))
+        hit.append(h.cpu() if hits else None)
+    return torch.cat(nll), torch.cat(hit) if hits else None
+
+
+def window_nlls(model, windows_WT: torch.Tensor, batch_size: int, device, amp=contextlib.nullcontext) -> torch.Tensor:
+    """[W] summed next-token NLL (nats, float64, on device) of each [T+1] window: `window_scores` without hits."""
+    return window_scores(model, windows_WT, batch_size, device, amp)[0]
 
 
 def newline_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
@@ -105,11 +106,10 @@ def line_exact_match(windows_WT: torch.Tensor, hit_WT: torch.Tensor, newline_V: 
 
 
 def ratio_interval(num_W, den_W, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval (over windows) of sum(num) / sum(den)."""
-    g = torch.Generator().manual_seed(seed)
-    num, den = torch.as_tensor(num_W).double(), torch.as_tensor(den_W).double()
-    idx = torch.randint(0, len(num), (n, len(num)), generator=g)
-    r = num[idx].sum(1) / den[idx].sum(1).clamp_min(1)
+    """95% bootstrap interval (over windows, `bootstrap_means`' resampling) of sum(num) / sum(den)."""
+    num_den_RW = torch.stack([torch.as_tensor(num_W), torch.as_tensor(den_W)])
+    m = bootstrap_means(num_den_RW, n, seed)
+    r = m[:, 0] / m[:, 1].clamp_min(1 / num_den_RW.shape[1])  # (means: the sums' ratio; a sum below 1 counts as 1)
     return float(torch.quantile(r, 0.025)), float(torch.quantile(r, 0.975))
 
 

@@ -574,20 +574,16 @@ class Router(nn.Module):
         logits_TE = F.linear(x_TD.float(), self.weight.float())
         if cfg.router == "softmax":
             probs_TE = logits_TE.softmax(-1)
-            idx_TK = self.group_limit(probs_TE, "max").topk(cfg.top_k, dim=-1).indices
+            idx_TK = group_limited(probs_TE, cfg.n_group, cfg.topk_group, "max").topk(cfg.top_k, dim=-1).indices
             w_TK = probs_TE.gather(1, idx_TK)
         else:
             scores_TE = logits_TE.sigmoid()
-            idx_TK = self.group_limit(scores_TE + self.bias, "top2").topk(cfg.top_k, dim=-1).indices
+            idx_TK = group_limited(scores_TE + self.bias, cfg.n_group, cfg.topk_group).topk(cfg.top_k, dim=-1).indices
             w_TK = scores_TE.gather(1, idx_TK)
             probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         if cfg.norm_topk_prob:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         return w_TK * cfg.routed_scale, idx_TK, load_balancing_loss(probs_TE, idx_TK)
-
-
-    def group_limit(self, choice_TE: torch.Tensor, rule: str) -> torch.Tensor:
-        return group_limited(choice_TE, self.cfg.n_group, self.cfg.topk_group, rule)
 
 
 def group_limited(choice_TE: torch.Tensor, n_group: int, topk_group: int, rule: str = "top2") -> torch.Tensor:

@@ -81,12 +81,6 @@ def build(spec: str, impl: str, device, dtype, budget: float, seed: int = 0):
     return model
 
 
-def decode_bytes(model) -> int:
-    """Weight bytes a batch-1 decode step reads: the active parameters (evaluate.efficiency) at their size."""
-    e = efficiency(model)
-    return e["active_params"] * next(model.parameters()).element_size()
-
-
 def time_prefill(model, P: int, device) -> dict:
     gen = torch.Generator(device).manual_seed(P)
     ids = [torch.randint(0, model.config.vocab_size, (1, P), generator=gen, device=device) for _ in range(2)]
@@ -95,8 +89,9 @@ def time_prefill(model, P: int, device) -> dict:
     return dict(tokens=P, ms=t["ms"], tokens_per_s=P / t["ms"] * 1e3, peak_gb=t["peak_gb"])
 
 
-def time_decode(model, B: int, new: int, device, repeats: int = 3, prompt: int = 32) -> dict:
-    """Greedy generate with a static cache: decode tokens/s net of the prompt (see the module notes)."""
+def time_decode(model, B: int, new: int, device, repeats: int = 3, prompt: int = 32) -> tuple[dict, torch.Tensor]:
+    """Greedy generate with a static cache: decode tokens/s net of the prompt (see the module notes), and the
+    generated tokens [B, new]."""
     gen = torch.Generator(device).manual_seed(B)
     ids = torch.randint(1, model.config.vocab_size, (B, prompt), generator=gen, device=device)
 
@@ -111,8 +106,8 @@ def time_decode(model, B: int, new: int, device, repeats: int = 3, prompt: int =
     full = [run(new) for _ in range(repeats)]
     one = [run(1)[0] for _ in range(repeats)]
     t_full, t_one = statistics.median(t for t, _ in full), statistics.median(one)
-    return dict(batch=B, new_tokens=new, seconds=t_full, seconds_one=t_one,
-                tokens_per_s=B * (new - 1) / max(t_full - t_one, 1e-9), tokens=full[0][1][:, prompt:].cpu())
+    return (dict(batch=B, new_tokens=new, seconds=t_full, seconds_one=t_one,
+                 tokens_per_s=B * (new - 1) / max(t_full - t_one, 1e-9)), full[0][1][:, prompt:].cpu())
 
 
 def bench_generate(specs, impls, prefill, batches, new_tokens, device, dtype, budget, compile_: bool) -> dict:
@@ -126,14 +121,14 @@ def bench_generate(specs, impls, prefill, batches, new_tokens, device, dtype, bu
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 model = build(spec, impl, device, dtype, budget)
-                row.update(params=efficiency(model)["total_params"], decode_bytes=decode_bytes(model))
+                e = efficiency(model)  # decode bytes: what a batch-1 step reads, the active parameters
+                row.update(params=e["total_params"],
+                           decode_bytes=e["active_params"] * next(model.parameters()).element_size())
                 if compile_:
                     model.forward = torch.compile(model.forward, mode="reduce-overhead")
                 row["prefill"] = [time_prefill(model, P, device) for P in prefill]
-                row["decode"] = [time_decode(model, B, new_tokens, device) for B in batches]
-                tokens = row["decode"][0].pop("tokens")
-                for d in row["decode"][1:]:
-                    d.pop("tokens")
+                decoded = [time_decode(model, B, new_tokens, device) for B in batches]
+                row["decode"], tokens = [d for d, _ in decoded], decoded[0][1]
                 if impl == "hf-eager":
                     reference = tokens
                 row["same_tokens_as_hf_eager"] = None if reference is None else bool(torch.equal(tokens, reference))

@@ -59,7 +59,8 @@ def score(path, windows_WT: torch.Tensor, n_bytes: int, device, newline_V: torch
     over the windows, bits per byte, each window's mean NLL (what the report's paired intervals resample); with
     `newline_V`, exact-match next-line completion (evaluate.line_exact_match) with its interval."""
     model = load(str(path), str(device), "float32", need_tokenizer=False)[0]
-    nll_W, hit_WT = window_scores(model, windows_WT, batch_size, device)
+    nll_W, hit_WT = window_scores(model, windows_WT, batch_size, device, hits=newline_V is not None)
+    nll_W = nll_W.cpu()
     del model
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()

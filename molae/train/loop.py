@@ -263,9 +263,7 @@ def _upcycle(model, cfg: TrainConfig) -> dict:
     check_configs(dense_config, model.config)
     info = upcycle(model, cfg.family, state, shuffle=cfg.upcycle.get("shuffle", True),
                    reinit=cfg.upcycle.get("reinit", 0.5), seed=cfg.seed)
-    return dict(source=cfg.upcycle["from"], dense_run=dense_run_summary(cfg.upcycle["from"]), copied=info["copied"],
-                from_ffn=len(info["from_ffn"]), initialised=info["initialised"], shuffle=info["shuffle"],
-                reinit=info["reinit"])
+    return dict(source=cfg.upcycle["from"], dense_run=dense_run_summary(cfg.upcycle["from"]), **info)
 
 
 def _expert_parallel(model, cfg: TrainConfig, run: Run):

@@ -66,7 +66,8 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     molae = layer_spec(cfg, vocab_size)
     kwargs = {**cfg.model, "vocab_size": vocab_size, "initializer_range": cfg.init_std, "molae": molae,
               "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
-    aux = cfg.aux_loss_coef > 0 and FAMILIES[cfg.family].balancing == "aux-loss" and bool(molae["layers"])  # dense: none
+    aux = cfg.aux_loss_coef > 0 and FAMILIES[cfg.family].balancing == "aux-loss" and bool(molae["layers"])  # a
+    # dense model (no MoE layers) has no router to balance
     kwargs.update(output_router_logits=aux, router_aux_loss_coef=cfg.aux_loss_coef)
     config = AutoConfig.for_model(f"molae_{cfg.family}", **kwargs)
     torch.manual_seed(cfg.seed)

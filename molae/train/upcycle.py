@@ -60,9 +60,13 @@ def check_configs(dense: dict, moe) -> None:
                              f"pass --set 'model.{key}={json.dumps(a)}' so that the copied layers compute the same")
 
 
+def dense_ffn_keys(i: int) -> list[str]:
+    return [DENSE_FFN.format(i=i, kind=k) for k in ("gate", "up", "down")]
+
+
 def dense_ffn(state: dict, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gate [F, D], up [F, D], down [D, F]) of decoder layer i of the dense model."""
-    keys = [DENSE_FFN.format(i=i, kind=k) for k in ("gate", "up", "down")]
+    keys = dense_ffn_keys(i)
     missing = [k for k in keys if k not in state]
     if missing:
         raise ValueError(f"the dense model has no {missing[0]}: --upcycle-from takes a dense model whose decoder "
@@ -92,11 +96,13 @@ def partition_ffn(gate_FD, up_FD, down_DF, n_experts: int, inter: int, shared: i
                .clone())  # [E, M, D], [E, M, D], [E, D, M]
     if reinit > 0:
         n_new = round(reinit * inter)
+        stats = [(kind, w.std(), w.mean(), dim) for kind, w, dim in (("gate", gate_FD, 0), ("up", up_FD, 0),
+                                                                      ("down", down_DF, 1))]
         for e in range(n_experts):
             rows = torch.randperm(inter, generator=g)[:n_new]
-            for kind, w, dim in (("gate", gate_FD, 0), ("up", up_FD, 0), ("down", down_DF, 1)):
+            for kind, std, mean, dim in stats:
                 t = out[kind][e]
-                fresh = torch.randn(t.shape, generator=g, dtype=t.dtype) * w.std() + w.mean()
+                fresh = torch.randn(t.shape, generator=g, dtype=t.dtype) * std + mean
                 if dim == 0:
                     t[rows] = fresh[rows]
                 else:
@@ -111,17 +117,18 @@ def partition_ffn(gate_FD, up_FD, down_DF, n_experts: int, inter: int, shared: i
 @torch.no_grad()
 def upcycle(model, family: str, dense_state: dict, shuffle: bool = True, reinit: float = 0.5, seed: int = 0) -> dict:
     """Fill `model` (a freshly built MoE of `family`, our experts modules) from a dense model's tensors, in place.
-    Returns what was copied, built from the FFNs, and left at its initialisation."""
+    Returns how many tensors were copied and built from the FFNs, and which kept their initialisation."""
     g = torch.Generator().manual_seed(seed)
     shared_name = FAMILIES[family].shared_expert
     params = model.state_dict()  # parameters and persistent buffers, sharing the module's storage
-    filled = {}
+    filled, consumed = {}, set()  # the MoE's tensors built from FFNs; the dense FFN tensors they came from
     for name, experts in find_experts(model):
         i = layer_index(name)
         mlp = name.rpartition(".")[0]
         shared = getattr(model.get_submodule(mlp), shared_name, None) if shared_name else None
         S = shared.gate_proj.out_features if shared is not None else 0
         parts = partition_ffn(*dense_ffn(dense_state, i), experts.n_experts, experts.inter, S, shuffle, reinit, g)
+        consumed.update(dense_ffn_keys(i))
         for kind in ("gate", "up", "down"):
             filled[f"{name}.{kind}_proj"] = parts[kind]
             if S:
@@ -140,19 +147,11 @@ def upcycle(model, family: str, dense_state: dict, shuffle: bool = True, reinit:
         t.copy_(src.to(t.dtype))
         if name not in filled:
             copied.append(name)
-    unused = sorted(k for k in dense_state if k not in params and not _is_ffn_of(k, filled, model))
+    unused = sorted(k for k in dense_state if k not in params and k not in consumed)
     if unused:
         raise ValueError(f"the dense model's {unused[0]} has no place in the MoE ({len(unused)} such tensors): "
                          "--upcycle-from takes a dense model of the MoE's family and depth")
-    return dict(copied=len(copied), from_ffn=sorted(filled), initialised=sorted(fresh), shuffle=shuffle,
-                reinit=reinit, seed=seed)
-
-
-def _is_ffn_of(key: str, filled: dict, model) -> bool:
-    """A dense layer's FFN tensor that went into that layer's experts."""
-    parts = key.split(".")
-    return len(parts) == 6 and parts[3] == "mlp" and any(n.startswith(".".join(parts[:4]) + ".experts.")
-                                                          for n in filled)
+    return dict(copied=len(copied), from_ffn=len(filled), initialised=sorted(fresh), shuffle=shuffle, reinit=reinit)
 
 
 def dense_run_summary(path: str) -> dict | None:
@@ -165,4 +164,5 @@ def dense_run_summary(path: str) -> dict | None:
                 params=s["params"])
 
 
-__all__ = ["upcycle", "partition_ffn", "load_dense_state", "check_configs", "dense_ffn", "dense_run_summary"]
+__all__ = ["upcycle", "partition_ffn", "load_dense_state", "check_configs", "dense_ffn", "dense_ffn_keys",
+           "dense_run_summary"]
