@@ -285,6 +285,11 @@ def test_ctrl_c_during_train_keeps_the_checkpoint_or_nothing(train_data, tmp_pat
     result = train_until([*args, "--steps", 400, "--set", "ckpt_every=1000"], tmp_path / "early", 1)
     one_line(result, "train", "interrupted: nothing was written", status=130)
     assert not (tmp_path / "early").exists()
+    (tmp_path / "given").mkdir()  # a directory that was there: left as it was, --export-at's models too
+    result = train_until([*args, "--steps", 400, "--set", "ckpt_every=1000", "--export-at", "0.01"],
+                         tmp_path / "given", 6)
+    one_line(result, "train", "interrupted: nothing was written", status=130)
+    assert list((tmp_path / "given").iterdir()) == []
 
 
 def test_disk_too_small_says_sizes_people_read(byte_model, tmp_path, monkeypatch, run):

@@ -66,7 +66,7 @@ def check_out(out: Path, resume: bool):
         raise FileExistsError(f"--out {out} holds other files: choose a new or empty directory")
 
 
-RUN_FILES = ("train_config.json", "log.jsonl", "tb", "checkpoint.pt.partial", ".model.partial")  # + model-step*
+RUN_FILES = ("train_config.json", "log.jsonl", "tb", "checkpoint.pt.partial", ".model.partial")
 
 
 def train(cfg: TrainConfig, data, out, resume: bool = False, device: str | None = None,
@@ -89,8 +89,8 @@ def train(cfg: TrainConfig, data, out, resume: bool = False, device: str | None 
         if run.main:  # nothing worth keeping: leave the directory as it was
             if created:
                 shutil.rmtree(out, ignore_errors=True)
-            for name in RUN_FILES if not created else ():
-                p = out / name
+            exports = [*out.glob("model-step*"), *out.glob(".model-step*")]  # --export-at's, whole or partial
+            for p in [out / name for name in RUN_FILES] + exports if not created else ():
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         raise
     finally:
