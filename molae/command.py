@@ -162,7 +162,7 @@ def float_list(text):
 def fraction_list(text):
     values = float_list(text)
     if any(not 0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text} has a value outside 0 < value < 1: budgets are fractions")
+        raise argparse.ArgumentTypeError(f"{text} has a value outside 0 < value < 1: give fractions, e.g. 0.5,0.25")
     return values
 
 
