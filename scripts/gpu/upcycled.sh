@@ -3,12 +3,13 @@
 # 1. `dense-qwen2` trained DENSE_S seconds; 2. `ref-qwen2-upcycled --upcycle-from` it, MOE_S seconds, exported
 # also at a quarter and a half of its steps; 3. the same MoE preset from scratch for the same steps (in the
 # background, beside what follows); 4. `molae bench quality` on the upcycled model (1,048,576 held-out tokens,
-# intervals, next-line exact match): the main methods at 50% and 25%, calibration seed 0; then seed 1 for the
-# best MoLAE and the SVD/D2-MoE peers; then those at the quarter and half exports; 5. `molae analyze` of the
-# upcycled model (end and quarter) and the scratch one. Everything lands in $OUT as it finishes (priority order).
+# intervals, next-line exact match): the main methods, healed and not, at 50% and 25%, calibration seed 0;
+# 5. `molae analyze` of it; 6. seed 1 for the best MoLAE variants and SVD; 7. the unhealed main methods at the
+# quarter and half exports; 8. `molae analyze` of the scratch twin and the quarter export; 9. the 75% and 35%
+# points. Everything lands in $OUT as it finishes (priority order).
 source scripts/gpu/common.sh
 set +e  # a background job: a failed step should not stop the ones after it
-DENSE_S=${1:-120} MOE_S=${2:-150}
+DENSE_S=${1:-150} MOE_S=${2:-240}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 C=${COMMIT:-unknown}
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
@@ -22,9 +23,9 @@ STEPS=$(python3 -c "import json; print(json.load(open('$W/up/summary.json'))['co
 (train --config ref-qwen2-upcycled --set upcycle=null --out $W/scratch --steps $STEPS \
    && cp $W/scratch/summary.json $OUT/train-summary-scratch.json) > $OUT/scratch.log 2>&1 &
 SCRATCH=$!
-q() {  # NAME MODEL SEED METHODS
+q() {  # NAME MODEL SEED METHODS [BUDGETS]
   python3 -m molae.cli bench quality --model $2 --name "$1" --data $DATA --device cuda --workdir $W/q-$1 \
-    --json $OUT/quality-$1.json --eval-tokens 1048576 --mobe-steps 300 --budgets 0.5,0.25 --calib-seed $3 \
+    --json $OUT/quality-$1.json --eval-tokens 1048576 --mobe-steps 300 --budgets ${5:-0.5,0.25} --calib-seed $3 \
     --methods $4 --commit "$C" --device-name "$GPU" --date "$(date -u +%F)" \
     --command "COMMIT=$C bash scripts/gpu/bg.sh start upcycled bash scripts/gpu/upcycled.sh $DENSE_S $MOE_S" 2>&1 \
     | grep -v "Warning\|warn(\|it/s\]\|run/s\]" | tail -2
@@ -34,10 +35,12 @@ q upcycled $W/up/model 0 $MAIN
 an() { python3 -m molae.cli analyze $2 --out $OUT/analyze-$1 --device cuda 2>&1 | tail -1; rm -f $OUT/analyze-$1/*.png; }
 an upcycled $W/up/model
 Q=$(ls -d $W/up/model-step* | sort -V | head -1); H=$(ls -d $W/up/model-step* | sort -V | tail -1)
-an upcycled-quarter $Q
-q upcycled-seed1 $W/up/model 1 molae-alloc,molae-alloc+heal,svd,d2moe
-q upcycled-quarter $Q 0 molae-alloc,molae-alloc+heal,svd,d2moe
-q upcycled-half $H 0 molae-alloc,molae-alloc+heal,svd,d2moe
+UNHEALED=molae-alloc,molae-alloc-g,svd,d2moe,hcsmoe,prune-reap
+q upcycled-seed1 $W/up/model 1 molae-alloc,molae-alloc-g,svd
+q upcycled-quarter $Q 0 $UNHEALED
+q upcycled-half $H 0 $UNHEALED
 wait $SCRATCH || true
 an scratch $W/scratch/model
+an upcycled-quarter $Q
+q upcycled-75-35 $W/up/model 0 $UNHEALED,svd+heal,molae-alloc-g+heal 0.75,0.35
 echo "upcycled.sh done"
