@@ -433,6 +433,58 @@ def test_paired_intervals_say_better_only_where_they_exclude_zero():
     assert lo < math.exp(ref.mean()) < hi
 
 
+def _run_file(name, seed, offsets, original=2.0, windows=300):
+    """A bench quality run file as `molae bench quality` writes it, with planted window NLLs: each variant's
+    windows are the original's plus its offset (nats), with window noise shared by all of them."""
+    g = torch.Generator().manual_seed(1)
+    base = original + 0.3 * torch.randn(windows, generator=g, dtype=torch.float64)
+    params = {"routed": 100, "routed_before": 200, "total": 300}
+
+    def scored(nll, **extra):
+        return dict(extra, perplexity=math.exp(float(nll.mean())), bits_per_byte=1.0, params=params,
+                    window_nll=nll.tolist())
+
+    runs = [scored(base + off, variant=v, budget=b, method=v.split("+")[0] if v.startswith("svd") else
+                   ("molae" if v.startswith("molae") else v)) for (v, b), off in offsets.items()]
+    return {"name": name, "model": "/m", "shapes": {"experts": 4, "inter": 8, "dim": 16, "top_k": 2},
+            "device": "cpu", "date": "today", "commit": "c", "command": "cmd",
+            "settings": {"calib_tokens": 1, "heal_tokens": 1, "eval_tokens": 1, "eval_bytes": 1, "calib_seed": seed},
+            "original": scored(base), "runs": runs}
+
+
+def test_report_tables_the_calibration_samples_and_the_margin_along_training(tmp_path):
+    from molae.bench.quality import report
+
+    files = []
+    for name, seed, off in [("early", 0, {("molae-alloc", 0.5): 0.01, ("svd", 0.5): 0.01}),
+                            ("late", 0, {("molae-alloc", 0.5): 0.01, ("svd", 0.5): 0.03}),
+                            ("late-seed1", 1, {("molae-alloc", 0.5): 0.02, ("svd", 0.5): 0.03})]:
+        r = _run_file(name, seed, off)
+        if name == "early":
+            r["model"] = "/m-early"  # another model: not a calibration sample of /m
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(r))
+    report(files[:2], tmp_path / "trend", trend=True)
+    md = (tmp_path / "trend" / "quality.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| early |") or line.startswith("| late |")]
+    assert len(rows) == 2 and "Calibration samples" not in md
+    assert "molae-alloc vs svd: +0.00% [+0.00, +0.00] tied" in rows[0]  # equal offsets: equal on every window
+    assert f"molae-alloc vs svd: {100 * (math.exp(-0.02) - 1):+.2f}%" in rows[1] and rows[1].endswith("better |")
+    late = json.loads(files[1].read_text())  # a healed variant beside its unhealed conversion
+    late["runs"].append(dict(late["runs"][0], variant="molae-alloc+heal",
+                             window_nll=[v - 0.005 for v in late["runs"][0]["window_nll"]]))
+    files[1].write_text(json.dumps(late))
+    report(files[1:], tmp_path / "seeds")
+    md = (tmp_path / "seeds" / "quality.md").read_text()
+    assert "## Calibration samples: late-seed1 (seed 1) against late (seed 0)" in md and "Along training" not in md
+    seeds = [line for line in md.split("## Calibration samples")[1].splitlines() if line.startswith("| molae")
+             or line.startswith("| svd")]
+    assert len(seeds) == 2
+    assert f"| {100 * (math.exp(0.01) - 1):+.3f}%" in seeds[0] and seeds[0].endswith("worse |")
+    assert seeds[1].endswith("tied |")
+    assert f"| molae-alloc+heal | 50% | {100 * (math.exp(-0.005) - 1):+.2f}%" in md
+
+
 def test_another_calibration_seed_is_another_sample(data_dir, tmp_path):
     from molae.convert import ConvertOptions, _calibration_windows as calibration_windows
 

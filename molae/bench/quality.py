@@ -197,9 +197,10 @@ def _best(runs, prefix):
     return min(rs, key=lambda r: r["perplexity"]) if rs else None
 
 
-def report(files, out: Path, commit: str | None = None, note: str = ""):
+def report(files, out: Path, commit: str | None = None, note: str = "", trend: bool = False):
     """quality.json (all runs), quality.md (a table per model) and quality.png from bench JSON files.
-    commit: the commit of the code the runs used, where the files' own record is wrong (said in the md)."""
+    commit: the commit of the code the runs used, where the files' own record is wrong (said in the md).
+    trend: the files are points along one model's training, in order: add the table of margins along it."""
     results = [json.loads(Path(f).read_text()) for f in files]
     for r in results:  # runs a published form could not make (MoBE below its floor) are said, not tabled
         r["unreachable"] = [x for x in r["runs"] if "unreachable" in x]
@@ -254,10 +255,10 @@ def report(files, out: Path, commit: str | None = None, note: str = ""):
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines += ["", f"Cells: {what} [95% interval, bootstrap over the held-out windows, where recorded] "
                       "(routed-expert parameters kept).", ""]
-        lines += _verdict(r, budgets)
+        lines += _verdict(r, budgets) + _healing(r)
         lines += [f"- not run: {x['variant']} at {100 * x['budget']:g}%: {x['unreachable']}" for x in r["unreachable"]]
         lines += [""] if r["unreachable"] else []
-    lines += _across_models(results)
+    lines += _across_models(results) + _seeds(results) + (_trend(results) if trend else [])
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     _plot(results, out / "quality.png")
 
@@ -287,6 +288,21 @@ def _verdict(r, budgets) -> list[str]:
     return lines + [""]
 
 
+def _healing(r) -> list[str]:
+    """Each healed variant against the same conversion unhealed, paired over the same windows: what the
+    healing budget bought each method (the same budget for every method that leaves parameters to train)."""
+    rows = []
+    for x in r["runs"]:
+        y = next((y for y in r["runs"] if y["variant"] == HEALED.get(x["variant"]) and y["budget"] == x["budget"]),
+                 None)
+        if y is not None and "window_nll" in x and "window_nll" in y:
+            c, lo, hi = paired_change(x["window_nll"], y["window_nll"])
+            rows.append(f"| {x['variant']} | {100 * x['budget']:g}% | {100 * c:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}] "
+                        f"| {verdict((lo, hi))} |")
+    return ["| healed | budget | healed vs unhealed (paired 95%) | verdict |", "|---|---:|---:|---|", *rows,
+            ""] if rows else []
+
+
 def _across_models(results) -> list[str]:
     """Perplexity change against each model's original, per budget: the paper's data-free conversion
     and the best MoLAE variant, side by side across models (which shapes lose least)."""
@@ -304,6 +320,60 @@ def _across_models(results) -> list[str]:
             cells.append(" / ".join("" if x is None else f"{100 * (x['perplexity'] / o - 1):+.2f}%" for x in (free, best)))
         lines.append(f"| {100 * b:g}% | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _seeds(results) -> list[str]:
+    """Where two files converted the same model with different calibration samples: each variant both ran,
+    the second sample against the first, paired over the same windows (how much of a difference is the
+    calibration sample's)."""
+    lines = []
+    for i, a in enumerate(results):
+        for b in results[i + 1:]:
+            if a["model"] != b["model"] or a["settings"]["calib_seed"] == b["settings"]["calib_seed"]:
+                continue
+            rows = []
+            for x in a["runs"]:
+                y = next((y for y in b["runs"] if (y["variant"], y["budget"]) == (x["variant"], x["budget"])), None)
+                if y is None or "window_nll" not in x or "window_nll" not in y:
+                    continue
+                c, lo, hi = paired_change(y["window_nll"], x["window_nll"])
+                rows.append(f"| {x['variant']} | {100 * x['budget']:g}% | {x['perplexity']:.4f} | {y['perplexity']:.4f} "
+                            f"| {100 * c:+.3f}% [{100 * lo:+.3f}, {100 * hi:+.3f}] | {verdict((lo, hi))} |")
+            if rows:
+                lines += [f"## Calibration samples: {b['name']} (seed {b['settings']['calib_seed']}) against "
+                          f"{a['name']} (seed {a['settings']['calib_seed']})", "",
+                          "| variant | budget | perplexity, first | second | second vs first (paired 95%) | verdict |",
+                          "|---|---:|---:|---:|---:|---|", *rows, ""]
+    return lines
+
+
+def _trend(results) -> list[str]:
+    """The files as points along one model's training: per point and budget, each variant's perplexity change
+    against that point's original, and the paired 95% intervals of the best MoLAE variant and of G = 1
+    (molae-alloc) against the best baseline. Does MoLAE's margin grow or shrink as the experts train?"""
+    names = list(dict.fromkeys(x["variant"] for r in results for x in r["runs"]))
+    lines = ["## Along training: the margin over the best baseline", "",
+             "| point | original | budget | " + " | ".join(names) + " | best MoLAE vs best baseline | "
+             "molae-alloc (G = 1) vs best baseline |", "|---|---:|---:|" + "---:|" * len(names) + "---|---|"]
+    for r in results:
+        o = r["original"]
+        for i, b in enumerate(sorted({x["budget"] for x in r["runs"]}, reverse=True)):
+            runs = {x["variant"]: x for x in r["runs"] if x["budget"] == b}
+            cells = [f"{100 * (runs[n]['perplexity'] / o['perplexity'] - 1):+.2f}%" if n in runs else "" for n in names]
+            base = min((x for x in runs.values() if x["method"] in BASELINES), key=lambda x: x["perplexity"],
+                       default=None)
+            pairs = []
+            for mol in (_best(list(runs.values()), "molae"), runs.get("molae-alloc")):
+                if mol is None or base is None or "window_nll" not in mol:
+                    pairs.append("")
+                    continue
+                c, lo, hi = paired_change(mol["window_nll"], base["window_nll"])
+                pairs.append(f"{mol['variant']} vs {base['variant']}: {100 * c:+.2f}% [{100 * lo:+.2f}, "
+                             f"{100 * hi:+.2f}] {verdict((lo, hi))}")
+            head = f"| {r['name']} | {o['perplexity']:.3f} |" if i == 0 else "| | |"
+            lines.append(f"{head} {100 * b:g}% | " + " | ".join(cells + pairs) + " |")
+    return lines + ["", "Cells: perplexity change against the point's original; pairs: paired 95% interval over "
+                    "the same windows.", ""]
 
 
 def _plot(results, path: Path):
@@ -353,7 +423,7 @@ def cmd_bench_quality(args):
 
 def cmd_bench_quality_report(args):
 
-    report(args.files, args.out, args.commit, args.note.read_text().strip() if args.note else "")
+    report(args.files, args.out, args.commit, args.note.read_text().strip() if args.note else "", args.trend)
     print(f"wrote quality.json, quality.md and quality.png under {args.out}")
 
 
@@ -398,3 +468,6 @@ def add_commands(bench):
     bqr.add_argument("--out", type=Path, default=Path("results"), help="where quality.{json,md,png} go")
     bqr.add_argument("--commit", default=None, help="the commit the runs used, where the files record a wrong one")
     bqr.add_argument("--note", type=existing_path, default=None, help="a markdown file whose text goes under the title")
+    bqr.add_argument("--trend", action="store_true",
+                     help="the files are points along one model's training, in order: add a table of MoLAE's "
+                          "margin over the best baseline at each")

@@ -4,9 +4,8 @@
 # also at a quarter and a half of its steps; 3. the same MoE preset from scratch for the same steps (in the
 # background, beside what follows); 4. `molae bench quality` on the upcycled model (1,048,576 held-out tokens,
 # intervals, next-line exact match): the main methods, healed and not, at 50% and 25%, calibration seed 0;
-# 5. `molae analyze` of it; 6. seed 1 for the best MoLAE variants and SVD; 7. the unhealed main methods at the
-# quarter and half exports; 8. `molae analyze` of the scratch twin and the quarter export; 9. the 75% and 35%
-# points. Everything lands in $OUT as it finishes (priority order).
+# 5. `molae analyze` of it, of the scratch twin and of the quarter export; 6. seed 1 for the best MoLAE variants
+# and SVD; 7. the unhealed main methods at the quarter and half exports; 8. the 75% and 35% points. Everything lands in $OUT as it finishes (priority order).
 source scripts/gpu/common.sh
 set +e  # a background job: a failed step should not stop the ones after it
 DENSE_S=${1:-150} MOE_S=${2:-240}
@@ -35,12 +34,12 @@ q upcycled $W/up/model 0 $MAIN
 an() { python3 -m molae.cli analyze $2 --out $OUT/analyze-$1 --device cuda 2>&1 | tail -1; rm -f $OUT/analyze-$1/*.png; }
 an upcycled $W/up/model
 Q=$(ls -d $W/up/model-step* | sort -V | head -1); H=$(ls -d $W/up/model-step* | sort -V | tail -1)
+wait $SCRATCH || true  # analyses are cheap and [10] part 7 needs the scratch twin's: before the long runs
+an scratch $W/scratch/model
+an upcycled-quarter $Q
 UNHEALED=molae-alloc,molae-alloc-g,svd,d2moe,hcsmoe,prune-reap
 q upcycled-seed1 $W/up/model 1 molae-alloc,molae-alloc-g,svd
 q upcycled-quarter $Q 0 $UNHEALED
 q upcycled-half $H 0 $UNHEALED
-wait $SCRATCH || true
-an scratch $W/scratch/model
-an upcycled-quarter $Q
 q upcycled-75-35 $W/up/model 0 $UNHEALED,svd+heal,molae-alloc-g+heal 0.75,0.35
 echo "upcycled.sh done"
