@@ -297,8 +297,8 @@ def _healing(r) -> list[str]:
                  None)
         if y is not None and "window_nll" in x and "window_nll" in y:
             c, lo, hi = paired_change(x["window_nll"], y["window_nll"])
-            rows.append(f"| {x['variant']} | {100 * x['budget']:g}% | {100 * c:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}] "
-                        f"| {verdict((lo, hi))} |")
+            rows.append(f"| {x['variant']} | {100 * x['budget']:g}% | {100 * c:+.2f}% "
+                        f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {verdict((lo, hi))} |")
     return ["| healed | budget | healed vs unhealed (paired 95%) | verdict |", "|---|---:|---:|---|", *rows,
             ""] if rows else []
 
@@ -337,8 +337,9 @@ def _seeds(results) -> list[str]:
                 if y is None or "window_nll" not in x or "window_nll" not in y:
                     continue
                 c, lo, hi = paired_change(y["window_nll"], x["window_nll"])
-                rows.append(f"| {x['variant']} | {100 * x['budget']:g}% | {x['perplexity']:.4f} | {y['perplexity']:.4f} "
-                            f"| {100 * c:+.3f}% [{100 * lo:+.3f}, {100 * hi:+.3f}] | {verdict((lo, hi))} |")
+                rows.append(f"| {x['variant']} | {100 * x['budget']:g}% | {x['perplexity']:.4f} | "
+                            f"{y['perplexity']:.4f} | {100 * c:+.3f}% [{100 * lo:+.3f}, {100 * hi:+.3f}] | "
+                            f"{verdict((lo, hi))} |")
             if rows:
                 lines += [f"## Calibration samples: {b['name']} (seed {b['settings']['calib_seed']}) against "
                           f"{a['name']} (seed {a['settings']['calib_seed']})", "",
