@@ -1,16 +1,30 @@
-"""Fused elementwise kernels of the expert path (Triton on CUDA; the reference everywhere else).
+"""Fused kernels of the expert path (Triton on CUDA; the reference everywhere else).
 Each fast function has a `_reference` twin with the same signature and result.
 
-Shape legend: S routed (token, expert) slots sorted by expert; F expert intermediate size.
+Shape legend: T tokens; K experts per token; S routed (token, expert) slots (sorted by expert for the
+grouped GEMMs, token-major t*K+k for the decode kernels); E experts; G expert groups; F expert
+intermediate size; I a GEMV's input size (D, or a latent size L); R its output rows.
 
 swiglu_weighted(gate_SF, up_SF, w_S) = silu(gate) * up * w[:, None], computed in float32 (or
 wider) and returned in gate's dtype. Folding the routing weight into the SwiGLU means the routed outputs
 can be summed per token (in latent space for MoLAE) with no weighting pass of their own; done
 unfused in PyTorch the three products are three passes over [S, F], the kernel is one (two
 reads, one write), and its backward is one pass that also reduces the weight's gradient per row.
+
+The decode kernels (few tokens: T*K small) read each needed weight once, straight from the stacked [E, ...]
+and [G, ...] tensors by the router's expert ids, with no sort, no gather of weights and no host sync, so a
+decode step is four or five launches that CUDA graphs can capture:
+  group_gemv(x_TI, W_GRI, slot_TK, per_group)    -> z [T, G, R]: W_g x_t for the groups g t's experts are in
+  slot_swiglu(zg, zu, Wg_EFI, Wu_EFI, slot_TK, w_TK, per_g, per_u) -> h [T*K, F]: silu(Wg_e zg) * (Wu_e zu) * w
+  slot_sum(h_SF, W_ERF, slot_TK, per_group, G)  -> u [T, G, R]: sum over t's slots in group g of W_e h
+  group_sum(u_TGI, W_GRI, slot_TK, per_group)   -> y [T, R]: sum over t's groups of W_g u_tg
+A whole (unfactorized) kind is the same GEMV with one "group" holding every expert (per_group = E). Rows
+of z and u for groups a token does not use are left unwritten: nothing reads them.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +66,113 @@ def zero_idle_experts(w_EOI: torch.Tensor, rows_E: torch.Tensor) -> torch.Tensor
 
 
 def triton_ok(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
+    """Whether the Triton kernels run on x: CUDA, or any device under Triton's interpreter
+    (TRITON_INTERPRET=1, set before import: how the CPU tests check the kernels' logic)."""
+    return triton is not None and (x.is_cuda or INTERPRET)
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------- decode kernels
+
+def _groups_of(slot_TK: torch.Tensor, per_group: int, G: int) -> torch.Tensor:
+    """[T, G] bool: whether token t has an expert slot in group g."""
+    return F.one_hot(slot_TK // per_group, G).any(1)
+
+
+def _wide(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # the references accumulate in float32 or wider
+
+
+def group_gemv_reference(x_TI, W_GRI, slot_TK, per_group: int):
+    """z[t, g] = W[g] @ x[t] for every group (the unused groups' rows too)."""
+    dt = _wide(x_TI)
+    return torch.einsum("gri,ti->tgr", W_GRI.to(dt), x_TI.to(dt)).to(x_TI.dtype)
+
+
+def slot_swiglu_reference(zg_TGI, zu_TJI, Wg_EFI, Wu_EFJ, slot_TK, w_TK, per_g: int, per_u: int):
+    """h[t*K+k] = silu(Wg[e] zg[t, e // per_g]) * (Wu[e] zu[t, e // per_u]) * w[t, k], e = slot[t, k]."""
+    T, K = slot_TK.shape
+    dt = _wide(zg_TGI)
+    e = slot_TK.reshape(-1).long()
+    t = torch.arange(T, device=e.device).repeat_interleave(K)
+    g = torch.einsum("sfi,si->sf", Wg_EFI.to(dt)[e], zg_TGI.to(dt)[t, e // per_g])
+    u = torch.einsum("sfj,sj->sf", Wu_EFJ.to(dt)[e], zu_TJI.to(dt)[t, e // per_u])
+    return (F.silu(g) * u * w_TK.reshape(-1, 1).to(dt)).to(zg_TGI.dtype)
+
+
+def slot_sum_reference(h_SF, W_ERF, slot_TK, per_group: int, G: int):
+    """u[t, g] = sum over k with slot[t, k] in group g of W[slot[t, k]] @ h[t*K+k] (zero where none)."""
+    T, K = slot_TK.shape
+    dt = _wide(h_SF)
+    e = slot_TK.reshape(-1).long()
+    y_SR = torch.einsum("srf,sf->sr", W_ERF.to(dt)[e], h_SF.to(dt))
+    onehot_TKG = F.one_hot(slot_TK.long() // per_group, G).to(dt)
+    return torch.einsum("tkg,tkr->tgr", onehot_TKG, y_SR.view(T, K, -1)).to(h_SF.dtype)
+
+
+def group_sum_reference(u_TGI, W_GRI, slot_TK, per_group: int):
+    """y[t] = sum over the groups g that t uses of W[g] @ u[t, g]."""
+    used_TG = _groups_of(slot_TK.long(), per_group, W_GRI.shape[0])
+    u = torch.where(used_TG[..., None], u_TGI.to(_wide(u_TGI)), 0.0)  # rows of unused groups may hold anything
+    return torch.einsum("gri,tgi->tr", W_GRI.to(u.dtype), u).to(u_TGI.dtype)
+
+
+def group_gemv(x_TI, W_GRI, slot_TK, per_group: int):
+    if not _decode_ok(x_TI):
+        return group_gemv_reference(x_TI, W_GRI, slot_TK, per_group)
+    (T, n_in), (G, R, _) = x_TI.shape, W_GRI.shape
+    z = torch.empty(T, G, R, dtype=x_TI.dtype, device=x_TI.device)
+    _group_gemv[(T, G, triton.cdiv(R, BLOCK_ROWS))](
+        x_TI.contiguous(), W_GRI.contiguous(), slot_TK.contiguous(), z, n_in, R, per_group, slot_TK.shape[1],
+        BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+    return z
+
+
+def slot_swiglu(zg_TGI, zu_TJI, Wg_EFI, Wu_EFJ, slot_TK, w_TK, per_g: int, per_u: int):
+    if not _decode_ok(zg_TGI):
+        return slot_swiglu_reference(zg_TGI, zu_TJI, Wg_EFI, Wu_EFJ, slot_TK, w_TK, per_g, per_u)
+    T, K = slot_TK.shape
+    F_ = Wg_EFI.shape[1]
+    h = torch.empty(T * K, F_, dtype=zg_TGI.dtype, device=zg_TGI.device)
+    zg, zu = zg_TGI.contiguous(), zu_TJI.contiguous()
+    _slot_swiglu[(T * K, triton.cdiv(F_, BLOCK_ROWS))](
+        zg, zu, Wg_EFI.contiguous(), Wu_EFJ.contiguous(), slot_TK.contiguous(), w_TK.contiguous(), h, K, F_,
+        zg.shape[1], zg.shape[2], zu.shape[1], zu.shape[2], per_g, per_u, BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+    return h
+
+
+def slot_sum(h_SF, W_ERF, slot_TK, per_group: int, G: int):
+    if not _decode_ok(h_SF):
+        return slot_sum_reference(h_SF, W_ERF, slot_TK, per_group, G)
+    T, K = slot_TK.shape
+    R, F_ = W_ERF.shape[1:]
+    u = torch.empty(T, G, R, dtype=h_SF.dtype, device=h_SF.device)
+    _slot_sum[(T, G, triton.cdiv(R, BLOCK_ROWS))](
+        h_SF.contiguous(), W_ERF.contiguous(), slot_TK.contiguous(), u, K, R, F_, per_group, G,
+        BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+    return u
+
+
+def group_sum(u_TGI, W_GRI, slot_TK, per_group: int):
+    if not _decode_ok(u_TGI):
+        return group_sum_reference(u_TGI, W_GRI, slot_TK, per_group)
+    T, G, n_in = u_TGI.shape
+    R = W_GRI.shape[1]
+    y = torch.empty(T, R, dtype=u_TGI.dtype, device=u_TGI.device)
+    _group_sum[(T, triton.cdiv(R, BLOCK_ROWS))](
+        u_TGI.contiguous(), W_GRI.contiguous(), slot_TK.contiguous(), y, G, n_in, R, per_group,
+        slot_TK.shape[1], BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+    return y
+
+
+def _decode_ok(x: torch.Tensor) -> bool:
+    return triton_ok(x) and not torch.compiler.is_compiling()
+
+
+BLOCK_ROWS = 16  # output rows per decode program (more programs than SMs at one token: F/16, R/16 each)
+BLOCK_IN = 128  # input columns per step of a decode program's dot products
 
 
 BLOCK_F = 1024  # one program per row, walking F in blocks of this many columns
@@ -117,6 +237,71 @@ if triton is not None:
         tl.store(dw_ptr + row, tl.sum(acc, axis=0))
 
     @triton.jit
+    def _rows_dot(W_ptr, v_ptr, rows, R, n_in, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+        """[BLOCK_R] float32: W[rows, :] @ v for a row-major [R, n_in] block at W_ptr, v at v_ptr."""
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for start in range(0, n_in, BLOCK_I):
+            cols = start + tl.arange(0, BLOCK_I)
+            v = tl.load(v_ptr + cols, mask=cols < n_in, other=0.0).to(tl.float32)
+            mask = (rows[:, None] < R) & (cols[None, :] < n_in)
+            w = tl.load(W_ptr + rows[:, None] * n_in + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.sum(w * v[None, :], axis=1)
+        return acc
+
+    @triton.jit
+    def _uses_group(slot_ptr, t, K, g, per_group):
+        used = tl.full([], 0, tl.int32)
+        for k in range(K):
+            used = tl.maximum(used, (tl.load(slot_ptr + t * K + k) // per_group == g).to(tl.int32))
+        return used
+
+    @triton.jit
+    def _group_gemv(x_ptr, W_ptr, slot_ptr, z_ptr, n_in, R, per_group, K,
+                    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+        t, g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        G = tl.num_programs(1)
+        if _uses_group(slot_ptr, t, K, g, per_group) > 0:
+            rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+            z = _rows_dot(W_ptr + g * R * n_in, x_ptr + t * n_in, rows, R, n_in, BLOCK_R, BLOCK_I)
+            tl.store(z_ptr + (t * G + g) * R + rows, z.to(z_ptr.dtype.element_ty), mask=rows < R)
+
+    @triton.jit
+    def _slot_swiglu(zg_ptr, zu_ptr, Wg_ptr, Wu_ptr, slot_ptr, w_ptr, h_ptr, K, F_, Gg, Ig, Gu, Iu, per_g, per_u,
+                     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+        s = tl.program_id(0).to(tl.int64)
+        t = s // K
+        e = tl.load(slot_ptr + s).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        g = _rows_dot(Wg_ptr + e * F_ * Ig, zg_ptr + (t * Gg + e // per_g) * Ig, rows, F_, Ig, BLOCK_R, BLOCK_I)
+        u = _rows_dot(Wu_ptr + e * F_ * Iu, zu_ptr + (t * Gu + e // per_u) * Iu, rows, F_, Iu, BLOCK_R, BLOCK_I)
+        h = g * tl.sigmoid(g) * u * tl.load(w_ptr + s).to(tl.float32)
+        tl.store(h_ptr + s * F_ + rows, h.to(h_ptr.dtype.element_ty), mask=rows < F_)
+
+    @triton.jit
+    def _slot_sum(h_ptr, W_ptr, slot_ptr, u_ptr, K, R, F_, per_group, G,
+                  BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+        t, g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k in range(K):  # t's slots in group g, in a fixed order: no atomics, the same sum every run
+            e = tl.load(slot_ptr + t * K + k).to(tl.int64)
+            if e // per_group == g:
+                acc += _rows_dot(W_ptr + e * R * F_, h_ptr + (t * K + k) * F_, rows, R, F_, BLOCK_R, BLOCK_I)
+        tl.store(u_ptr + (t * G + g) * R + rows, acc.to(u_ptr.dtype.element_ty), mask=rows < R)
+
+    @triton.jit
+    def _group_sum(u_ptr, W_ptr, slot_ptr, y_ptr, G, n_in, R, per_group, K,
+                   BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for g in range(G):
+            if _uses_group(slot_ptr, t, K, g, per_group) > 0:
+                u_row = u_ptr + (t * G + g) * n_in
+                acc += _rows_dot(W_ptr + g * R * n_in, u_row, rows, R, n_in, BLOCK_R, BLOCK_I)
+        tl.store(y_ptr + t * R + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < R)
+
+    @triton.jit
     def _zero_idle(w_ptr, rows_ptr, n, BLOCK: tl.constexpr):
         e = tl.program_id(0)
         if tl.load(rows_ptr + e) == 0:  # programs of experts that got rows return at once
@@ -124,4 +309,6 @@ if triton is not None:
             tl.store(w_ptr + e.to(tl.int64) * n + cols, tl.zeros([BLOCK], dtype=w_ptr.dtype.element_ty), mask=cols < n)
 
 
-__all__ = ["triton_ok", "swiglu_weighted", "swiglu_weighted_reference", "zero_idle_experts", "zero_idle_experts_reference"]
+__all__ = ["triton_ok", "swiglu_weighted", "swiglu_weighted_reference", "zero_idle_experts", "zero_idle_experts_reference",
+           "group_gemv", "group_gemv_reference", "slot_swiglu", "slot_swiglu_reference", "slot_sum",
+           "slot_sum_reference", "group_sum", "group_sum_reference"]

@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import swiglu_weighted, zero_idle_experts
+from .kernels import group_gemv, group_sum, slot_sum, slot_swiglu, swiglu_weighted, triton_ok, zero_idle_experts
 from .presets import REAL_MODELS, moe_layer
 
 KINDS = ("gate", "up", "down")  # projection kinds of a SwiGLU expert
+IMPLS = ("fast", "grouped", "decode", "reference")  # Experts' forward paths (see Experts)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -377,8 +378,10 @@ class Experts(nn.Module):
     """Routed SwiGLU experts, stacked; kinds in `latent` factorized through per-group latents.
 
     forward(hidden_states [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D].
-    `impl` picks the path: "fast" (sorted tokens, grouped GEMMs, latent combine) or
-    "reference" (a plain loop over experts with each expert's weights multiplied out).
+    `impl` picks the path: "grouped" (sorted tokens, grouped GEMMs, latent combine), "decode" (per-slot
+    GEMVs straight from the stacked weights: few launches, for few tokens), "fast" (decode where the Triton
+    kernels run, no gradient is needed and T*K <= DECODE_MAX_SLOTS, else grouped) or "reference" (a plain
+    loop over experts with each expert's weights multiplied out).
     """
 
     shared_params: tuple[str, ...] = ()  # parameters that are not per-expert (LatentMoE's projections)
@@ -441,7 +444,18 @@ class Experts(nn.Module):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if self.impl == "reference":
             return self.forward_reference(hidden_states, top_k_index, top_k_weights)
+        if self.impl == "decode" or (self.impl == "fast" and self._decode_fits(hidden_states, top_k_index)):
+            return self.forward_decode(hidden_states, top_k_index, top_k_weights)
         return self.forward_fast(hidden_states, top_k_index, top_k_weights)
+
+    def _decode_fits(self, x_TD, idx_TK) -> bool:
+        """Few slots, the Triton kernels run here (not inside torch.compile, which takes the grouped path),
+        and no gradient is asked for (they have no backward)."""
+        return (idx_TK.numel() <= DECODE_MAX_SLOTS and triton_ok(x_TD) and not torch.compiler.is_compiling()
+                and not self._needs_grad(x_TD))
+
+    def _needs_grad(self, x_TD) -> bool:
+        return torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def forward_reference(self, x_TD, idx_TK, w_TK):
         """Slow and obvious: for each expert, its tokens through its own multiplied-out SwiGLU."""
@@ -488,6 +502,34 @@ class Experts(nn.Module):
             return r.tokens_from_slots(u_SL) @ B_GDL[0].T  # u = sum_k w_k A_k h_k, then y = B_down u
         u_PL = r.pairs_from_slots(u_SL)
         return r.tokens_from_pairs(grouped_linear(u_PL, B_GDL, r.offs_G, backend))  # sum_g B_g u_g
+
+    def forward_decode(self, x_TD, idx_TK, w_TK):
+        """For few tokens (decode, small batches): each slot's expert GEMVs read its weights where they are
+        stored (molae.kernels' decode kernels; their references off CUDA), the shared projections run only
+        for the groups a token uses, routed outputs sum in latent space per group: four or five launches,
+        no sort, no host sync (CUDA-graph capturable). Inference only: no autograd."""
+        if self._needs_grad(x_TD):
+            raise ValueError("impl='decode' has no backward: run it under torch.no_grad(), or use impl='fast'")
+        x_TD, param = _autocast(x_TD, self)
+        E, G = self.n_experts, self.groups
+        per = E // G
+        s_TK = self.slot(idx_TK)
+
+        def expert_input(kind):  # ([T, G, L] latent B_g x per group, experts per group) or ([T, 1, D] x, E)
+            if kind in self.latent:
+                return group_gemv(x_TD, param(f"{kind}_B"), s_TK, per), per
+            return x_TD[:, None, :], E
+
+        (z_gate, per_gate), (z_up, per_up) = expert_input("gate"), expert_input("up")
+        W = {k: param(f"{k}_A" if k in self.latent else f"{k}_proj") for k in KINDS}
+        h_SF = slot_swiglu(z_gate, z_up, W["gate"], W["up"], s_TK, w_TK, per_gate, per_up)  # [T*K, F]
+        if "down" not in self.latent:
+            return slot_sum(h_SF, W["down"], s_TK, E, 1)[:, 0]  # [T, D]
+        u_TGL = slot_sum(h_SF, W["down"], s_TK, per, G)  # u_tg = sum_k w_k A_k h_k over t's slots in g
+        return group_sum(u_TGL, param("down_B"), s_TK, per)  # y_t = sum_g B_g u_tg
+
+
+DECODE_MAX_SLOTS = 64  # "fast" takes the decode kernels up to this many (token, expert) slots
 
 
 def _autocast(x: torch.Tensor, module: nn.Module):
@@ -642,8 +684,8 @@ class MoE(nn.Module):
 
     @impl.setter
     def impl(self, value):
-        if value not in ("fast", "reference"):
-            raise ValueError(f"impl={value!r} is not known: allowed 'fast' or 'reference'")
+        if value not in IMPLS:
+            raise ValueError(f"impl={value!r} is not known: allowed {', '.join(map(repr, IMPLS))}")
         self.experts.impl = value
 
     def forward(self, x):

@@ -109,12 +109,14 @@ def test_bench_generate_times_each_implementation_of_a_saved_model(tmp_path):
     r = json.loads((tmp_path / "r" / "generate.json").read_text())
     rows = {x["impl"]: x for x in r["rows"]}
     assert list(rows) == list(IMPLS)
-    for impl in ("hf-eager", "moe", "molae"):  # (transformers' batched/grouped kernels may not run on a CPU)
+    for impl in ("hf-eager", "moe", "molae", "moe/grouped", "molae/grouped"):  # (transformers' batched/grouped
+        # kernels may not run on a CPU; ours forced onto the grouped path take it here anyway: no Triton)
         x = rows[impl]
         assert "error" not in x, x
         assert [p["tokens"] for p in x["prefill"]] == [8, 16] and all(p["tokens_per_s"] > 0 for p in x["prefill"])
         assert [d["batch"] for d in x["decode"]] == [1, 2] and all(d["tokens_per_s"] > 0 for d in x["decode"])
     assert rows["moe"]["same_tokens_as_hf_eager"] is True  # our standard experts: the same function
+    assert rows["moe/grouped"]["same_tokens_as_hf_eager"] is True
     assert rows["molae"]["decode_bytes"] < rows["moe"]["decode_bytes"] == rows["hf-eager"]["decode_bytes"]
     assert rows["molae"]["params"] < rows["moe"]["params"]
     md = (tmp_path / "r" / "generate.md").read_text()

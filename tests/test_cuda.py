@@ -140,3 +140,38 @@ def test_triton_zero_idle_experts_writes_only_idle_experts():
     got = zero_idle_experts(w, rows)
     assert got.data_ptr() == w.data_ptr() and torch.equal(got, want)
     assert torch.equal(got[[1, 2, 5]], torch.zeros_like(got[[1, 2, 5]]))
+
+
+@pytest.mark.parametrize("latent,groups,T", [({}, 1, 1), ({"gate": 256, "up": 256, "down": 256}, 1, 4),
+                                             ({"gate": 128, "up": 128, "down": 128}, 8, 8),
+                                             ({"gate": 192, "up": 192}, 1, 16)])
+def test_decode_kernels_on_gpu_match_float64_reference_and_replay_in_a_cuda_graph(latent, groups, T):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    D, F_, E, K = 1024, 384, 64, 8
+    gpu = Experts(D, F_, E, latent, groups).cuda().bfloat16().requires_grad_(False)
+    ref = Experts(D, F_, E, latent, groups).double()
+    with torch.no_grad():
+        for p, q in zip(gpu.parameters(), ref.parameters()):
+            q.copy_(p.double())
+
+    def inputs():
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        return x, torch.rand(T, E, device="cuda").argsort(-1)[:, :K], torch.rand(T, K, device="cuda").bfloat16()
+
+    x, idx, w = inputs()
+    assert gpu._decode_fits(x, idx)
+    out = gpu.forward_decode(x, idx, w)
+    expect = ref.forward_reference(x.double().cpu(), idx.cpu(), w.double().cpu())
+    assert rel(out.cpu(), expect) < 1e-2
+    torch.testing.assert_close(out, gpu.forward_fast(x, idx, w), rtol=2e-2, atol=2e-2)
+    static = inputs()
+    gpu.forward_decode(*static)  # warm (compiles the kernels) before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = gpu.forward_decode(*static)
+    for _ in range(2):  # new inputs into the captured buffers: the replay recomputes from them
+        x, idx, w = inputs()
+        for buf, new in zip(static, (x, idx, w)):
+            buf.copy_(new)
+        graph.replay()
+        torch.testing.assert_close(static_out, gpu.forward_decode(x, idx, w), rtol=0, atol=0)

@@ -39,9 +39,31 @@ def test_bench_layer_times_everything_and_reports(tmp_path):
                 assert r["speedup"] == pytest.approx(best / r["ms"])
         assert any(r["mode"] == "grouped forward (grouped_mm)" and r["shape"] == s.name for r in rows)
     assert next(r for r in rows if r["impl"] == "molae-g8" and r["shape"] == "48,64,6,2")["groups"] == 6  # 8 !| 6
+    paths = {(r["impl"], r["path"]) for r in rows if r["mode"] in ("forward", "forward+backward", "decode")}
+    assert paths == {("hf-eager", None), ("hf-grouped_mm", None), ("moe", "grouped"), ("molae-g1", "grouped"),
+                     ("molae-g8", "grouped")}  # no Triton on CPU tensors: the grouped path, no forced twin
     result.update(command="test", device="cpu", date="today", commit="abc", torch="t", transformers="x")
     md = report(result)
     assert "## Targets" in md and "| tiny | 16 |" in md and "decode" in md and "commit `abc`" in md
+
+
+def test_targets_read_decode_bandwidth_and_aligned_groups_off_the_rows():
+    from molae.bench.layer import _targets
+
+    def row(impl, mode, T, ms, **kw):
+        return dict(shape="deepseek-v3", impl=impl, mode=mode, tokens=T, ms=ms, **kw)
+
+    rows = [row("molae-g1", "decode", 1, 1.0, weight_bytes=100, bandwidth_fraction=0.40),
+            row("molae-g1", "decode", 8, 1.0, weight_bytes=100, bandwidth_fraction=0.45),
+            row("molae-g8", "decode", 1, 2.4, weight_bytes=200, bandwidth_fraction=0.3),  # 1.2x its byte ratio
+            row("molae-g1", "forward", 512, 1.0, flops=10), row("molae-g8", "forward", 512, 1.5, flops=15)]
+    out = "\n".join(_targets(rows, ["deepseek-v3"], [512]))
+    assert "decode on deepseek-v3, MoLAE G=1, fraction of the copy bandwidth: 1: 40%, 8: 45%" in out
+    assert "(target >= 35% at 1-4 tokens, >= 50% at 8-64: not met)" in out  # 45% < 50% at 8 tokens
+    assert "decode 1: 1.20, forward 512: 1.00 (target <= 1.15: not met)" in out
+    rows[2]["ms"] = 2.2
+    out = "\n".join(_targets(rows, ["deepseek-v3"], [512]))
+    assert "decode 1: 1.10, forward 512: 1.00 (target <= 1.15: met)" in out
 
 
 def test_bench_layer_cli_writes_results_and_rejects_bad_input(tmp_path):

@@ -8,6 +8,8 @@ directory (a reference model). Implementations (--impls), all with the same weig
   moe                                     the original with our standard `Experts` (fast path) in each block
   molae                                   converted in memory (models.to_molae, data-free, gate, up and down
                                           factorized, d from --budget, G = 1): the routers are untouched
+  moe/grouped, molae/grouped              the same, our experts forced onto the grouped-GEMM path (without
+                                          the suffix they take the decode kernels for few tokens on CUDA)
 Per implementation: prefill tokens/s (one forward over P tokens, batch 1, CUDA events, the median of repeats
 after warm-up, two input sets rotated) at each --prefill; decode tokens/s at each --batch with transformers'
 `generate` (greedy, static cache; --compile: the forward compiled, mode reduce-overhead, i.e. CUDA graphs), as
@@ -34,8 +36,8 @@ from ..presets import REAL_MODELS
 from .convert import device_name
 from .layer import _sync, median_ms, today
 
-IMPLS = ("hf-eager", "hf-batched_mm", "hf-grouped_mm", "moe", "molae")
-STANDARD = ("hf-eager", "hf-batched_mm", "hf-grouped_mm", "moe")
+IMPLS = ("hf-eager", "hf-batched_mm", "hf-grouped_mm", "moe", "molae", "moe/grouped", "molae/grouped")
+STANDARD = ("hf-eager", "hf-batched_mm", "hf-grouped_mm", "moe", "moe/grouped")
 
 
 def model_config(spec: str) -> tuple[str, dict | None]:
@@ -70,13 +72,17 @@ def build(spec: str, impl: str, device, dtype, budget: float, seed: int = 0):
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.eval()
-    if impl == "moe":
+    ours, _, path = impl.partition("/")
+    if ours == "moe":
         for n, m in find_experts(model):
             set_submodule(model, n, standard_experts(m))
-    elif impl == "molae":
+    elif ours == "molae":
         _, m = find_experts(model)[0]
         E, F_, D = m.gate_up_proj.shape[0], m.gate_up_proj.shape[1] // 2, m.gate_up_proj.shape[2]
         to_molae(model, latent_dim=uniform_latent(budget, E, F_, D), projections=KINDS, dtype=dtype)
+    if path:  # "grouped": every experts module of ours on that path
+        for _, m in find_experts(model):
+            m.impl = path
     model.generation_config.pad_token_id = 0
     return model
 

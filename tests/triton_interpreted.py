@@ -1,0 +1,98 @@
+"""Run by tests/test_decode.py in a subprocess with TRITON_INTERPRET=1: the Triton kernels of molae.kernels
+executed by Triton's CPU interpreter on CPU tensors, against their references on fresh random inputs.
+Sizes are not multiples of the kernels' blocks, so every mask is exercised."""
+
+import os
+
+import pytest
+import torch
+
+from molae import kernels as K
+from molae.layers import Experts
+
+assert os.environ.get("TRITON_INTERPRET") == "1" and K.INTERPRET, "run me with TRITON_INTERPRET=1"
+
+
+def rng():
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+
+
+def slots(T, E, Kk, g):
+    return torch.rand(T, E, generator=g).argsort(-1)[:, :Kk]
+
+
+@pytest.mark.parametrize("T,G,per,R,n_in", [(1, 1, 8, 17, 200), (3, 4, 2, 40, 33), (2, 8, 4, 5, 129)])
+def test_group_gemv(T, G, per, R, n_in):
+    g = rng()
+    x, W = torch.randn(T, n_in, generator=g), torch.randn(G, R, n_in, generator=g)
+    s = slots(T, G * per, 3, g)
+    z, ref = K.group_gemv(x, W, s, per), K.group_gemv_reference(x, W, s, per)
+    used = K._groups_of(s, per, G)  # rows of unused groups are left unwritten
+    torch.testing.assert_close(z[used], ref[used], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,Kk,E,F_,Ig,Iu,Gg,Gu", [(1, 8, 16, 37, 130, 130, 1, 1), (4, 3, 8, 20, 9, 64, 4, 1),
+                                                    (2, 2, 6, 16, 33, 17, 3, 2)])
+def test_slot_swiglu(T, Kk, E, F_, Ig, Iu, Gg, Gu):
+    g = rng()
+    zg, zu = torch.randn(T, Gg, Ig, generator=g), torch.randn(T, Gu, Iu, generator=g)
+    Wg, Wu = torch.randn(E, F_, Ig, generator=g), torch.randn(E, F_, Iu, generator=g)
+    s, w = slots(T, E, Kk, g), torch.rand(T, Kk, generator=g)
+    args = (zg, zu, Wg, Wu, s, w, E // Gg, E // Gu)
+    torch.testing.assert_close(K.slot_swiglu(*args), K.slot_swiglu_reference(*args), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,Kk,E,G,R,F_", [(1, 8, 16, 1, 19, 130), (3, 4, 8, 4, 40, 20), (2, 3, 12, 12, 7, 16)])
+def test_slot_sum_and_group_sum(T, Kk, E, G, R, F_):
+    g = rng()
+    h, W = torch.randn(T * Kk, F_, generator=g), torch.randn(E, R, F_, generator=g)
+    s = slots(T, E, Kk, g)
+    u = K.slot_sum(h, W, s, E // G, G)
+    torch.testing.assert_close(u, K.slot_sum_reference(h, W, s, E // G, G), rtol=1e-4, atol=1e-4)
+    B = torch.randn(G, 23, R, generator=g)
+    torch.testing.assert_close(K.group_sum(u, B, s, E // G), K.group_sum_reference(u, B, s, E // G),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("latent,groups,permuted", [({}, 1, False), ({"gate": 8, "up": 8}, 1, False),
+                                                    ({"gate": 8, "up": 6, "down": 5}, 4, True),
+                                                    ({"up": 7, "down": 9}, 2, False)])
+def test_experts_decode_path(latent, groups, permuted):
+    g = rng()
+    m = Experts(32, 24, 8, latent, groups, permuted=permuted)
+    if permuted:
+        m.expert_slot.copy_(torch.randperm(8, generator=g))
+    x, idx, w = torch.randn(3, 32, generator=g), slots(3, 8, 3, g), torch.rand(3, 3, generator=g)
+    with torch.no_grad():
+        assert m._decode_fits(x, idx)  # "fast" takes the decode kernels here
+        out = m(x, idx, w)
+        torch.testing.assert_close(out, m.forward_reference(x, idx, w), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("S,F_", [(1, 8), (5, 1100)])
+def test_swiglu_forward_and_backward(S, F_):
+    g = rng()
+    gate, up = torch.randn(S, F_, generator=g, requires_grad=True), torch.randn(S, F_, generator=g, requires_grad=True)
+    w, dh = torch.rand(S, generator=g, requires_grad=True), torch.randn(S, F_, generator=g)
+    grads = []
+    for fn in (K._SwiGLUWeighted.apply, K.swiglu_weighted_reference):
+        out = fn(gate, up, w)
+        grads.append((out, *torch.autograd.grad(out, (gate, up, w), dh)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_idle_experts():
+    g = rng()
+    W, rows = torch.randn(5, 3, 7, generator=g), torch.tensor([0, 2, 0, 1, 0])
+    torch.testing.assert_close(K.zero_idle_experts(W.clone(), rows), K.zero_idle_experts_reference(W, rows))
+
+
+def test_bench_layer_times_the_decode_kernels_beside_the_grouped_path():
+    from molae.bench.layer import Shape, bench_layer
+
+    result = bench_layer([Shape("tiny", 64, 32, 8, 2)], ["moe", "molae-g1"], [], [1], "cpu", torch.float32, sets=2,
+                         peak_size=32)
+    rows = {(r["impl"], r["path"]) for r in result["rows"] if r["mode"] == "decode"}
+    assert rows == {("moe", "decode"), ("moe/grouped", "grouped"), ("molae-g1", "decode"),
+                    ("molae-g1/grouped", "grouped")}
