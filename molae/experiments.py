@@ -30,9 +30,11 @@ def load_reference_run(path: Path) -> dict:
     bigram = json.loads((path / "bigram.json").read_text())
     budget = next((r for r in log if r.get("event") == "time_budget"), None)
     bad = [r for r in log if r.get("event") == "nonfinite_grad"]
+    named = lambda p: p["first"] + p["deepest"] if isinstance(p, dict) else p  # noqa: E731  (older logs: a list)
     return dict(summary=summary, bigram=bigram, curve=curve(log), time_budget=budget,
                 nonfinite_steps=[r["step"] for r in bad],
-                nonfinite_params=sorted({p for r in bad for p in r["params"]}))
+                nonfinite_params=sorted({p for r in bad for p in named(r["params"])}),
+                nonfinite_origin=next((r for r in log if r.get("event") == "nonfinite_origin"), None))
 
 
 def _notes(notes: Path | None) -> str:
@@ -53,7 +55,8 @@ def reference_report(runs: dict[str, tuple[Path, str]], out: Path, device: str, 
                           final_val_loss=s["final_val_loss"], val_bits_per_byte=s["val_bits_per_byte"],
                           val_tokens=s.get("val_tokens"), bigram=r["bigram"], skipped_steps=s.get("skipped_steps", 0),
                           nonfinite_steps=r["nonfinite_steps"], nonfinite_params=r["nonfinite_params"],
-                          data=s["data"], seed=s["config"]["seed"], lr=s["config"]["lr"], config=s["config"],
+                          nonfinite_origin=r["nonfinite_origin"], data=s["data"], seed=s["config"]["seed"],
+                          lr=s["config"]["lr"], config=s["config"],
                           curve=r["curve"], device_name=s["device_name"], torch=s["torch"])
     result = dict(device=device, date=date, command=command, models=rows)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,8 +102,19 @@ def reference_markdown(result: dict) -> str:
     for name, r in rows.items():
         if r["nonfinite_steps"]:
             lines += ["", f"{name}: {len(r['nonfinite_steps'])} steps had non-finite gradients and were skipped (steps "
-                      f"{', '.join(map(str, r['nonfinite_steps'][:20]))}); the gradients first went non-finite in "
-                      f"{', '.join(r['nonfinite_params'][:4])}, ..."]
+                      f"{', '.join(map(str, r['nonfinite_steps'][:20]))}); parameters with a non-finite gradient "
+                      f"included {', '.join(r['nonfinite_params'][:4])}, ... (a NaN that arises in the backward "
+                      "reaches every parameter below it, so these say little about where)."]
+            o = r.get("nonfinite_origin")
+            if o and o.get("reproduced"):
+                lines[-1] += (f" Re-run of the first such step, eagerly with hooks: loss finite {o['loss_finite']}, "
+                              f"first non-finite forward output {o['forward_first_nonfinite']}; in the backward the "
+                              f"output gradient of `{o['backward_last_finite_before']}` was finite and that of "
+                              f"`{o['backward_first_nonfinite']}` the first non-finite one (it arose between them); "
+                              f"{o['params']['count']} of {o['params']['of']} parameters, the deepest "
+                              f"`{o['params']['deepest'][-1]}`.")
+            elif o:
+                lines[-1] += f" A re-run of the first such step did not reproduce it ({o.get('error', 'all finite')})."
     return "\n".join(lines) + "\n"
 
 

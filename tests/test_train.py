@@ -457,8 +457,50 @@ def test_a_nonfinite_gradient_skips_the_update_and_is_logged(data_dir, tmp_path,
     summary = T.train(tiny_config(steps=6, eval_every=6, ckpt_every=6), data_dir, tmp_path / "run", progress=False)
     recs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     bad = [r for r in recs if r.get("event") == "nonfinite_grad"]
-    assert len(bad) == 1 and bad[0]["step"] == 3 and len(bad[0]["params"]) == 1
+    assert len(bad) == 1 and bad[0]["step"] == 3 and bad[0]["params"]["count"] == 1
     assert summary["skipped_steps"] == 1 and np.isfinite(summary["final_val_loss"])
+    origin = [r for r in recs if r.get("event") == "nonfinite_origin"]
+    assert len(origin) == 1 and origin[0]["reproduced"] is False  # planted after the backward: a re-run is clean
+
+
+def test_the_first_nonfinite_step_is_located_where_the_backward_made_it(data_dir, tmp_path, monkeypatch):
+    """A NaN planted in the backward of layer 1's attention output projection input, at step 3 and in its
+    re-run: the locator names the modules around it, and no parameter above it has a non-finite gradient."""
+    from molae.train import loop
+
+    class Poison(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+
+    calls = {"n": 0}
+    real_build = loop.build_model
+
+    def build_model(*args, **kw):
+        model = real_build(*args, **kw)
+        o_proj = model.model.layers[1].self_attn.o_proj
+
+        def pre(module, args):
+            calls["n"] += 1
+            return (Poison.apply(args[0]),) if module.training and calls["n"] in (3, 4) else None
+        o_proj.register_forward_pre_hook(pre)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_model)
+    summary = T.train(tiny_config(steps=5, eval_every=5, ckpt_every=5), data_dir, tmp_path / "run", progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    bad = [r for r in recs if r.get("event") == "nonfinite_grad"]
+    (origin,) = [r for r in recs if r.get("event") == "nonfinite_origin"]
+    assert [r["step"] for r in bad] == [3] and summary["skipped_steps"] == 1
+    assert origin["reproduced"] and origin["loss_finite"] and origin["forward_first_nonfinite"] is None
+    assert origin["backward_last_finite_before"] in ("model.layers.1.self_attn.o_proj", "model.layers.1.self_attn")
+    assert origin["backward_first_nonfinite"].startswith("model.layers.1.self_attn.")
+    assert origin["params"]["deepest"][-1].startswith("model.layers.1.")  # nothing above layer 1
+    assert origin["params"]["first"][0] == "model.embed_tokens.weight" and np.isfinite(summary["final_val_loss"])
 
 
 def test_reports_are_built_from_the_runs_files(data_dir, tmp_path):

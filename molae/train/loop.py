@@ -24,7 +24,8 @@ from ..families import FAMILIES
 from .config import TrainConfig, config_from_dict
 from .distributed import ExpertShards, Run, shard
 from .log import Logger, read_log
-from .metrics import LoadMeter, measured_peak_flops, nonfinite_grads, train_flops_per_token, update_router_bias
+from .metrics import (LoadMeter, locate_nonfinite, measured_peak_flops, nonfinite_summary, train_flops_per_token,
+                      update_router_bias)
 from .model import build_model, export_pretrained
 from .optim import autocast_dtype, lr_at, make_optimizer
 from .state import full_state, load_checkpoint, save_checkpoint
@@ -177,13 +178,17 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
             skipped, bad_streak = skipped + 1, bad_streak + 1
             if run.main:
                 logger.log(dict(step=step + 1, event="nonfinite_grad", loss=float(loss_sum),
-                                params=nonfinite_grads(model)[:8]), bar)
+                                params=nonfinite_summary(model)), bar)
             if bad_streak > 25:
                 raise FloatingPointError(f"{bad_streak} steps in a row with non-finite gradients at step {step + 1}: "
                                          "lower --lr or check the model config")
         sched.step()
         opt.zero_grad(set_to_none=True)
         counts = meter.take()
+        if skipped == 1 and bad_streak == 1 and run.world == 1 and experts is None:  # the run's first: where?
+            logger.log(dict(step=step + 1, event="nonfinite_origin", **_locate(model, data, cfg, step, amp)), bar)
+            opt.zero_grad(set_to_none=True)
+            meter.take()  # the re-run's routing is not this step's load
         if FAMILIES[cfg.family].balancing == "bias" and cfg.bias_update_speed > 0 and counts:
             for c in counts.values():
                 run.all_reduce(c)
@@ -275,6 +280,32 @@ def _expert_parallel(model, cfg: TrainConfig, run: Run):
     if cfg.compile:
         raise ValueError("--ep with compile is not supported yet: drop --compile (or --set compile=false)")
     return ExpertShards(model, run, cfg.ep)
+
+
+def _locate(model, data, cfg, step: int, amp) -> dict:
+    """metrics.locate_nonfinite on this step's micro-batches, one at a time, until one reproduces the
+    non-finite gradient (one process only: the re-run has no collectives). Never fatal: a failure is logged."""
+    def one(j):
+        def run():
+            x = data.batch(cfg.seed, step, j, cfg.batch_size, cfg.seq_len).to(next(model.parameters()).device)
+            with amp():
+                outputs = model(input_ids=x[:, :-1])
+                loss = F.cross_entropy(outputs.logits.flatten(0, 1).float(), x[:, 1:].flatten())
+                aux = getattr(outputs, "aux_loss", None)
+                total = loss + cfg.aux_loss_coef * aux if aux is not None else loss
+            total.backward()
+            return loss.detach()
+        return run
+
+    info = {}
+    try:
+        for j in range(cfg.grad_accum):
+            info = dict(locate_nonfinite(model, one(j)), micro_batch=j)
+            if info["reproduced"]:
+                break
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        info = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+    return info
 
 
 def _grad_norm(params, experts) -> tuple:

@@ -70,6 +70,60 @@ def nonfinite_grads(model) -> list[str]:
     return out
 
 
+def nonfinite_summary(model) -> dict:
+    """How many parameters have a non-finite gradient, and the first and last (deepest) four in model order.
+    A NaN that arises in the backward reaches every parameter below where it arose, so the deepest names say
+    more than the first ones (the embeddings, always)."""
+    bad = nonfinite_grads(model)
+    return dict(count=len(bad), of=sum(1 for _ in model.parameters()), first=bad[:4], deepest=bad[-4:])
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """The floating-point tensors in a module's output (a tensor, tuple, list or dict-like ModelOutput)."""
+    if torch.is_tensor(out):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, (tuple, list)):
+        return [t for x in out for t in _tensors(x)]
+    if isinstance(out, dict):
+        return [t for x in out.values() for t in _tensors(x)]
+    return []
+
+
+def locate_nonfinite(model, step) -> dict:
+    """Where a non-finite gradient arises. step() re-runs one step's forward and backward (the same batch);
+    it runs eagerly (torch.compile's stance forced to eager) with a hook on every module's output: the first
+    module, in forward order, whose output is non-finite, and in backward order the first module whose output
+    gradient is non-finite with the last one before it whose gradient was finite: the non-finite value arose
+    in the operations between the two (the first one's output is consumed there). Costs one extra step with a
+    host sync per module, so the trainer calls it once per run, on the first skipped step."""
+    names = {m: n for n, m in model.named_modules() if n}
+    forward_bad, grads = [], []
+
+    def hook(module, args, out):
+        ts = _tensors(out)
+        if not forward_bad and any(not torch.isfinite(t).all() for t in ts):
+            forward_bad.append(names[module])
+        for t in ts:
+            if t.requires_grad:
+                t.register_hook(lambda g, n=names[module]: grads.append((n, bool(torch.isfinite(g).all()))))
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    model.zero_grad(set_to_none=True)
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            loss = step()
+    finally:
+        for h in handles:
+            h.remove()
+    params = nonfinite_summary(model)
+    first = next((i for i, (_, ok) in enumerate(grads) if not ok), None)
+    before = None if first is None else next((n for n, ok in reversed(grads[:first]) if ok), None)
+    return dict(reproduced=params["count"] > 0, loss_finite=bool(torch.isfinite(loss)),
+                forward_first_nonfinite=forward_bad[0] if forward_bad else None,
+                backward_first_nonfinite=None if first is None else grads[first][0],
+                backward_last_finite_before=before, params=params)
+
+
 def update_router_bias(model, counts: dict[int, torch.Tensor], speed: float):
     """DeepSeek-V3's auxiliary-loss-free balancing: b_e += speed * sign(mean load - load_e)."""
     for name, buf in model.named_buffers():
