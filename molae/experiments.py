@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import write_json_atomically
+from .frontier import FRONTIER, frontier_report, run_frontier
 from .train import read_log
 
 
@@ -276,7 +277,19 @@ def main(argv=None) -> int:
     sc.add_argument("jsonl", type=Path, help="the scaling.jsonl that scripts/gpu/scaling.sh wrote")
     sc.add_argument("--commit", required=True)
     sc.add_argument("--gpu-command", required=True)
-    for q in (ref, pre, sc):
+    fr = sub.add_parser("frontier-run", help="[11] train a shape's frontier variants (molae/frontier.py), resumable")
+    fr.add_argument("shape", choices=list(FRONTIER), help="which shape's plan")
+    fr.add_argument("--data", type=Path, required=True, help="a molae data prepare directory")
+    fr.add_argument("--runs", type=Path, required=True, help="runs go to RUNS/SHAPE/VARIANT")
+    fr.add_argument("--steps", type=int, default=None, help="steps for every variant (default: the preset's)")
+    fr.add_argument("--only", default=None, help="comma-separated variants (default all, in plan order)")
+    fr.add_argument("--no-progress", action="store_true")
+    fx = sub.add_parser("frontier", help="[11] results/pretrain_frontier.{json,md,png} from finished frontier runs")
+    fx.add_argument("--runs", type=Path, required=True, help="the RUNS directory of frontier-run")
+    fx.add_argument("--shape", action="append", choices=list(FRONTIER), default=None, help="default: both")
+    fx.add_argument("--commit", required=True)
+    fx.add_argument("--gpu-command", required=True)
+    for q in (ref, pre, sc, fx):
         q.add_argument("--out", type=Path, default=Path("results"))
         q.add_argument("--device", required=True)
         q.add_argument("--date", required=True)
@@ -293,11 +306,20 @@ def main(argv=None) -> int:
             reference_report(runs, a.out, a.device, a.date, a.gpu_command, a.notes)
         elif a.command == "pretrain":
             pretrain_report(a.jsonl, a.out, a.commit, a.device, a.date, a.gpu_command, a.notes)
+        elif a.command == "frontier-run":
+            only = a.only.split(",") if a.only else None
+            done = run_frontier(a.shape, a.data, a.runs, a.steps, only, progress=not a.no_progress)
+            print(f"{a.shape}: {len(done)} runs finished under {a.runs}")
+            return
+        elif a.command == "frontier":
+            frontier_report(a.runs, a.shape or list(FRONTIER), a.out, a.commit, a.device, a.date, a.gpu_command,
+                            a.notes.read_text() if a.notes else "")
         else:
             scaling_report(a.jsonl, a.out, a.commit, a.device, a.date, a.gpu_command)
         print(f"wrote {a.command} report under {a.out}")
 
-    return run_command(go, args, name="molae experiments")
+    args.command_name = "molae experiments"
+    return run_command(args, go)
 
 
 if __name__ == "__main__":

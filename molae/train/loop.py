@@ -376,7 +376,8 @@ def _finish(model, molae_spec, data, out, cfg, run, logger, params, flops_per_to
                        mfu=float(np.median(mfus)) if mfus else None,
                        data=dict(path=str(data.path), file_list_sha256=data.manifest.get("file_list_sha256"),
                                  tokenizer_sha256=data.manifest.get("tokenizer_sha256")),
-                       torch=torch.__version__)
+                       peak_memory_gb=torch.cuda.max_memory_allocated(run.device) / 1e9 if run.device.type == "cuda"
+                       else None, torch=torch.__version__)
         up = next((r for r in records if r.get("event") == "upcycle"), None)  # in the log: survives --resume
         if up is not None:
             summary["upcycle"] = {k: v for k, v in up.items() if k not in ("step", "event", "time")}
