@@ -1,0 +1,34 @@
+# [10] One scratch reference per stretch of GPU time (what scripts/gpu/quality.sh did for [5], with [10]'s longer
+# training, intervals and order), a background job collected across calls:
+#   COMMIT=<sha> bash scripts/gpu/bg.sh start NAME bash scripts/gpu/scratch_reference.sh PRESET NAME [TRAIN_SECONDS]
+#   WAIT=540 bash scripts/gpu/bg.sh wait NAME            (later calls, while the machine stays warm)
+# Trains the reference preset for TRAIN_SECONDS (default 560: about 250M tokens at the [4] presets' speed; the
+# checkpoints are too large to come back from the GPU machine), then, in priority order, each landing in $OUT as
+# it finishes: `molae analyze` of it; `molae bench quality` with 1,048,576 held-out tokens and intervals, the
+# main methods healed and not at 50% and 25% (calibration seed 0); seed 1 for the best MoLAE variants and SVD;
+# the 75% and 35% points. Report, locally:
+#   python -m molae.cli bench quality-report FETCHED/quality-NAME*.json --out results/...
+source scripts/gpu/common.sh
+set +e  # a background job: a failed step should not stop the ones after it
+PRESET=$1; NAME=$2; BUDGET=${3:-560}
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+C=${COMMIT:-unknown}
+[ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
+W=/tmp/q-$NAME; rm -rf $W; mkdir -p $W
+python3 -m molae.train --config $PRESET --data $DATA --out $W/run --time-budget $BUDGET --no-progress 2>&1 \
+  | grep -E "^final|Error|error"
+cp $W/run/summary.json $OUT/train-summary-$NAME.json
+python3 -m molae.cli analyze $W/run/model --out $OUT/analyze-$NAME --device cuda 2>&1 | tail -1
+rm -f $OUT/analyze-$NAME/*.png
+q() {  # SUFFIX SEED METHODS BUDGETS
+  python3 -m molae.cli bench quality --model $W/run/model --name "$NAME$1" --data $DATA --device cuda \
+    --workdir $W/w$1 --json $OUT/quality-$NAME$1.json --eval-tokens 1048576 --mobe-steps 300 --calib-seed $2 \
+    --methods $3 --budgets $4 --commit "$C" --device-name "$GPU" --date "$(date -u +%F)" \
+    --command "COMMIT=$C bash scripts/gpu/bg.sh start $NAME bash scripts/gpu/scratch_reference.sh $PRESET $NAME $BUDGET" 2>&1 \
+    | grep -v "Warning\|warn(\|it/s\]\|run/s\]" | tail -2
+}
+MAIN=molae-alloc,molae-alloc+heal,molae-alloc-g,molae-alloc-g+heal,svd,svd+heal,d2moe,mobe,hcsmoe,prune-reap
+q "" 0 $MAIN 0.5,0.25
+q -seed1 1 molae-alloc,molae-alloc-g,svd 0.5,0.25
+q -75-35 0 molae-alloc,molae-alloc-g,svd,svd+heal,d2moe,mobe,hcsmoe,prune-reap 0.75,0.35
+echo "quality.sh done"
