@@ -140,6 +140,26 @@ def format_analysis(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(results: dict[str, dict]) -> str:
+    """Several models' analyses side by side, per layer and kind: row-space overlap above random subspaces of
+    the same ranks (what a shared latent can use), mean expert rank at 90% energy over m, and the shared d
+    (G = 1) that keeps 90% of the stacked energy over n. Models must share their layers and kinds."""
+    names = list(results)
+    first = results[names[0]]["layers"]
+    head = " | ".join(f"{n}: overlap - random, rank90/m, d90/n" for n in names)
+    lines = [f"| layer | kind | {head} |", "|---:|---|" + "---|" * len(names)]
+    for layer, kinds in first.items():
+        for kind in kinds:
+            cells = []
+            for n in names:
+                r = results[n]["layers"][layer][kind]
+                over = "-" if r["overlap"] is None else f"{r['overlap'] - r['overlap_random']:+.3f}"
+                cells.append(f"{over}, {r['expert_rank']['90']['mean'] / r['m']:.2f}, "
+                             f"{r['d_for_energy']['1']['90'] / r['n']:.2f}")
+            lines.append(f"| {layer} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_analysis(result: dict, out: Path):
     """energy_vs_d.png (G = 1, one line per layer, a panel per kind), spectra.png (experts' singular
     values), groups.png (G for the middle layer), ranks.png (expert ranks and shared d per layer,
@@ -228,4 +248,4 @@ def plot_analysis(result: dict, out: Path):
     plt.close(fig)
 
 
-__all__ = ["analyze_checkpoint", "analyze_projection", "format_analysis", "plot_analysis"]
+__all__ = ["analyze_checkpoint", "analyze_projection", "format_analysis", "format_comparison", "plot_analysis"]

@@ -55,6 +55,22 @@ def test_shared_row_space_is_seen():
     assert abs(independent["overlap"] - independent["overlap_random"]) < 0.1
 
 
+def test_comparison_puts_shared_and_independent_experts_side_by_side():
+    from molae.analyze import format_comparison
+
+    gen = torch.Generator().manual_seed(1)
+    E, m, n, d = 6, 10, 64, 5
+    R = torch.linalg.qr(torch.randn(n, d, generator=gen, dtype=torch.float64))[0].T
+    shared = analyze_projection(torch.linalg.qr(torch.randn(E, m, d, generator=gen, dtype=torch.float64))[0] @ R)
+    independent = analyze_projection(torch.randn(E, m, n, generator=gen, dtype=torch.float64))
+    md = format_comparison({"a": {"layers": {"0": {"up": shared}}}, "b": {"layers": {"0": {"up": independent}}}})
+    row = md.splitlines()[2].split(" | ")
+    over_a, rank_a, d_a = (float(v) for v in row[2].split(", "))
+    over_b, rank_b, d_b = (float(v) for v in row[3].rstrip(" |").split(", "))
+    assert over_a == pytest.approx(shared["overlap"] - shared["overlap_random"], abs=1e-3) and over_a > 0.7
+    assert abs(over_b) < 0.1 and rank_a == pytest.approx(d / m) and d_a < d_b
+
+
 def test_analyze_cli(tmp_path, capsys):
     model = tiny_model("deepseek_v3", dtype=torch.float32)
     model.save_pretrained(tmp_path / "m")
