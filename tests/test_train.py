@@ -503,6 +503,13 @@ def test_the_first_nonfinite_step_is_located_where_the_backward_made_it(data_dir
     assert origin["params"]["first"][0] == "model.embed_tokens.weight" and np.isfinite(summary["final_val_loss"])
 
 
+def test_profile_steps_write_the_kernel_table(data_dir, tmp_path):
+    T.train(tiny_config(steps=5, eval_every=5, ckpt_every=5, profile_steps=2), data_dir, tmp_path / "run",
+            progress=False)
+    text = (tmp_path / "run" / "profile.txt").read_text()
+    assert text.startswith("steps 4-5 (2 steps), sorted by self_") and "aten::" in text
+
+
 def test_reports_are_built_from_the_runs_files(data_dir, tmp_path):
     """reference / pretrain / scaling reports read every figure from real (tiny, CPU) runs' files."""
     from molae import experiments as X

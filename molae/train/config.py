@@ -49,6 +49,7 @@ class TrainConfig:
     ckpt_every: int = 250
     time_budget_s: float | None = None  # set `steps` from the step time measured during warmup
     export_at: list = field(default_factory=list)  # fractions of the run at which to export model-step{N}/ too
+    profile_steps: int = 0  # > 0: torch.profiler over that many steps after the first ten -> OUT/profile.txt
 
     def __post_init__(self):
         """Every field of its declared type and in range, so that a JSON file, a --set or a flag with

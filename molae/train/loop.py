@@ -148,7 +148,9 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
     skipped = bad_streak = 0
     step = start
     val = None
+    prof = _Profile(cfg, start, out if run.main else None)
     while step < cfg.steps:
+        prof.at(step)
         t_step = time.perf_counter()
         loss_sum = torch.zeros((), device=run.device)
         aux_sum = torch.zeros((), device=run.device)
@@ -236,6 +238,7 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
             save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run, experts)
             on_disk["step"] = step
             window["t0"] = time.perf_counter()  # checkpoint time is not training throughput
+    prof.at(step)
     bar.close()
     if val is None:  # resumed a run that had already reached --steps
         val, bpb = validation_loss(model, data, cfg, run, amp, bits_per_byte=True)
@@ -280,6 +283,35 @@ def _expert_parallel(model, cfg: TrainConfig, run: Run):
     if cfg.compile:
         raise ValueError("--ep with compile is not supported yet: drop --compile (or --set compile=false)")
     return ExpertShards(model, run, cfg.ep)
+
+
+class _Profile:
+    """`profile_steps`: torch.profiler (CPU and, where present, CUDA) over that many steps from ten steps into
+    the run (compilation and warm-up done), or as many as remain; the kernel table, by device time, goes to
+    OUT/profile.txt (what a GPU call can bring back) when they end. at(step) is called before each step."""
+
+    def __init__(self, cfg, start: int, out):
+        self.n, self.out, self.prof = cfg.profile_steps, out, None
+        self.first = max(start, min(start + 10, cfg.steps - cfg.profile_steps))
+
+    def at(self, step: int):
+        if not self.n or self.out is None:
+            return
+        if step == self.first and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            cuda = torch.cuda.is_available()
+            self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            self.prof.start()
+        elif self.prof is not None and step >= self.first + self.n:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.stop()
+            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            table = self.prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=100)
+            (self.out / "profile.txt").write_text(f"steps {self.first + 1}-{step} ({step - self.first} steps), "
+                                                  f"sorted by {key}\n{table}\n")
+            self.prof, self.n = None, 0
 
 
 def _locate(model, data, cfg, step: int, amp) -> dict:
