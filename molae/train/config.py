@@ -110,7 +110,7 @@ def _check_ranges(c: TrainConfig):
     bad += [f"seq_len={c.seq_len} (allowed >= 2)"] if c.seq_len < 2 else []
     bad += [f"{k}={getattr(c, k)!r} (allowed > 0)" for k in ("lr", "grad_clip", "init_std") if getattr(c, k) <= 0]
     bad += [f"{k}={getattr(c, k)!r} (allowed >= 0)" for k in ("warmup", "weight_decay", "aux_loss_coef",
-                                                             "bias_update_speed") if getattr(c, k) < 0]
+                                                             "bias_update_speed", "profile_steps") if getattr(c, k) < 0]
     bad += [f"min_lr_ratio={c.min_lr_ratio} (allowed 0 to 1)"] if not 0 <= c.min_lr_ratio <= 1 else []
     bad += [f"betas={list(c.betas)} (allowed 0 <= beta < 1)"] if not all(0 <= b < 1 for b in c.betas) else []
     bad += [f"time_budget_s={c.time_budget_s} (allowed > 0, or null)"] if c.time_budget_s is not None \
