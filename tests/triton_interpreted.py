@@ -91,8 +91,8 @@ def test_zero_idle_experts():
 def test_bench_layer_times_the_decode_kernels_beside_the_grouped_path():
     from molae.bench.layer import Shape, bench_layer
 
-    result = bench_layer([Shape("tiny", 64, 32, 8, 2)], ["moe", "molae-g1"], [], [1], "cpu", torch.float32, sets=2,
-                         peak_size=32)
-    rows = {(r["impl"], r["path"]) for r in result["rows"] if r["mode"] == "decode"}
-    assert rows == {("moe", "decode"), ("moe/grouped", "grouped"), ("molae-g1", "decode"),
-                    ("molae-g1/grouped", "grouped")}
+    result = bench_layer([Shape("tiny", 64, 32, 8, 2)], ["moe", "molae-g1"], [], [1, 40], "cpu", torch.float32,
+                         sets=2, peak_size=32)
+    rows = {(r["impl"], r["tokens"], r["path"]) for r in result["rows"] if r["mode"] == "decode"}
+    assert rows == {(i, T, p) for i in ("moe", "molae-g1") for T, p in ((1, "decode"), (40, "grouped"))} | {
+        (f"{i}/{p}", T, p) for i in ("moe", "molae-g1") for T, p in ((1, "grouped"), (40, "decode"))}  # 80 > 64

@@ -19,7 +19,8 @@ only, replayed from CUDA graphs where the implementation captures (no host sync)
 outside its timing (a decode step's few MB of weights would otherwise stay in L2 between replays), with
 the weight bytes read per token: the touched experts' matrices and the touched groups' shared
 projections, the least any implementation must read. Where our `Experts` take the decode kernels (`path`
-"decode"), the same module forced onto the grouped-GEMM path is timed beside it as "IMPL/grouped".
+"decode"), the same module forced onto the grouped-GEMM path is timed beside it as "IMPL/grouped", and
+where it takes the grouped path, forced onto the decode kernels as "IMPL/decode" (the crossover).
 Useful FLOPs are the layer's own arithmetic (standard 6·n·m·T·k; MoLAE 6·n·d per (token, group) pair
 plus 6·m·d per routed slot); forward+backward counts three times the forward.
 
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from ..kernels import triton_ok
 from ..layers import KINDS, PRESETS, Experts, Routing, group_limited, grouped_linear, pick_backend
 from ..command import (add_command, comma_list, existing_path, int_list, positive_float, positive_int,
                        progress_bar)
@@ -395,10 +397,11 @@ def bench_layer(shapes: list[Shape], impls: list[str], tokens: list[int], decode
         for T in decode_tokens:
             batch = inputs(shape, T, sets, device, dtype, gen)
             rows.append(time_impl(module, impl, shape, T, "decode", batch, device, ceilings))
-            if isinstance(module, Experts) and rows[-1]["path"] == "decode":  # and the path it replaced
-                module.impl = "grouped"
+            if isinstance(module, Experts) and triton_ok(batch[0]["x"]):  # the path "fast" did not take, beside
+                other = "grouped" if rows[-1]["path"] == "decode" else "decode"  # it: where the crossover lies
+                module.impl = other
                 rows.append(time_impl(module, impl, shape, T, "decode", batch, device, ceilings) | dict(
-                    impl=f"{impl}/grouped"))
+                    impl=f"{impl}/{other}"))
                 module.impl = "fast"
         del module
         if torch.device(device).type == "cuda":
@@ -477,7 +480,8 @@ def report(result: dict) -> str:
                         tokens, phases, cell(None, lambda r, _: f"{r['ms']:.3f}, {r['tflops']:.0f} "
                                                                 f"({100 * r['peak_fraction']:.0f}%)"))
     if decode:
-        forced = [f"{i}/grouped" for i in impls if any(r["impl"] == f"{i}/grouped" for r in rows)]
+        timed = {r["impl"] for r in rows}
+        forced = [f"{i}/{p}" for i in impls for p in ("grouped", "decode") if f"{i}/{p}" in timed]
         lines += _table("## decode: milliseconds; weight MB read per token; bandwidth (fraction of measured copy)",
                         shapes, decode, impls + forced, cell("decode", lambda r, _: (
                             f"{r['ms']:.3f}{'' if r['cuda_graph'] else ' (no graph)'}; "
@@ -486,8 +490,9 @@ def report(result: dict) -> str:
         lines += ["Decode steps are CUDA-graph replays except where marked (transformers' eager loop syncs "
                   "with the host, so it cannot be captured), each after an L2 flush (a write of twice the L2 size, "
                   "outside the timing) where marked in speed.json (`l2_flushed`). Our layers (moe, molae-g*) take "
-                  "the decode kernels where `Experts` chooses them (`path` in speed.json); the `/grouped` columns "
-                  "are the same modules forced onto the grouped-GEMM path, timed in the same run.", ""]
+                  "the decode kernels where `Experts` chooses them (`path` in speed.json); the `/grouped` and "
+                  "`/decode` columns are the same modules forced onto the path `fast` did not take, timed in the same run "
+                  "(where the two cross is what DECODE_MAX_SLOTS should be).", ""]
     return "\n".join(lines) + "\n"
 
 
