@@ -491,8 +491,8 @@ def report(result: dict) -> str:
                   "with the host, so it cannot be captured), each after an L2 flush (a write of twice the L2 size, "
                   "outside the timing) where marked in speed.json (`l2_flushed`). Our layers (moe, molae-g*) take "
                   "the decode kernels where `Experts` chooses them (`path` in speed.json); the `/grouped` and "
-                  "`/decode` columns are the same modules forced onto the path `fast` did not take, timed in the same run "
-                  "(where the two cross is what DECODE_MAX_SLOTS should be).", ""]
+                  "`/decode` columns are the same modules forced onto the path `fast` did not take, timed in the "
+                  "same run (where the two cross is what DECODE_MAX_SLOTS should be).", ""]
     return "\n".join(lines) + "\n"
 
 
