@@ -19,7 +19,8 @@ decode step is four or five launches that CUDA graphs can capture:
   slot_sum(h_SF, W_ERF, slot_TK, per_group, G)  -> u [T, G, R]: sum over t's slots in group g of W_e h
   group_sum(u_TGI, W_GRI, slot_TK, per_group)   -> y [T, R]: sum over t's groups of W_g u_tg
 A whole (unfactorized) kind is the same GEMV with one "group" holding every expert (per_group = E). Rows
-of z and u for groups a token does not use are left unwritten: nothing reads them.
+of z and u for groups a token does not use are left unwritten: nothing reads them. Each is also a torch custom
+op (torch.ops.molae.NAME), called inside torch.compile so that the compiled graph keeps the kernel whole.
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ def group_sum_reference(u_TGI, W_GRI, slot_TK, per_group: int):
     return torch.einsum("gri,tgi->tr", W_GRI.to(u.dtype), u).to(u_TGI.dtype)
 
 
-def group_gemv(x_TI, W_GRI, slot_TK, per_group: int):
-    if not _decode_ok(x_TI):
+def _group_gemv_call(x_TI: torch.Tensor, W_GRI: torch.Tensor, slot_TK: torch.Tensor, per_group: int) -> torch.Tensor:
+    if not triton_ok(x_TI):
         return group_gemv_reference(x_TI, W_GRI, slot_TK, per_group)
     (T, n_in), (G, R, _) = x_TI.shape, W_GRI.shape
     z = torch.empty(T, G, R, dtype=x_TI.dtype, device=x_TI.device)
@@ -130,8 +131,9 @@ def group_gemv(x_TI, W_GRI, slot_TK, per_group: int):
     return z
 
 
-def slot_swiglu(zg_TGI, zu_TJI, Wg_EFI, Wu_EFJ, slot_TK, w_TK, per_g: int, per_u: int):
-    if not _decode_ok(zg_TGI):
+def _slot_swiglu_call(zg_TGI: torch.Tensor, zu_TJI: torch.Tensor, Wg_EFI: torch.Tensor, Wu_EFJ: torch.Tensor,
+                      slot_TK: torch.Tensor, w_TK: torch.Tensor, per_g: int, per_u: int) -> torch.Tensor:
+    if not triton_ok(zg_TGI):
         return slot_swiglu_reference(zg_TGI, zu_TJI, Wg_EFI, Wu_EFJ, slot_TK, w_TK, per_g, per_u)
     T, K = slot_TK.shape
     F_ = Wg_EFI.shape[1]
@@ -143,8 +145,9 @@ def slot_swiglu(zg_TGI, zu_TJI, Wg_EFI, Wu_EFJ, slot_TK, w_TK, per_g: int, per_u
     return h
 
 
-def slot_sum(h_SF, W_ERF, slot_TK, per_group: int, G: int):
-    if not _decode_ok(h_SF):
+def _slot_sum_call(h_SF: torch.Tensor, W_ERF: torch.Tensor, slot_TK: torch.Tensor, per_group: int,
+                   G: int) -> torch.Tensor:
+    if not triton_ok(h_SF):
         return slot_sum_reference(h_SF, W_ERF, slot_TK, per_group, G)
     T, K = slot_TK.shape
     R, F_ = W_ERF.shape[1:]
@@ -155,8 +158,8 @@ def slot_sum(h_SF, W_ERF, slot_TK, per_group: int, G: int):
     return u
 
 
-def group_sum(u_TGI, W_GRI, slot_TK, per_group: int):
-    if not _decode_ok(u_TGI):
+def _group_sum_call(u_TGI: torch.Tensor, W_GRI: torch.Tensor, slot_TK: torch.Tensor, per_group: int) -> torch.Tensor:
+    if not triton_ok(u_TGI):
         return group_sum_reference(u_TGI, W_GRI, slot_TK, per_group)
     T, G, n_in = u_TGI.shape
     R = W_GRI.shape[1]
@@ -167,8 +170,26 @@ def group_sum(u_TGI, W_GRI, slot_TK, per_group: int):
     return y
 
 
-def _decode_ok(x: torch.Tensor) -> bool:
-    return triton_ok(x) and not torch.compiler.is_compiling()
+def _decode_op(name: str, call, fake):
+    """A decode kernel as a torch custom op (molae::NAME), so that torch.compile keeps it whole (and CUDA graphs
+    capture it) instead of tracing into Triton's launcher; eager calls skip the op's dispatch."""
+    op = torch.library.custom_op(f"molae::{name}", call, mutates_args=())
+    op.register_fake(fake)
+
+    def run(*args):
+        return op(*args) if torch.compiler.is_compiling() else call(*args)
+    run.__doc__ = (globals()[f"{name}_reference"].__doc__ or "") + " The Triton kernel where it runs."
+    return run
+
+
+group_gemv = _decode_op("group_gemv", _group_gemv_call,
+                        lambda x, W, s, per: x.new_empty(x.shape[0], W.shape[0], W.shape[1]))
+slot_swiglu = _decode_op("slot_swiglu", _slot_swiglu_call,
+                         lambda zg, zu, Wg, Wu, s, w, pg, pu: zg.new_empty(s.numel(), Wg.shape[1]))
+slot_sum = _decode_op("slot_sum", _slot_sum_call,
+                      lambda h, W, s, per, G: h.new_empty(s.shape[0], G, W.shape[1]))
+group_sum = _decode_op("group_sum", _group_sum_call,
+                       lambda u, W, s, per: u.new_empty(u.shape[0], W.shape[1]))
 
 
 BLOCK_ROWS = 16  # output rows per decode program (more programs than SMs at one token: F/16, R/16 each)

@@ -449,10 +449,9 @@ class Experts(nn.Module):
         return self.forward_fast(hidden_states, top_k_index, top_k_weights)
 
     def _decode_fits(self, x_TD, idx_TK) -> bool:
-        """Few slots, the Triton kernels run here (not inside torch.compile, which takes the grouped path),
-        and no gradient is asked for (they have no backward)."""
-        return (idx_TK.numel() <= DECODE_MAX_SLOTS and triton_ok(x_TD) and not torch.compiler.is_compiling()
-                and not self._needs_grad(x_TD))
+        """Few slots, the Triton kernels run here (inside torch.compile too: they are custom ops), and no
+        gradient is asked for (they have no backward)."""
+        return idx_TK.numel() <= DECODE_MAX_SLOTS and triton_ok(x_TD) and not self._needs_grad(x_TD)
 
     def _needs_grad(self, x_TD) -> bool:
         return torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters()))

@@ -175,3 +175,7 @@ def test_decode_kernels_on_gpu_match_float64_reference_and_replay_in_a_cuda_grap
             buf.copy_(new)
         graph.replay()
         torch.testing.assert_close(static_out, gpu.forward_decode(x, idx, w), rtol=0, atol=0)
+    compiled = torch.compile(gpu.forward_decode, mode="reduce-overhead")  # the kernels as custom ops, graphed
+    for _ in range(3):
+        x, idx, w = inputs()
+        torch.testing.assert_close(compiled(x, idx, w), gpu.forward_decode(x, idx, w), rtol=0, atol=0)

@@ -36,6 +36,25 @@ def test_decode_path_matches_the_reference(latent, groups, permuted, T):
         torch.testing.assert_close(m.forward_decode(x, idx, w), m.forward_reference(x, idx, w))
 
 
+def test_decode_path_compiles_with_its_kernels_as_custom_ops():
+    m = Experts(32, 24, 8, {"gate": 8, "up": 8, "down": 6}, 2).double()
+    x, idx, w = random_call(3)
+    graphs = []
+
+    def backend(gm, example_inputs):  # keeps the captured graph, then runs it as is
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(m.forward_decode, fullgraph=True, backend=backend)  # no graph break
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, idx, w), m.forward_reference(x, idx, w))
+    code = graphs[0].code
+    for op in ("group_gemv", "slot_swiglu", "slot_sum", "group_sum"):  # each kernel one opaque op in the graph
+        assert f"torch.ops.molae.{op}" in code, op
+    with torch.no_grad():  # and inductor compiles around them
+        torch.testing.assert_close(torch.compile(m.forward_decode)(x, idx, w), m.forward_reference(x, idx, w))
+
+
 def test_decode_refuses_gradients_and_fast_takes_it_only_where_it_fits():
     m = Experts(32, 24, 8, {"gate": 8, "up": 8}).double()
     x, idx, w = random_call(2)
