@@ -1,8 +1,10 @@
 """The decode path (few tokens): molae.kernels' decode GEMVs against their references, and Experts'
 forward_decode against forward_reference on fresh random inputs. Here the kernels' PyTorch references run
 (no CUDA); `test_triton_kernels_under_the_interpreter` runs tests/triton_interpreted.py in a subprocess under
-Triton's CPU interpreter, so the Triton kernels' indexing, masks and sums are checked without a GPU;
-tests/test_cuda.py checks them compiled, in bf16, and under CUDA-graph capture."""
+Triton's CPU interpreter, so the Triton kernels' indexing, masks and sums are checked without a GPU, and
+`test_triton_kernels_compile_for_hopper` compiles every kernel to an sm_90 binary (Triton's compiler and ptxas,
+no GPU needed), which the interpreter does not; tests/test_cuda.py checks them on a GPU, in bf16, and under
+CUDA-graph capture."""
 
 import os
 import subprocess
@@ -80,3 +82,33 @@ def test_triton_kernels_under_the_interpreter():
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=here.parent, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+
+
+def test_triton_kernels_compile_for_hopper():
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from molae import kernels as K
+
+    i32, i64 = "i32", "*i64"
+    rows = dict(BLOCK_R=16, BLOCK_I=128)
+    for dt in ("bf16", "fp32"):
+        p = f"*{dt}"
+        cases = {
+            "_group_gemv": (dict(x_ptr=p, W_ptr=p, slot_ptr=i64, z_ptr=p, n_in=i32, R=i32, per_group=i32, K=i32), rows),
+            "_slot_swiglu": (dict(zg_ptr=p, zu_ptr=p, Wg_ptr=p, Wu_ptr=p, slot_ptr=i64, w_ptr="*fp32", h_ptr=p, K=i32,
+                                  F_=i32, Gg=i32, Ig=i32, Gu=i32, Iu=i32, per_g=i32, per_u=i32), rows),
+            "_slot_sum": (dict(h_ptr=p, W_ptr=p, slot_ptr=i64, u_ptr=p, K=i32, R=i32, F_=i32, per_group=i32, G=i32), rows),
+            "_group_sum": (dict(u_ptr=p, W_ptr=p, slot_ptr=i64, y_ptr=p, G=i32, n_in=i32, R=i32, per_group=i32, K=i32),
+                           rows),
+            "_swiglu_fwd": (dict(gate_ptr=p, up_ptr=p, w_ptr="*fp32", h_ptr=p, F_=i32), dict(BLOCK=K.BLOCK_F)),
+            "_swiglu_bwd": (dict(gate_ptr=p, up_ptr=p, w_ptr="*fp32", dh_ptr=p, dgate_ptr=p, dup_ptr=p, dw_ptr="*fp32",
+                                 F_=i32), dict(BLOCK=K.BLOCK_F)),
+            "_zero_idle": (dict(w_ptr=p, rows_ptr=i64, n=i32), dict(BLOCK=K.BLOCK_ZERO)),
+        }
+        for name, (sig, const) in cases.items():
+            src = ASTSource(fn=getattr(K, name), signature={**sig, **dict.fromkeys(const, "constexpr")},
+                            constexprs=const)
+            binary = compile(src, target=GPUTarget("cuda", 90, 32))
+            assert len(binary.asm["cubin"]) > 1000, (name, dt)
