@@ -37,5 +37,6 @@ for label, a in analyses.items():
 report([dest / "quality-up-moe.json", dest / "quality-up-scratch.json"], dest,
        note="**[10] parts 2 and 7 on the CPU.** The upcycled MoE and its scratch twin of scripts/cpu/upcycled.sh "
             "(2 CPU cores; command, commit and date in each section): MoLAE with G = 1 (`molae-alloc`) and G per "
-            "layer (`molae-alloc-g`) against SVD, no healing, the same calibration and held-out windows. See README.md.")
+            "layer (`molae-alloc-g`) against SVD, no healing, the same calibration and held-out windows. "
+            "See README.md.")
 print(f"wrote analysis.md and quality.{{json,md,png}} under {dest}")
