@@ -197,6 +197,17 @@ def _best(runs, prefix):
     return min(rs, key=lambda r: r["perplexity"]) if rs else None
 
 
+def _best_baseline(runs):
+    return min((x for x in runs if x["method"] in BASELINES), key=lambda x: x["perplexity"], default=None)
+
+
+def _paired(new: dict, ref: dict, digits: int = 2) -> tuple[str, str]:
+    """("change% [lo, hi]", verdict) of run `new` against run `ref`, paired over their windows' NLLs."""
+    c, lo, hi = paired_change(new["window_nll"], ref["window_nll"])
+    f = f"+.{digits}f"
+    return f"{100 * c:{f}}% [{100 * lo:{f}}, {100 * hi:{f}}]", verdict((lo, hi))
+
+
 def report(files, out: Path, commit: str | None = None, note: str = "", trend: bool = False):
     """quality.json (all runs), quality.md (a table per model) and quality.png from bench JSON files.
     commit: the commit of the code the runs used, where the files' own record is wrong (said in the md).
@@ -274,16 +285,14 @@ def _verdict(r, budgets) -> list[str]:
              "|---:|---|---|---|---:|" + ("---:|---|" if paired else "")]
     for b in budgets:
         runs = [x for x in r["runs"] if x["budget"] == b]
-        mol = _best(runs, "molae")
-        base = min((x for x in runs if x["method"] in BASELINES), key=lambda x: x["perplexity"], default=None)
+        mol, base = _best(runs, "molae"), _best_baseline(runs)
         if mol is None or base is None:
             continue
         row = (f"| {100 * b:g}% | {mol['variant']} {mol['perplexity']:.3f} | {base['variant']} "
                f"{base['perplexity']:.3f} | {'yes' if mol['perplexity'] <= base['perplexity'] else 'no'} | "
                f"{100 * (mol['perplexity'] / o['perplexity'] - 1):+.2f}% |")
         if paired and "window_nll" in mol and "window_nll" in base:
-            c, lo, hi = paired_change(mol["window_nll"], base["window_nll"])
-            row += f" {100 * c:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}] | {verdict((lo, hi))} |"
+            row += " {} | {} |".format(*_paired(mol, base))
         lines.append(row)
     return lines + [""]
 
@@ -296,9 +305,7 @@ def _healing(r) -> list[str]:
         y = next((y for y in r["runs"] if y["variant"] == HEALED.get(x["variant"]) and y["budget"] == x["budget"]),
                  None)
         if y is not None and "window_nll" in x and "window_nll" in y:
-            c, lo, hi = paired_change(x["window_nll"], y["window_nll"])
-            rows.append(f"| {x['variant']} | {100 * x['budget']:g}% | {100 * c:+.2f}% "
-                        f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {verdict((lo, hi))} |")
+            rows.append(f"| {x['variant']} | {100 * x['budget']:g}% | " + " | ".join(_paired(x, y)) + " |")
     return ["| healed | budget | healed vs unhealed (paired 95%) | verdict |", "|---|---:|---:|---|", *rows,
             ""] if rows else []
 
@@ -336,10 +343,8 @@ def _seeds(results) -> list[str]:
                 y = next((y for y in b["runs"] if (y["variant"], y["budget"]) == (x["variant"], x["budget"])), None)
                 if y is None or "window_nll" not in x or "window_nll" not in y:
                     continue
-                c, lo, hi = paired_change(y["window_nll"], x["window_nll"])
                 rows.append(f"| {x['variant']} | {100 * x['budget']:g}% | {x['perplexity']:.4f} | "
-                            f"{y['perplexity']:.4f} | {100 * c:+.3f}% [{100 * lo:+.3f}, {100 * hi:+.3f}] | "
-                            f"{verdict((lo, hi))} |")
+                            f"{y['perplexity']:.4f} | " + " | ".join(_paired(y, x, digits=3)) + " |")
             if rows:
                 lines += [f"## Calibration samples: {b['name']} (seed {b['settings']['calib_seed']}) against "
                           f"{a['name']} (seed {a['settings']['calib_seed']})", "",
@@ -361,16 +366,13 @@ def _trend(results) -> list[str]:
         for i, b in enumerate(sorted({x["budget"] for x in r["runs"]}, reverse=True)):
             runs = {x["variant"]: x for x in r["runs"] if x["budget"] == b}
             cells = [f"{100 * (runs[n]['perplexity'] / o['perplexity'] - 1):+.2f}%" if n in runs else "" for n in names]
-            base = min((x for x in runs.values() if x["method"] in BASELINES), key=lambda x: x["perplexity"],
-                       default=None)
+            base = _best_baseline(runs.values())
             pairs = []
             for mol in (_best(list(runs.values()), "molae"), runs.get("molae-alloc")):
                 if mol is None or base is None or "window_nll" not in mol:
                     pairs.append("")
                     continue
-                c, lo, hi = paired_change(mol["window_nll"], base["window_nll"])
-                pairs.append(f"{mol['variant']} vs {base['variant']}: {100 * c:+.2f}% [{100 * lo:+.2f}, "
-                             f"{100 * hi:+.2f}] {verdict((lo, hi))}")
+                pairs.append(f"{mol['variant']} vs {base['variant']}: " + " ".join(_paired(mol, base)))
             head = f"| {r['name']} | {o['perplexity']:.3f} |" if i == 0 else "| | |"
             lines.append(f"{head} {100 * b:g}% | " + " | ".join(cells + pairs) + " |")
     return lines + ["", "Cells: perplexity change against the point's original; pairs: paired 95% interval over "
