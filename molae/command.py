@@ -316,6 +316,11 @@ def run_command(args: argparse.Namespace, func=None) -> int:
     return 0
 
 
+def error_record(e: BaseException, limit: int = 300) -> str:
+    """An exception kept as a result (a benchmark row, a log record): its type and its message's first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:limit]
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     if isinstance(e, OSError) and e.filename and str(e.filename) not in text:

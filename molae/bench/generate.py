@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..budget import uniform_latent
-from ..command import add_command, comma_list, fraction, int_list, positive_int
+from ..command import add_command, comma_list, error_record, fraction, int_list, positive_int
 from ..evaluate import efficiency
 from ..layers import KINDS
 from ..models import find_experts, set_submodule, standard_experts, to_molae
@@ -142,7 +142,7 @@ def bench_generate(specs, impls, prefill, batches, new_tokens, device, dtype, bu
                     else None
                 del model
             except Exception as e:  # noqa: BLE001  (an implementation that cannot run here is a result)
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                row["error"] = error_record(e)
             rows.append(row)
     return dict(rows=rows, prefill=list(prefill), batches=list(batches), new_tokens=new_tokens, budget=budget,
                 compile=compile_, dtype=str(dtype).removeprefix("torch."), device=device_name(device),

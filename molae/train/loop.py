@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..checkpoint import write_json_atomically
-from ..command import Interrupted, progress_bar
+from ..command import Interrupted, error_record, progress_bar
 from ..data import TokenData
 from ..evaluate import efficiency, window_bytes, windows_nll
 from ..families import FAMILIES
@@ -159,11 +159,7 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
             x = data.batch(cfg.seed, step, j, cfg.batch_size, cfg.seq_len).to(run.device, non_blocking=True)
             if run.world > 1:
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            with amp():
-                outputs = model(input_ids=x[:, :-1])
-                loss = F.cross_entropy(outputs.logits.flatten(0, 1).float(), x[:, 1:].flatten())
-                aux = getattr(outputs, "aux_loss", None)
-                total = loss + cfg.aux_loss_coef * aux if aux is not None else loss
+            loss, aux, total = _losses(model, x, cfg, amp)
             (total / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
             if aux is not None:
@@ -314,17 +310,22 @@ class _Profile:
             self.prof, self.n = None, 0
 
 
+def _losses(model, x, cfg: TrainConfig, amp) -> tuple:
+    """One micro-batch x [B, T+1]: (next-token loss, the router's aux loss or None, what backward takes)."""
+    with amp():
+        outputs = model(input_ids=x[:, :-1])
+        loss = F.cross_entropy(outputs.logits.flatten(0, 1).float(), x[:, 1:].flatten())
+        aux = getattr(outputs, "aux_loss", None)
+        return loss, aux, loss + cfg.aux_loss_coef * aux if aux is not None else loss
+
+
 def _locate(model, data, cfg, step: int, amp) -> dict:
     """metrics.locate_nonfinite on this step's micro-batches, one at a time, until one reproduces the
     non-finite gradient (one process only: the re-run has no collectives). Never fatal: a failure is logged."""
     def one(j):
         def run():
             x = data.batch(cfg.seed, step, j, cfg.batch_size, cfg.seq_len).to(next(model.parameters()).device)
-            with amp():
-                outputs = model(input_ids=x[:, :-1])
-                loss = F.cross_entropy(outputs.logits.flatten(0, 1).float(), x[:, 1:].flatten())
-                aux = getattr(outputs, "aux_loss", None)
-                total = loss + cfg.aux_loss_coef * aux if aux is not None else loss
+            loss, _, total = _losses(model, x, cfg, amp)
             total.backward()
             return loss.detach()
         return run
@@ -336,7 +337,7 @@ def _locate(model, data, cfg, step: int, amp) -> dict:
             if info["reproduced"]:
                 break
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-        info = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+        info = dict(error=error_record(e))
     return info
 
 
