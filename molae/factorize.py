@@ -388,8 +388,11 @@ def choose_groups(curves: dict, budget: int) -> dict:
         return value, cost
 
     def choose(lam):
-        picks = {layer: min(opts, key=lambda G: best(opts[G], lam)[0]) for layer, opts in curves.items()}
-        return picks, sum(best(curves[layer][G], lam)[1] for layer, G in picks.items())
+        picks, cost = {}, 0
+        for layer, opts in curves.items():
+            G, (_, c) = min(((G, best(items, lam)) for G, items in opts.items()), key=lambda pick: pick[1][0])
+            picks[layer], cost = G, cost + c
+        return picks, cost
 
     lo, hi = 0.0, 1.0
     while choose(hi)[1] > budget and hi < 1e12:  # a price high enough to fit

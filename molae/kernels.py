@@ -37,9 +37,13 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
+def _wide(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # the references accumulate in float32 or wider
+
+
 def swiglu_weighted_reference(gate_SF: torch.Tensor, up_SF: torch.Tensor, w_S: torch.Tensor) -> torch.Tensor:
     """Slow and obvious: silu(gate) * up * w per row, in float32 (or wider), cast back to gate's dtype."""
-    dt = torch.promote_types(gate_SF.dtype, torch.float32)
+    dt = _wide(gate_SF)
     return (F.silu(gate_SF.to(dt)) * up_SF.to(dt) * w_S.to(dt)[:, None]).to(gate_SF.dtype)
 
 
@@ -80,10 +84,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _groups_of(slot_TK: torch.Tensor, per_group: int, G: int) -> torch.Tensor:
     """[T, G] bool: whether token t has an expert slot in group g."""
     return F.one_hot(slot_TK // per_group, G).any(1)
-
-
-def _wide(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)  # the references accumulate in float32 or wider
 
 
 def group_gemv_reference(x_TI, W_GRI, slot_TK, per_group: int):

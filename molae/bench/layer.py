@@ -302,10 +302,9 @@ def time_impl(module, impl: str, shape: Shape, T: int, mode: str, sets: list[dic
                flops=flops, tflops=flops / ms / 1e9, peak_fraction=flops / ms / 1e9 / ceilings["matmul_tflops"],
                cuda_graph=graph, path=path_taken(module, sets[0], mode))
     if mode == "decode":
-        row["l2_flushed"] = torch.device(device).type == "cuda"
-    if mode == "decode":
         wb = statistics.mean(weight_bytes(module, shape, impl, s["idx"]) for s in sets)
-        row.update(weight_bytes=wb, weight_bytes_per_token=wb / T, bandwidth_tb_s=wb / ms / 1e9,
+        row.update(l2_flushed=torch.device(device).type == "cuda", weight_bytes=wb, weight_bytes_per_token=wb / T,
+                   bandwidth_tb_s=wb / ms / 1e9,
                    bandwidth_fraction=wb / ms / 1e9 / ceilings["copy_tb_s"])
     return row
 
