@@ -18,3 +18,14 @@ s = json.load(open(sys.argv[1] + '/summary.json')); s['log'] = read_log(sys.argv
 if len(sys.argv) > 2: s['variant'] = sys.argv[2]
 print(json.dumps(s))" "$@"
 }
+# [10]'s conversion-quality runs (scripts/gpu/upcycled.sh, scratch_reference.sh): the main methods, healed and not
+MAIN_METHODS=molae-alloc,molae-alloc+heal,molae-alloc-g,molae-alloc-g+heal,svd,svd+heal,d2moe,mobe,hcsmoe,prune-reap
+quality_1m() {  # NAME MODEL WORKDIR SEED METHODS BUDGETS COMMAND -> $OUT/quality-NAME.json (1,048,576 held-out tokens)
+  python3 -m molae.cli bench quality --model "$2" --name "$1" --data $DATA --device cuda --workdir "$3" \
+    --json $OUT/quality-$1.json --eval-tokens 1048576 --mobe-steps 300 --calib-seed "$4" --methods "$5" \
+    --budgets "$6" --commit "${COMMIT:-unknown}" --device-name "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+    --date "$(date -u +%F)" --command "$7" 2>&1 | grep -v "Warning\|warn(\|it/s\]\|run/s\]" | tail -2
+}
+analyze_to() {  # NAME MODEL -> $OUT/analyze-NAME/analysis.json (the plots dropped: the JSON is what comes back)
+  python3 -m molae.cli analyze "$2" --out $OUT/analyze-$1 --device cuda 2>&1 | tail -1; rm -f $OUT/analyze-$1/*.png
+}

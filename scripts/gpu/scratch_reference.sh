@@ -11,24 +11,15 @@
 source scripts/gpu/common.sh
 set +e  # a background job: a failed step should not stop the ones after it
 PRESET=$1; NAME=$2; BUDGET=${3:-560}
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-C=${COMMIT:-unknown}
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
 W=/tmp/q-$NAME; rm -rf $W; mkdir -p $W
 python3 -m molae.train --config $PRESET --data $DATA --out $W/run --time-budget $BUDGET --no-progress 2>&1 \
   | grep -E "^final|Error|error"
 cp $W/run/summary.json $OUT/train-summary-$NAME.json
-python3 -m molae.cli analyze $W/run/model --out $OUT/analyze-$NAME --device cuda 2>&1 | tail -1
-rm -f $OUT/analyze-$NAME/*.png
-q() {  # SUFFIX SEED METHODS BUDGETS
-  python3 -m molae.cli bench quality --model $W/run/model --name "$NAME$1" --data $DATA --device cuda \
-    --workdir $W/w$1 --json $OUT/quality-$NAME$1.json --eval-tokens 1048576 --mobe-steps 300 --calib-seed $2 \
-    --methods $3 --budgets $4 --commit "$C" --device-name "$GPU" --date "$(date -u +%F)" \
-    --command "COMMIT=$C bash scripts/gpu/bg.sh start $NAME bash scripts/gpu/scratch_reference.sh $PRESET $NAME $BUDGET" 2>&1 \
-    | grep -v "Warning\|warn(\|it/s\]\|run/s\]" | tail -2
-}
-MAIN=molae-alloc,molae-alloc+heal,molae-alloc-g,molae-alloc-g+heal,svd,svd+heal,d2moe,mobe,hcsmoe,prune-reap
-q "" 0 $MAIN 0.5,0.25
+analyze_to $NAME $W/run/model
+CMD="COMMIT=${COMMIT:-unknown} bash scripts/gpu/bg.sh start $NAME bash scripts/gpu/scratch_reference.sh $PRESET $NAME $BUDGET"
+q() { quality_1m "$NAME$1" $W/run/model $W/w$1 "$2" "$3" "$4" "$CMD"; }  # SUFFIX SEED METHODS BUDGETS
+q "" 0 $MAIN_METHODS 0.5,0.25
 q -seed1 1 molae-alloc,molae-alloc-g,svd 0.5,0.25
 q -75-35 0 molae-alloc,molae-alloc-g,svd,svd+heal,d2moe,mobe,hcsmoe,prune-reap 0.75,0.35
-echo "quality.sh done"
+echo "scratch_reference.sh done"

@@ -9,8 +9,6 @@
 source scripts/gpu/common.sh
 set +e  # a background job: a failed step should not stop the ones after it
 DENSE_S=${1:-150} MOE_S=${2:-240}
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-C=${COMMIT:-unknown}
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
 W=/tmp/upc; rm -rf $W; mkdir -p $W
 train() { python3 -m molae.train --data $DATA --no-progress "$@" 2>&1 | grep -E "^final|Error|error" || true; }
@@ -22,21 +20,14 @@ STEPS=$(python3 -c "import json; print(json.load(open('$W/up/summary.json'))['co
 (train --config ref-qwen2-upcycled --set upcycle=null --out $W/scratch --steps $STEPS \
    && cp $W/scratch/summary.json $OUT/train-summary-scratch.json) > $OUT/scratch.log 2>&1 &
 SCRATCH=$!
-q() {  # NAME MODEL SEED METHODS [BUDGETS]
-  python3 -m molae.cli bench quality --model $2 --name "$1" --data $DATA --device cuda --workdir $W/q-$1 \
-    --json $OUT/quality-$1.json --eval-tokens 1048576 --mobe-steps 300 --budgets ${5:-0.5,0.25} --calib-seed $3 \
-    --methods $4 --commit "$C" --device-name "$GPU" --date "$(date -u +%F)" \
-    --command "COMMIT=$C bash scripts/gpu/bg.sh start upcycled bash scripts/gpu/upcycled.sh $DENSE_S $MOE_S" 2>&1 \
-    | grep -v "Warning\|warn(\|it/s\]\|run/s\]" | tail -2
-}
-MAIN=molae-alloc,molae-alloc+heal,molae-alloc-g,molae-alloc-g+heal,svd,svd+heal,d2moe,mobe,hcsmoe,prune-reap
-q upcycled $W/up/model 0 $MAIN
-an() { python3 -m molae.cli analyze $2 --out $OUT/analyze-$1 --device cuda 2>&1 | tail -1; rm -f $OUT/analyze-$1/*.png; }
-an upcycled $W/up/model
+CMD="COMMIT=${COMMIT:-unknown} bash scripts/gpu/bg.sh start upcycled bash scripts/gpu/upcycled.sh $DENSE_S $MOE_S"
+q() { quality_1m "$1" "$2" $W/q-$1 "$3" "$4" "${5:-0.5,0.25}" "$CMD"; }  # NAME MODEL SEED METHODS [BUDGETS]
+q upcycled $W/up/model 0 $MAIN_METHODS
+analyze_to upcycled $W/up/model
 Q=$(ls -d $W/up/model-step* | sort -V | head -1); H=$(ls -d $W/up/model-step* | sort -V | tail -1)
 wait $SCRATCH || true  # analyses are cheap and [10] part 7 needs the scratch twin's: before the long runs
-an scratch $W/scratch/model
-an upcycled-quarter $Q
+analyze_to scratch $W/scratch/model
+analyze_to upcycled-quarter $Q
 UNHEALED=molae-alloc,molae-alloc-g,svd,d2moe,hcsmoe,prune-reap
 q upcycled-seed1 $W/up/model 1 molae-alloc,molae-alloc-g,svd
 q upcycled-quarter $Q 0 $UNHEALED
