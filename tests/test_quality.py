@@ -396,7 +396,8 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
 
     assert len(q["runs"]) == 6 + len(BASELINES) + 1  # every MoLAE variant, every other method, SVD healed
     healed = {r["variant"]: r for r in q["runs"] if "heal" in r}
-    assert set(healed) == {"molae-alloc+heal", "molae-alloc-g+heal", "svd+heal"} and healed["svd+heal"]["method"] == "svd"
+    assert set(healed) == {"molae-alloc+heal", "molae-alloc-g+heal", "svd+heal"}
+    assert healed["svd+heal"]["method"] == "svd"
     assert healed["svd+heal"]["heal"]["tokens"] == healed["molae-alloc+heal"]["heal"]["tokens"]  # the same budget
     reached = [r for r in q["runs"] if "unreachable" not in r]
     assert all(math.isfinite(r["perplexity"]) for r in reached)
