@@ -13,12 +13,14 @@ reads, one write), and its backward is one pass that also reduces the weight's g
 
 The decode kernels (few tokens: T*K small) read each needed weight once, straight from the stacked [E, ...]
 and [G, ...] tensors by the router's expert ids, with no sort, no gather of weights and no host sync, so a
-decode step is four or five launches that CUDA graphs can capture:
+decode step is five to eight launches that CUDA graphs can capture:
   group_gemv(x_TI, W_GRI, slot_TK, per_group)    -> z [T, G, R]: W_g x_t for the groups g t's experts are in
   slot_swiglu(zg, zu, Wg_EFI, Wu_EFI, slot_TK, w_TK, per_g, per_u) -> h [T*K, F]: silu(Wg_e zg) * (Wu_e zu) * w
   slot_sum(h_SF, W_ERF, slot_TK, per_group, G)  -> u [T, G, R]: sum over t's slots in group g of W_e h
   group_sum(u_TGI, W_GRI, slot_TK, per_group)   -> y [T, R]: sum over t's groups of W_g u_tg
-A whole (unfactorized) kind is the same GEMV with one "group" holding every expert (per_group = E). Rows
+A whole (unfactorized) kind is the same GEMV with one "group" holding every expert (per_group = E). Where one
+token's GEMV would leave most SMs idle, group_gemv, slot_sum and group_sum split their dot products into pieces
+(float32 partial sums, added after the kernel: `_split`). Rows
 of z and u for groups a token does not use are left unwritten: nothing reads them. Each is also a torch custom
 op (torch.ops.molae.NAME), called inside torch.compile so that the compiled graph keeps the kernel whole.
 """
@@ -120,15 +122,38 @@ def group_sum_reference(u_TGI, W_GRI, slot_TK, per_group: int):
     return torch.einsum("gri,tgi->tr", W_GRI.to(u.dtype), u).to(u_TGI.dtype)
 
 
+def _split(programs: int, n_in: int, device) -> int:
+    """How many pieces a decode GEMV splits its input (dot-product) dimension into: enough that about four
+    programs per SM stream weights (one token's GEMV has only R / BLOCK_ROWS programs otherwise: 48 at
+    Qwen3-30B-A3B's d = 768, under one per SM, which leaves most of the memory bandwidth unused), with at
+    least SPLIT_MIN_IN input columns each. Partial sums go to a float32 buffer summed after the kernel."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return max(1, min(triton.cdiv(4 * sms, max(programs, 1)), n_in // SPLIT_MIN_IN))
+
+
+def _split_out(shape, split: int, dtype, device):
+    """(the buffer a split kernel writes, the chunk of input columns per piece, how to finish it)."""
+    if split == 1:
+        return torch.empty(shape, dtype=dtype, device=device), lambda out: out
+    return (torch.empty((split, *shape), dtype=torch.float32, device=device),
+            lambda out: out.sum(0).to(dtype))
+
+
+def _chunk(n_in: int, split: int) -> int:
+    return triton.cdiv(triton.cdiv(n_in, split), BLOCK_IN) * BLOCK_IN
+
+
 def _group_gemv_call(x_TI: torch.Tensor, W_GRI: torch.Tensor, slot_TK: torch.Tensor, per_group: int) -> torch.Tensor:
     if not triton_ok(x_TI):
         return group_gemv_reference(x_TI, W_GRI, slot_TK, per_group)
     (T, n_in), (G, R, _) = x_TI.shape, W_GRI.shape
-    z = torch.empty(T, G, R, dtype=x_TI.dtype, device=x_TI.device)
-    _group_gemv[(T, G, triton.cdiv(R, BLOCK_ROWS))](
+    blocks = triton.cdiv(R, BLOCK_ROWS)
+    split = _split(T * G * blocks, n_in, x_TI.device)
+    z, finish = _split_out((T, G, R), split, x_TI.dtype, x_TI.device)
+    _group_gemv[(T, G, blocks * split)](
         x_TI.contiguous(), W_GRI.contiguous(), slot_TK.contiguous(), z, n_in, R, per_group, slot_TK.shape[1],
-        BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
-    return z
+        split, _chunk(n_in, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+    return finish(z)
 
 
 def _slot_swiglu_call(zg_TGI: torch.Tensor, zu_TJI: torch.Tensor, Wg_EFI: torch.Tensor, Wu_EFJ: torch.Tensor,
@@ -147,14 +172,22 @@ def _slot_swiglu_call(zg_TGI: torch.Tensor, zu_TJI: torch.Tensor, Wg_EFI: torch.
 
 def _slot_sum_call(h_SF: torch.Tensor, W_ERF: torch.Tensor, slot_TK: torch.Tensor, per_group: int,
                    G: int) -> torch.Tensor:
+    """Two launches: every slot's GEMV W_e h_s in parallel (float32 [S, R]; one program per slot and block of
+    rows, split along F where that leaves the GPU idle), then each token's slots summed per group in a fixed
+    order (no atomics: the same sum every run)."""
     if not triton_ok(h_SF):
         return slot_sum_reference(h_SF, W_ERF, slot_TK, per_group, G)
     T, K = slot_TK.shape
     R, F_ = W_ERF.shape[1:]
+    blocks = triton.cdiv(R, BLOCK_ROWS)
+    split = _split(T * K * blocks, F_, h_SF.device)
+    y = torch.empty(split, T * K, R, dtype=torch.float32, device=h_SF.device)
+    slot = slot_TK.contiguous()
+    _slot_gemv[(T * K, blocks * split)](h_SF.contiguous(), W_ERF.contiguous(), slot, y, T * K, R, F_, split,
+                                        _chunk(F_, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
     u = torch.empty(T, G, R, dtype=h_SF.dtype, device=h_SF.device)
-    _slot_sum[(T, G, triton.cdiv(R, BLOCK_ROWS))](
-        h_SF.contiguous(), W_ERF.contiguous(), slot_TK.contiguous(), u, K, R, F_, per_group, G,
-        BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+    _group_reduce[(T, G, triton.cdiv(R, BLOCK_REDUCE))](y, slot, u, T * K, K, R, per_group, split,
+                                                         BLOCK=BLOCK_REDUCE)
     return u
 
 
@@ -163,11 +196,13 @@ def _group_sum_call(u_TGI: torch.Tensor, W_GRI: torch.Tensor, slot_TK: torch.Ten
         return group_sum_reference(u_TGI, W_GRI, slot_TK, per_group)
     T, G, n_in = u_TGI.shape
     R = W_GRI.shape[1]
-    y = torch.empty(T, R, dtype=u_TGI.dtype, device=u_TGI.device)
-    _group_sum[(T, triton.cdiv(R, BLOCK_ROWS))](
+    blocks = triton.cdiv(R, BLOCK_ROWS)
+    split = _split(T * blocks, n_in, u_TGI.device)
+    y, finish = _split_out((T, R), split, u_TGI.dtype, u_TGI.device)
+    _group_sum[(T, blocks * split)](
         u_TGI.contiguous(), W_GRI.contiguous(), slot_TK.contiguous(), y, G, n_in, R, per_group,
-        slot_TK.shape[1], BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
-    return y
+        slot_TK.shape[1], split, _chunk(n_in, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+    return finish(y)
 
 
 def _decode_op(name: str, call, fake):
@@ -192,8 +227,10 @@ group_sum = _decode_op("group_sum", _group_sum_call,
                        lambda u, W, s, per: u.new_empty(u.shape[0], W.shape[1]))
 
 
-BLOCK_ROWS = 16  # output rows per decode program (more programs than SMs at one token: F/16, R/16 each)
-BLOCK_IN = 128  # input columns per step of a decode program's dot products
+BLOCK_ROWS = 16  # output rows per decode program
+BLOCK_IN = 256  # input columns per step of a decode program's dot products (an 8 KB bf16 tile per load)
+SPLIT_MIN_IN = 256  # the fewest input columns one piece of a split GEMV takes
+BLOCK_REDUCE = 1024  # output columns per program of the per-group slot sum
 
 
 BLOCK_F = 1024  # one program per row, walking F in blocks of this many columns
@@ -258,16 +295,23 @@ if triton is not None:
         tl.store(dw_ptr + row, tl.sum(acc, axis=0))
 
     @triton.jit
-    def _rows_dot(W_ptr, v_ptr, rows, R, n_in, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-        """[BLOCK_R] float32: W[rows, :] @ v for a row-major [R, n_in] block at W_ptr, v at v_ptr."""
+    def _rows_dot(W_ptr, v_ptr, rows, R, n_in, lo, hi, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+        """[BLOCK_R] float32: W[rows, lo:hi] @ v[lo:hi] for a row-major [R, n_in] block at W_ptr, v at v_ptr."""
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for start in range(0, n_in, BLOCK_I):
+        for start in range(lo, hi, BLOCK_I):
             cols = start + tl.arange(0, BLOCK_I)
-            v = tl.load(v_ptr + cols, mask=cols < n_in, other=0.0).to(tl.float32)
-            mask = (rows[:, None] < R) & (cols[None, :] < n_in)
+            v = tl.load(v_ptr + cols, mask=cols < hi, other=0.0).to(tl.float32)
+            mask = (rows[:, None] < R) & (cols[None, :] < hi)
             w = tl.load(W_ptr + rows[:, None] * n_in + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             acc += tl.sum(w * v[None, :], axis=1)
         return acc
+
+    @triton.jit
+    def _piece(pid, split, chunk, n_in):
+        """(block of rows, piece of the input columns [lo, hi)) of a program whose grid axis packs both."""
+        piece = pid % split
+        lo = piece * chunk
+        return pid // split, piece, lo, tl.minimum(lo + chunk, n_in)
 
     @triton.jit
     def _uses_group(slot_ptr, t, K, g, per_group):
@@ -277,14 +321,16 @@ if triton is not None:
         return used
 
     @triton.jit
-    def _group_gemv(x_ptr, W_ptr, slot_ptr, z_ptr, n_in, R, per_group, K,
+    def _group_gemv(x_ptr, W_ptr, slot_ptr, z_ptr, n_in, R, per_group, K, split, chunk,
                     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
         t, g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-        G = tl.num_programs(1)
+        T, G = tl.num_programs(0), tl.num_programs(1)
         if _uses_group(slot_ptr, t, K, g, per_group) > 0:
-            rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-            z = _rows_dot(W_ptr + g * R * n_in, x_ptr + t * n_in, rows, R, n_in, BLOCK_R, BLOCK_I)
-            tl.store(z_ptr + (t * G + g) * R + rows, z.to(z_ptr.dtype.element_ty), mask=rows < R)
+            block, piece, lo, hi = _piece(tl.program_id(2), split, chunk, n_in)
+            rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+            z = _rows_dot(W_ptr + g * R * n_in, x_ptr + t * n_in, rows, R, n_in, lo, hi, BLOCK_R, BLOCK_I)
+            out = z_ptr + piece.to(tl.int64) * T * G * R + (t * G + g) * R + rows
+            tl.store(out, z.to(z_ptr.dtype.element_ty), mask=rows < R)
 
     @triton.jit
     def _slot_swiglu(zg_ptr, zu_ptr, Wg_ptr, Wu_ptr, slot_ptr, w_ptr, h_ptr, K, F_, Gg, Ig, Gu, Iu, per_g, per_u,
@@ -293,34 +339,47 @@ if triton is not None:
         t = s // K
         e = tl.load(slot_ptr + s).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        g = _rows_dot(Wg_ptr + e * F_ * Ig, zg_ptr + (t * Gg + e // per_g) * Ig, rows, F_, Ig, BLOCK_R, BLOCK_I)
-        u = _rows_dot(Wu_ptr + e * F_ * Iu, zu_ptr + (t * Gu + e // per_u) * Iu, rows, F_, Iu, BLOCK_R, BLOCK_I)
+        g = _rows_dot(Wg_ptr + e * F_ * Ig, zg_ptr + (t * Gg + e // per_g) * Ig, rows, F_, Ig, 0, Ig, BLOCK_R,
+                      BLOCK_I)
+        u = _rows_dot(Wu_ptr + e * F_ * Iu, zu_ptr + (t * Gu + e // per_u) * Iu, rows, F_, Iu, 0, Iu, BLOCK_R,
+                      BLOCK_I)
         h = g * tl.sigmoid(g) * u * tl.load(w_ptr + s).to(tl.float32)
         tl.store(h_ptr + s * F_ + rows, h.to(h_ptr.dtype.element_ty), mask=rows < F_)
 
     @triton.jit
-    def _slot_sum(h_ptr, W_ptr, slot_ptr, u_ptr, K, R, F_, per_group, G,
-                  BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
-        t, g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-        rows = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for k in range(K):  # t's slots in group g, in a fixed order: no atomics, the same sum every run
-            e = tl.load(slot_ptr + t * K + k).to(tl.int64)
-            if e // per_group == g:
-                acc += _rows_dot(W_ptr + e * R * F_, h_ptr + (t * K + k) * F_, rows, R, F_, BLOCK_R, BLOCK_I)
-        tl.store(u_ptr + (t * G + g) * R + rows, acc.to(u_ptr.dtype.element_ty), mask=rows < R)
+    def _slot_gemv(h_ptr, W_ptr, slot_ptr, y_ptr, S, R, F_, split, chunk,
+                   BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+        s = tl.program_id(0).to(tl.int64)
+        e = tl.load(slot_ptr + s).to(tl.int64)
+        block, piece, lo, hi = _piece(tl.program_id(1), split, chunk, F_)
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        y = _rows_dot(W_ptr + e * R * F_, h_ptr + s * F_, rows, R, F_, lo, hi, BLOCK_R, BLOCK_I)
+        tl.store(y_ptr + (piece.to(tl.int64) * S + s) * R + rows, y, mask=rows < R)
 
     @triton.jit
-    def _group_sum(u_ptr, W_ptr, slot_ptr, y_ptr, G, n_in, R, per_group, K,
+    def _group_reduce(y_ptr, slot_ptr, u_ptr, S, K, R, per_group, split, BLOCK: tl.constexpr):
+        t, g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        cols = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in range(K):  # t's slots in group g, in a fixed order (and their pieces): no atomics
+            if tl.load(slot_ptr + t * K + k) // per_group == g:
+                for piece in range(split):
+                    acc += tl.load(y_ptr + (piece * S + t * K + k) * R + cols, mask=cols < R, other=0.0)
+        tl.store(u_ptr + (t * tl.num_programs(1) + g) * R + cols, acc.to(u_ptr.dtype.element_ty), mask=cols < R)
+
+    @triton.jit
+    def _group_sum(u_ptr, W_ptr, slot_ptr, y_ptr, G, n_in, R, per_group, K, split, chunk,
                    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
-        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        block, piece, lo, hi = _piece(tl.program_id(1), split, chunk, n_in)
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
         for g in range(G):
             if _uses_group(slot_ptr, t, K, g, per_group) > 0:
                 u_row = u_ptr + (t * G + g) * n_in
-                acc += _rows_dot(W_ptr + g * R * n_in, u_row, rows, R, n_in, BLOCK_R, BLOCK_I)
-        tl.store(y_ptr + t * R + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < R)
+                acc += _rows_dot(W_ptr + g * R * n_in, u_row, rows, R, n_in, lo, hi, BLOCK_R, BLOCK_I)
+        out = y_ptr + (piece.to(tl.int64) * tl.num_programs(0) + t) * R + rows
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rows < R)
 
     @triton.jit
     def _zero_idle(w_ptr, rows_ptr, n, BLOCK: tl.constexpr):

@@ -380,7 +380,7 @@ class Experts(nn.Module):
     forward(hidden_states [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D].
     `impl` picks the path: "grouped" (sorted tokens, grouped GEMMs, latent combine), "decode" (per-slot
     GEMVs straight from the stacked weights: few launches, for few tokens), "fast" (decode where the Triton
-    kernels run, no gradient is needed and T*K <= DECODE_MAX_SLOTS, else grouped) or "reference" (a plain
+    kernels run, no gradient is needed and T*K <= decode_max_slots(E), else grouped) or "reference" (a plain
     loop over experts with each expert's weights multiplied out).
     """
 
@@ -451,7 +451,7 @@ class Experts(nn.Module):
     def _decode_fits(self, x_TD, idx_TK) -> bool:
         """Few slots, the Triton kernels run here (inside torch.compile too: they are custom ops), and no
         gradient is asked for (they have no backward)."""
-        return idx_TK.numel() <= DECODE_MAX_SLOTS and triton_ok(x_TD) and not self._needs_grad(x_TD)
+        return idx_TK.numel() <= decode_max_slots(self.n_experts) and triton_ok(x_TD) and not self._needs_grad(x_TD)
 
     def _needs_grad(self, x_TD) -> bool:
         return torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -505,7 +505,7 @@ class Experts(nn.Module):
     def forward_decode(self, x_TD, idx_TK, w_TK):
         """For few tokens (decode, small batches): each slot's expert GEMVs read its weights where they are
         stored (molae.kernels' decode kernels; their references off CUDA), the shared projections run only
-        for the groups a token uses, routed outputs sum in latent space per group: four or five launches,
+        for the groups a token uses, routed outputs sum in latent space per group: five to eight launches,
         no sort, no host sync (CUDA-graph capturable). Inference only: no autograd."""
         if self._needs_grad(x_TD):
             raise ValueError("impl='decode' has no backward: run it under torch.no_grad(), or use impl='fast'")
@@ -528,7 +528,17 @@ class Experts(nn.Module):
         return group_sum(u_TGL, param("down_B"), s_TK, per)  # y_t = sum_g B_g u_tg
 
 
-DECODE_MAX_SLOTS = 64  # "fast" takes the decode kernels up to this many (token, expert) slots
+DECODE_SLOTS_PER_EXPERT = 1  # "fast" takes the decode kernels up to this many (token, expert) slots per expert
+
+
+def decode_max_slots(n_experts: int) -> int:
+    """The most routed slots `fast` sends to the decode kernels: as many as there are experts. The decode
+    kernels read an expert's matrices once per slot it serves, the grouped path once per expert, so the decode
+    path wins while each expert serves about one slot. Measured (H200, commit 243a61b, results/speed.md, each
+    layer against itself forced onto the grouped path): the standard layer's decode kernels win up to 64 slots
+    at Qwen1.5-MoE (E = 60), 8 at Mixtral (E = 8; 16 a tie), 256 at Qwen3-30B-A3B (E = 128), 128 at DeepSeek-V3
+    (E = 256; 256 a tie), and lose beyond."""
+    return DECODE_SLOTS_PER_EXPERT * n_experts
 
 
 def _autocast(x: torch.Tensor, module: nn.Module):

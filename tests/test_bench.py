@@ -95,13 +95,20 @@ def test_bench_ep_refuses_more_gpus_than_there_are(tmp_path):
     assert "--device" in proc.stderr and not (tmp_path / "ep").exists()
 
 
-def test_bench_generate_times_each_implementation_of_a_saved_model(tmp_path):
+def test_bench_generate_times_each_implementation_of_a_saved_model(tmp_path, capsys, monkeypatch):
     import torch
     from tiny import tiny_model
+    from transformers.generation.utils import GenerationMixin
 
     from molae.bench.generate import IMPLS
     from molae.cli import main
 
+    asked, criteria = [], GenerationMixin._valid_auto_compile_criteria
+
+    def spy(self, model_kwargs, generation_config):  # generate's own compilation: off unless --compile
+        asked.append(generation_config.disable_compile)
+        return criteria(self, model_kwargs, generation_config)
+    monkeypatch.setattr(GenerationMixin, "_valid_auto_compile_criteria", spy)
     tiny_model("qwen3_moe", dtype=torch.float32).save_pretrained(tmp_path / "src")
     code = main(["bench", "generate", "--model", str(tmp_path / "src"), "--device", "cpu", "--dtype", "float32",
                  "--prefill", "8,16", "--batch", "1,2", "--new-tokens", "4", "--out", str(tmp_path / "r")])
@@ -115,8 +122,11 @@ def test_bench_generate_times_each_implementation_of_a_saved_model(tmp_path):
         assert "error" not in x, x
         assert [p["tokens"] for p in x["prefill"]] == [8, 16] and all(p["tokens_per_s"] > 0 for p in x["prefill"])
         assert [d["batch"] for d in x["decode"]] == [1, 2] and all(d["tokens_per_s"] > 0 for d in x["decode"])
-    assert rows["moe"]["same_tokens_as_hf_eager"] is True  # our standard experts: the same function
-    assert rows["moe/grouped"]["same_tokens_as_hf_eager"] is True
+    assert rows["moe"]["same_tokens_as_reference"] is True  # our standard experts: the same function
+    assert rows["moe/grouped"]["same_tokens_as_reference"] is True and rows["moe"]["tokens_reference"] == "hf-eager"
+    assert asked and all(a is True for a in asked) and "partial" not in r
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'src'} molae: decode batch 2:" in out and "moe/grouped: prefill 16:" in out
     assert rows["molae"]["decode_bytes"] < rows["moe"]["decode_bytes"] == rows["hf-eager"]["decode_bytes"]
     assert rows["molae"]["params"] < rows["moe"]["params"]
     md = (tmp_path / "r" / "generate.md").read_text()

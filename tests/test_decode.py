@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from molae.layers import DECODE_MAX_SLOTS, Experts, MoE, MoEConfig
+from molae.layers import Experts, MoE, MoEConfig, decode_max_slots
 
 CASES = [({}, 1, False), ({"gate": 8, "up": 8}, 1, False), ({"gate": 8, "up": 6, "down": 5}, 4, True),
          ({"up": 7, "down": 9}, 2, False), ({"down": 6}, 8, True)]
@@ -71,7 +71,7 @@ def test_decode_refuses_gradients_and_fast_takes_it_only_where_it_fits():
     for impl in ("fast", "grouped", "decode", "reference"):
         layer.impl = impl
         assert layer.experts.impl == impl
-    assert DECODE_MAX_SLOTS >= 8  # one token's top-8 at least
+    assert decode_max_slots(8) == 8 and decode_max_slots(256) == 256  # as many slots as experts
 
 
 def test_triton_kernels_under_the_interpreter():
@@ -92,17 +92,20 @@ def test_triton_kernels_compile_for_hopper():
     from molae import kernels as K
 
     i32, i64 = "i32", "*i64"
-    rows = dict(BLOCK_R=16, BLOCK_I=128)
+    rows = dict(BLOCK_R=K.BLOCK_ROWS, BLOCK_I=K.BLOCK_IN)
     for dt in ("bf16", "fp32"):
         p = f"*{dt}"
+        split = dict(split=i32, chunk=i32)
         cases = {
-            "_group_gemv": (dict(x_ptr=p, W_ptr=p, slot_ptr=i64, z_ptr=p, n_in=i32, R=i32, per_group=i32, K=i32), rows),
+            "_group_gemv": (dict(x_ptr=p, W_ptr=p, slot_ptr=i64, z_ptr=p, n_in=i32, R=i32, per_group=i32, K=i32,
+                                 **split), rows),
             "_slot_swiglu": (dict(zg_ptr=p, zu_ptr=p, Wg_ptr=p, Wu_ptr=p, slot_ptr=i64, w_ptr="*fp32", h_ptr=p, K=i32,
                                   F_=i32, Gg=i32, Ig=i32, Gu=i32, Iu=i32, per_g=i32, per_u=i32), rows),
-            "_slot_sum": (dict(h_ptr=p, W_ptr=p, slot_ptr=i64, u_ptr=p, K=i32, R=i32, F_=i32, per_group=i32, G=i32),
-                          rows),
-            "_group_sum": (dict(u_ptr=p, W_ptr=p, slot_ptr=i64, y_ptr=p, G=i32, n_in=i32, R=i32, per_group=i32, K=i32),
-                           rows),
+            "_slot_gemv": (dict(h_ptr=p, W_ptr=p, slot_ptr=i64, y_ptr="*fp32", S=i32, R=i32, F_=i32, **split), rows),
+            "_group_reduce": (dict(y_ptr="*fp32", slot_ptr=i64, u_ptr=p, S=i32, K=i32, R=i32, per_group=i32,
+                                   split=i32), dict(BLOCK=K.BLOCK_REDUCE)),
+            "_group_sum": (dict(u_ptr=p, W_ptr=p, slot_ptr=i64, y_ptr=p, G=i32, n_in=i32, R=i32, per_group=i32, K=i32,
+                                **split), rows),
             "_swiglu_fwd": (dict(gate_ptr=p, up_ptr=p, w_ptr="*fp32", h_ptr=p, F_=i32), dict(BLOCK=K.BLOCK_F)),
             "_swiglu_bwd": (dict(gate_ptr=p, up_ptr=p, w_ptr="*fp32", dh_ptr=p, dgate_ptr=p, dup_ptr=p, dw_ptr="*fp32",
                                  F_=i32), dict(BLOCK=K.BLOCK_F)),
@@ -113,3 +116,14 @@ def test_triton_kernels_compile_for_hopper():
                             constexprs=const)
             binary = compile(src, target=GPUTarget("cuda", 90, 32))
             assert len(binary.asm["cubin"]) > 1000, (name, dt)
+
+
+def test_decode_gemvs_split_their_dot_products_only_where_one_token_would_leave_sms_idle():
+    pytest.importorskip("triton")
+    from molae.kernels import SPLIT_MIN_IN, _split
+
+    cpu = torch.device("cpu")  # counted as 132 SMs (an H100 or H200)
+    assert _split(48, 2048, cpu) == 2048 // SPLIT_MIN_IN  # Qwen3-30B-A3B's shared gate at one token: 48 programs
+    assert _split(128, 7168, cpu) == 5  # DeepSeek-V3's: 128 programs -> 640, four or more per SM
+    assert _split(8 * 448, 2048, cpu) == 1  # enough programs already
+    assert _split(2, 300, cpu) == 1  # too few columns to split

@@ -210,6 +210,27 @@ def test_overrides_and_config_errors():
         T.load_config("no-such-preset")
     with pytest.raises(ValueError, match="unknown keys"):
         T.build_model(tiny_config(molae={"latent": 3}), 512)
+    assert T.apply_overrides(cfg, ["compile_mode=reduce-overhead"]).compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match=r"compile_mode='graphs' \(allowed default, reduce-overhead"):
+        T.apply_overrides(cfg, ["compile_mode=graphs"])
+
+
+def test_load_meter_adds_every_forward_since_the_last_take_into_tensors_of_its_own():
+    from molae.train.metrics import LoadMeter
+
+    model = T.build_model(tiny_config(), 512)
+    meter = LoadMeter(model)
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        model(input_ids=x)
+        meter.settle()  # what the trainer does after each micro-batch's forward
+        once = {k: v.clone() for k, v in meter.counts.items()}
+        model(input_ids=x)  # the same batch again: twice the counts
+    counts = meter.take()
+    assert set(counts) == set(once) == set(range(TINY["num_hidden_layers"])) and meter.take() == {}
+    for k, c in counts.items():
+        assert torch.equal(c, 2 * once[k]) and c.sum() == 2 * x.numel() * TINY["num_experts_per_tok"]
+        assert all(c.data_ptr() != p.data_ptr() for p in once.values())
 
 
 # ----------------------------------------------------------------------------- training

@@ -12,11 +12,15 @@ directory (a reference model). Implementations (--impls), all with the same weig
                                           the suffix they take the decode kernels for few tokens on CUDA)
 Per implementation: prefill tokens/s (one forward over P tokens, batch 1, CUDA events, the median of repeats
 after warm-up, two input sets rotated) at each --prefill; decode tokens/s at each --batch with transformers'
-`generate` (greedy, static cache; --compile: the forward compiled, mode reduce-overhead, i.e. CUDA graphs), as
+`generate` (greedy, static cache; without --compile eager: on CUDA, generate would otherwise compile the decode
+step by itself whenever the cache is static, and compiling transformers' eager experts loop runs for many
+minutes; --compile: generate's own compilation, mode reduce-overhead, i.e. CUDA graphs, and prefill through the
+forward compiled the same way), as
 B * (N - 1) / (t(N new tokens) - t(1 new token)), so that prompt processing is not counted; the peak memory; the
 weight bytes a batch-1 decode step reads (the active parameters: every non-expert weight, top-k experts per
 layer, and for MoLAE the shared latents); and whether its greedy tokens equal hf-eager's (`moe` must: the same
 function). An implementation that fails (say, it cannot be compiled) is recorded with its error, not fatal.
+Each measurement prints a line as it ends, and the caller gets each finished row (partial results survive).
 """
 
 from __future__ import annotations
@@ -87,24 +91,29 @@ def build(spec: str, impl: str, device, dtype, budget: float, seed: int = 0):
     return model
 
 
-def time_prefill(model, P: int, device) -> dict:
+def time_prefill(model, P: int, device, forward=None) -> dict:
+    """One forward over P tokens at batch 1 (through `forward`, e.g. a compiled one, default the model)."""
+    forward = forward or model
     gen = torch.Generator(device).manual_seed(P)
     ids = [torch.randint(0, model.config.vocab_size, (1, P), generator=gen, device=device) for _ in range(2)]
     with torch.no_grad():
-        t = median_ms(lambda i: model(input_ids=ids[i]), 2, device, min_repeats=3, max_repeats=10)
+        t = median_ms(lambda i: forward(input_ids=ids[i]), 2, device, min_repeats=3, max_repeats=10)
     return dict(tokens=P, ms=t["ms"], tokens_per_s=P / t["ms"] * 1e3, peak_gb=t["peak_gb"])
 
 
-def time_decode(model, B: int, new: int, device, repeats: int = 3, prompt: int = 32) -> tuple[dict, torch.Tensor]:
+def time_decode(model, B: int, new: int, device, compile_: bool = False, repeats: int = 3,
+                prompt: int = 32) -> tuple[dict, torch.Tensor]:
     """Greedy generate with a static cache: decode tokens/s net of the prompt (see the module notes), and the
-    generated tokens [B, new]."""
+    generated tokens [B, new]. compile_: generate compiles its decode step (CompileConfig's reduce-overhead);
+    else it is kept eager."""
     gen = torch.Generator(device).manual_seed(B)
     ids = torch.randint(1, model.config.vocab_size, (B, prompt), generator=gen, device=device)
 
     def run(n):
         _sync(device)
         t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
+                             disable_compile=not compile_)
         _sync(device)
         return time.perf_counter() - t0, out
 
@@ -116,12 +125,18 @@ def time_decode(model, B: int, new: int, device, repeats: int = 3, prompt: int =
                  tokens_per_s=B * (new - 1) / max(t_full - t_one, 1e-9)), full[0][1][:, prompt:].cpu())
 
 
-def bench_generate(specs, impls, prefill, batches, new_tokens, device, dtype, budget, compile_: bool) -> dict:
+def bench_generate(specs, impls, prefill, batches, new_tokens, device, dtype, budget, compile_: bool,
+                   on_row=None) -> dict:
+    """Every implementation of every model, one after another; on_row(result so far) after each row."""
     rows = []
+    meta = dict(prefill=list(prefill), batches=list(batches), new_tokens=new_tokens, budget=budget, compile=compile_,
+                dtype=str(dtype).removeprefix("torch."), device=device_name(device), torch=torch.__version__,
+                date=today())
     for spec in specs:
         reference = None
         for impl in impls:
             row = dict(model=model_config(spec)[0], impl=impl)
+            say = lambda what: print(f"[bench generate] {row['model']} {impl}: {what}", flush=True)  # noqa: E731
             try:
                 if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()
@@ -130,23 +145,30 @@ def bench_generate(specs, impls, prefill, batches, new_tokens, device, dtype, bu
                 e = efficiency(model)  # decode bytes: what a batch-1 step reads, the active parameters
                 row.update(params=e["total_params"],
                            decode_bytes=e["active_params"] * next(model.parameters()).element_size())
-                if compile_:
-                    model.forward = torch.compile(model.forward, mode="reduce-overhead")
-                row["prefill"] = [time_prefill(model, P, device) for P in prefill]
-                decoded = [time_decode(model, B, new_tokens, device) for B in batches]
+                forward = torch.compile(model.forward, mode="reduce-overhead") if compile_ else None
+                row["prefill"] = []
+                for P in prefill:
+                    row["prefill"].append(time_prefill(model, P, device, forward))
+                    say(f"prefill {P}: {row['prefill'][-1]['tokens_per_s']:,.0f} tokens/s")
+                decoded = []
+                for B in batches:
+                    decoded.append(time_decode(model, B, new_tokens, device, compile_))
+                    say(f"decode batch {B}: {decoded[-1][0]['tokens_per_s']:,.1f} tokens/s")
                 row["decode"], tokens = [d for d, _ in decoded], decoded[0][1]
-                if impl == "hf-eager":
-                    reference = tokens
-                row["same_tokens_as_hf_eager"] = None if reference is None else bool(torch.equal(tokens, reference))
+                if reference is None and impl in STANDARD:
+                    reference = (impl, tokens)
+                row["tokens_reference"] = reference and reference[0]
+                row["same_tokens_as_reference"] = None if reference is None else bool(torch.equal(tokens, reference[1]))
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if torch.device(device).type == "cuda" \
                     else None
-                del model
+                del model, forward
             except Exception as e:  # noqa: BLE001  (an implementation that cannot run here is a result)
                 row["error"] = error_record(e)
+                say(f"failed: {row['error']}")
             rows.append(row)
-    return dict(rows=rows, prefill=list(prefill), batches=list(batches), new_tokens=new_tokens, budget=budget,
-                compile=compile_, dtype=str(dtype).removeprefix("torch."), device=device_name(device),
-                torch=torch.__version__, date=today())
+            if on_row is not None:
+                on_row(dict(meta, rows=list(rows)))
+    return dict(meta, rows=rows)
 
 
 def report(result: dict) -> str:
@@ -162,7 +184,7 @@ def report(result: dict) -> str:
         rows = [x for x in r["rows"] if x["model"] == model]
         lines += [f"## {model}", "",
                   "| impl | params | decode bytes/token | " + " | ".join(f"prefill {p}" for p in r["prefill"]) + " | "
-                  + " | ".join(f"decode B={b}" for b in r["batches"]) + " | peak GB | tokens = hf-eager |",
+                  + " | ".join(f"decode B={b}" for b in r["batches"]) + " | peak GB | greedy tokens = reference's |",
                   "|---|---:|---:|" + "---:|" * (len(r["prefill"]) + len(r["batches"])) + "---:|---|"]
         for x in rows:
             if "error" in x:
@@ -171,9 +193,12 @@ def report(result: dict) -> str:
             cells = [f"{p['tokens_per_s']:,.0f}" for p in x["prefill"]] + [f"{d['tokens_per_s']:,.1f}"
                                                                            for d in x["decode"]]
             peak = "" if x["peak_gb"] is None else f"{x['peak_gb']:.1f}"
+            same = x["same_tokens_as_reference"]
+            same = "" if same is None else f"{same} ({x['tokens_reference']})"
             lines.append(f"| {x['impl']} | {x['params'] / 1e6:,.1f}M | {x['decode_bytes'] / 1e6:,.1f} MB | "
-                         + " | ".join(cells) + f" | {peak} | {x['same_tokens_as_hf_eager']} |")
-        lines += ["", "Cells: tokens/s.", ""] + _speedups(r, rows)
+                         + " | ".join(cells) + f" | {peak} | {same} |")
+        lines += ["", "Cells: tokens/s. The reference: the first standard implementation run (the standard ones "
+                  "compute the same function, so they should agree; MoLAE need not).", ""] + _speedups(r, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -209,12 +234,17 @@ def cmd_bench_generate(args):
     specs = args.model or ["qwen3-30b-a3b:4", "deepseek-v3:2"]
     for s in specs:
         model_config(s)  # every --model checked before any is built
-    result = bench_generate(specs, args.impls, args.prefill, args.batch, args.new_tokens, args.device,
-                            getattr(torch, args.dtype), args.budget, args.compile)
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip() or "unknown"
-    result.update(commit=commit, command=args.command or "molae " + " ".join(sys.argv[1:]),
-                  transformers=transformers.__version__)
+    run = dict(commit=commit, command=args.command or "molae " + " ".join(sys.argv[1:]),
+               transformers=transformers.__version__)
+
+    def partial(result):  # what has finished so far, in place of the final files until they are written
+        write_json_atomically(args.out / "generate.json", dict(result, **run, partial=True))
+
+    result = bench_generate(specs, args.impls, args.prefill, args.batch, args.new_tokens, args.device,
+                            getattr(torch, args.dtype), args.budget, args.compile, on_row=partial)
+    result.update(run)
     write_json_atomically(args.out / "generate.json", result)
     write_text_atomically(args.out / "generate.md", report(result))
     failed = [f"{x['model']} {x['impl']}" for x in result["rows"] if "error" in x]

@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 (no autocast) on CPU
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode for each layer; reduce-overhead: CUDA graphs (fewer launches)
     ep: int = 1  # expert parallelism: each MoE layer's experts split over this many processes (torchrun)
     log_every: int = 10
     eval_every: int = 250
@@ -103,6 +104,9 @@ def _typed(name: str, hint, value):
     raise ValueError(f"{name}={value!r} is not {_describe(hint)}: {name} takes {_describe(hint)}")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
 def _check_ranges(c: TrainConfig):
     bad = [f"{k}={getattr(c, k)!r} (allowed >= 1)" for k in ("steps", "batch_size", "grad_accum", "log_every",
                                                              "eval_every", "eval_tokens", "ckpt_every", "ep")
@@ -115,6 +119,8 @@ def _check_ranges(c: TrainConfig):
     bad += [f"betas={list(c.betas)} (allowed 0 <= beta < 1)"] if not all(0 <= b < 1 for b in c.betas) else []
     bad += [f"time_budget_s={c.time_budget_s} (allowed > 0, or null)"] if c.time_budget_s is not None \
         and c.time_budget_s <= 0 else []
+    bad += [f"compile_mode={c.compile_mode!r} (allowed {', '.join(COMPILE_MODES)})"] if c.compile_mode not in \
+        COMPILE_MODES else []
     bad += [f"dtype={c.dtype!r} (allowed auto, bfloat16, float16, float32)"] if c.dtype not in (
         "auto", "bfloat16", "float16", "float32") else []
     bad += [f"export_at={c.export_at} (allowed fractions between 0 and 1)"] if not all(

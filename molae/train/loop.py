@@ -129,10 +129,11 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
     if run.main:
         write_json_atomically(out / "train_config.json", asdict(cfg))
     run.barrier()
+    graphed = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")  # layers as CUDA graphs
     if cfg.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
         for layer in model.model.layers:
-            layer.compile()
+            layer.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     peak = measured_peak_flops(run.device, amp_dtype or torch.float32)
     logger = Logger(out, run.main, start if resume else None)
     if run.main and not resume:
@@ -159,7 +160,10 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
             x = data.batch(cfg.seed, step, j, cfg.batch_size, cfg.seq_len).to(run.device, non_blocking=True)
             if run.world > 1:
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+            if graphed:  # a new iteration: the graphs may overwrite the previous micro-batch's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             loss, aux, total = _losses(model, x, cfg, amp)
+            meter.settle()  # this forward's expert loads, out of the graphs' buffers before the next replay
             (total / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
             if aux is not None:

@@ -35,7 +35,7 @@ class LoadMeter:
     """Counts routed slots per expert per MoE layer, on the device, from the experts' inputs."""
 
     def __init__(self, model):
-        self.counts, self.handles = {}, []
+        self.counts, self.pending, self.handles = {}, {}, []
         for name, m in find_experts(model):
             if isinstance(m, (Experts, ExpertParallelExperts)):
                 self.handles.append(m.register_forward_hook(self._hook(layer_index(name), m.n_experts)))
@@ -43,11 +43,18 @@ class LoadMeter:
     def _hook(self, layer, E):
         def hook(module, args, output):
             idx = args[1].detach().reshape(-1)
-            c = torch.bincount(idx, minlength=E)
-            self.counts[layer] = self.counts[layer] + c if layer in self.counts else c
+            self.pending.setdefault(layer, []).append(torch.bincount(idx, minlength=E))
         return hook
 
+    def settle(self):
+        """Add the forwards' counts since the last call into new tensors: where the layers are compiled with CUDA
+        graphs, a hook's output lives in a graph's buffer, which the next replay of that graph overwrites."""
+        for layer, cs in self.pending.items():
+            self.counts[layer] = sum(cs, self.counts.get(layer, torch.zeros_like(cs[0])))
+        self.pending = {}
+
     def take(self) -> dict[int, torch.Tensor]:
+        self.settle()
         counts, self.counts = self.counts, {}
         return counts
 

@@ -1,6 +1,10 @@
 """Kernel-time breakdown of one experts step (torch.profiler), for finding where the time goes.
-python3 scripts/gpu/profile_layer.py SHAPE IMPL TOKENS [MODE]   (MODE: forward | forward+backward)"""
+python3 scripts/gpu/profile_layer.py SHAPE IMPL TOKENS [MODE]   (MODE: forward | forward+backward)
+Prints the wall time per step (20 steps, synchronised at the end), the device time per step (the profiled kernels'
+total) and the host time per step (the profiled CPU total): a step whose wall time is near its host time and well
+above its device time is bound by launching, not by the GPU."""
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -15,9 +19,18 @@ step = _steps(module, sets, mode)
 for i in range(3):
     step(i % 2)
 torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
+t0 = time.perf_counter()
+for i in range(20):
+    step(i % 2)
+torch.cuda.synchronize()
+wall_ms = (time.perf_counter() - t0) / 20 * 1e3
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     for i in range(4):
         step(i % 2)
     torch.cuda.synchronize()
-print(f"== {shape.name} {impl} {T} {mode}: per step (4 steps profiled)")
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=90))
+events = prof.key_averages()
+device_ms = sum(e.self_device_time_total for e in events) / 4 / 1e3
+host_ms = sum(e.self_cpu_time_total for e in events) / 4 / 1e3
+print(f"== {shape.name} {impl} {T} {mode}: wall {wall_ms:.3f} ms/step, device {device_ms:.3f} ms/step, "
+      f"host (profiled) {host_ms:.3f} ms/step; kernels per step (4 steps profiled):")
+print(events.table(sort_by="device_time_total", row_limit=18, max_name_column_width=90))

@@ -1,12 +1,21 @@
-# [11] Where a training step's time goes, per preset (one GPU call): COMMIT=<sha> bash scripts/gpu/profile_train.sh [PRESETS...]
-# Each preset runs 40 steps with `--set profile_steps=5` (steps 11-15 profiled, after compilation and warm-up);
-# OUT/PRESET/ gets the run's summary.json (tokens/s, MFU, peak memory) and profile.txt (kernels by device time).
+# [11] Where a training step's time goes, per preset (one GPU call, or inside bg.sh):
+#   COMMIT=<sha> bash scripts/gpu/profile_train.sh [PRESET[@MODE]...]
+# Each run is 40 steps with `--set profile_steps=5` (steps 11-15 profiled, after compilation and warm-up) and a
+# log line every 20 steps (the second one's tokens/s is past compilation); PRESET@MODE sets compile_mode=MODE
+# (reduce-overhead: each layer a CUDA graph), so the default and graphed layers are measured side by side.
+# OUT/PRESET[@MODE]/ gets the run's summary.json, log.jsonl and profile.txt; OUT/profile.{json,md} their table.
 source scripts/gpu/common.sh
-PRESETS=("$@"); [ ${#PRESETS[@]} -gt 0 ] || PRESETS=(ref-qwen2-moe ref-deepseek-v3 frontier-nm frontier-n4m)
+RUNS=("$@"); [ ${#RUNS[@]} -gt 0 ] || RUNS=(ref-qwen2-moe ref-qwen2-moe@reduce-overhead ref-deepseek-v3
+  ref-deepseek-v3@reduce-overhead frontier-nm frontier-nm@reduce-overhead frontier-n4m frontier-n4m@reduce-overhead)
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
-for p in "${PRESETS[@]}"; do
-  rm -rf /tmp/prof-$p; mkdir -p $OUT/$p
-  python3 -m molae.train --config $p --data $DATA --out /tmp/prof-$p --steps 40 --set profile_steps=5 \
-    --set eval_every=40 --set ckpt_every=40 --set eval_tokens=32768 --no-progress 2>&1 | grep -E "^final|Error|error"
-  cp /tmp/prof-$p/summary.json /tmp/prof-$p/profile.txt $OUT/$p/ 2>/dev/null
+for r in "${RUNS[@]}"; do
+  p=${r%@*}; mode=default; [ "$r" = "$p" ] || mode=${r#*@}
+  rm -rf /tmp/prof-$r; mkdir -p $OUT/$r
+  python3 -m molae.train --config $p --data $DATA --out /tmp/prof-$r --steps 40 --set profile_steps=5 \
+    --set compile_mode=$mode --set log_every=20 --set eval_every=40 --set ckpt_every=40 --set eval_tokens=32768 \
+    --no-progress 2>&1 | grep -E "^final|Error|error" || true
+  cp /tmp/prof-$r/summary.json /tmp/prof-$r/log.jsonl /tmp/prof-$r/profile.txt $OUT/$r/ 2>/dev/null || true
 done
+python3 scripts/gpu/profile_report.py $OUT --commit "${COMMIT:-unknown}" --date "$(date -u +%F)" \
+  --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+  --command "COMMIT=${COMMIT:-unknown} bash scripts/gpu/profile_train.sh $*"
