@@ -13,20 +13,22 @@ reads, one write), and its backward is one pass that also reduces the weight's g
 
 The decode kernels (few tokens: T*K small) read each needed weight once, straight from the stacked [E, ...]
 and [G, ...] tensors by the router's expert ids, with no sort, no gather of weights and no host sync, so a
-decode step is five to eight launches that CUDA graphs can capture:
+decode step is at most six launches (slot_sum is two), nine where GEMVs split (below), that CUDA graphs
+can capture:
   group_gemv(x_TI, W_GRI, slot_TK, per_group)    -> z [T, G, R]: W_g x_t for the groups g t's experts are in
   slot_swiglu(zg, zu, Wg_EFI, Wu_EFI, slot_TK, w_TK, per_g, per_u) -> h [T*K, F]: silu(Wg_e zg) * (Wu_e zu) * w
   slot_sum(h_SF, W_ERF, slot_TK, per_group, G)  -> u [T, G, R]: sum over t's slots in group g of W_e h
   group_sum(u_TGI, W_GRI, slot_TK, per_group)   -> y [T, R]: sum over t's groups of W_g u_tg
 A whole (unfactorized) kind is the same GEMV with one "group" holding every expert (per_group = E). Where one
 token's GEMV would leave most SMs idle, group_gemv, slot_sum and group_sum split their dot products into pieces
-(float32 partial sums, added after the kernel: `_split`). Rows
+(float32 partial sums, added and cast by one more launch: `_split`). Rows
 of z and u for groups a token does not use are left unwritten: nothing reads them. Each is also a torch custom
 op (torch.ops.molae.NAME), called inside torch.compile so that the compiled graph keeps the kernel whole.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -127,16 +129,29 @@ def _split(programs: int, n_in: int, device) -> int:
     programs per SM stream weights (one token's GEMV has only R / BLOCK_ROWS programs otherwise: 48 at
     Qwen3-30B-A3B's d = 768, under one per SM, which leaves most of the memory bandwidth unused), with at
     least SPLIT_MIN_IN input columns each. Partial sums go to a float32 buffer summed after the kernel."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
     return max(1, min(triton.cdiv(4 * sms, max(programs, 1)), n_in // SPLIT_MIN_IN))
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _split_out(shape, split: int, dtype, device):
-    """(the buffer a split kernel writes, the chunk of input columns per piece, how to finish it)."""
+    """(the buffer a split kernel writes, how to finish it): the output itself, or float32 pieces [split, *shape]
+    that one more launch adds up in a fixed order and casts."""
     if split == 1:
         return torch.empty(shape, dtype=dtype, device=device), lambda out: out
-    return (torch.empty((split, *shape), dtype=torch.float32, device=device),
-            lambda out: out.sum(0).to(dtype))
+    return torch.empty((split, *shape), dtype=torch.float32, device=device), lambda out: _add_pieces(out, dtype)
+
+
+def _add_pieces(parts: torch.Tensor, dtype) -> torch.Tensor:
+    out = torch.empty(parts.shape[1:], dtype=dtype, device=parts.device)
+    n = out.numel()
+    _add_split[(triton.cdiv(n, BLOCK_REDUCE),)](parts, out, n, parts.shape[0], BLOCK=BLOCK_REDUCE)
+    return out
 
 
 def _chunk(n_in: int, split: int) -> int:
@@ -366,6 +381,14 @@ if triton is not None:
                 for piece in range(split):
                     acc += tl.load(y_ptr + (piece * S + t * K + k) * R + cols, mask=cols < R, other=0.0)
         tl.store(u_ptr + (t * tl.num_programs(1) + g) * R + cols, acc.to(u_ptr.dtype.element_ty), mask=cols < R)
+
+    @triton.jit
+    def _add_split(parts_ptr, out_ptr, n, split, BLOCK: tl.constexpr):
+        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for piece in range(split):
+            acc += tl.load(parts_ptr + piece * n + cols, mask=cols < n, other=0.0)
+        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < n)
 
     @triton.jit
     def _group_sum(u_ptr, W_ptr, slot_ptr, y_ptr, G, n_in, R, per_group, K, split, chunk,

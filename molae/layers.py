@@ -505,7 +505,7 @@ class Experts(nn.Module):
     def forward_decode(self, x_TD, idx_TK, w_TK):
         """For few tokens (decode, small batches): each slot's expert GEMVs read its weights where they are
         stored (molae.kernels' decode kernels; their references off CUDA), the shared projections run only
-        for the groups a token uses, routed outputs sum in latent space per group: five to eight launches,
+        for the groups a token uses, routed outputs sum in latent space per group: six launches at most (nine where GEMVs split),
         no sort, no host sync (CUDA-graph capturable). Inference only: no autograd."""
         if self._needs_grad(x_TD):
             raise ValueError("impl='decode' has no backward: run it under torch.no_grad(), or use impl='fast'")

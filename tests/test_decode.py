@@ -106,6 +106,7 @@ def test_triton_kernels_compile_for_hopper():
                                    split=i32), dict(BLOCK=K.BLOCK_REDUCE)),
             "_group_sum": (dict(u_ptr=p, W_ptr=p, slot_ptr=i64, y_ptr=p, G=i32, n_in=i32, R=i32, per_group=i32, K=i32,
                                 **split), rows),
+            "_add_split": (dict(parts_ptr="*fp32", out_ptr=p, n=i32, split=i32), dict(BLOCK=K.BLOCK_REDUCE)),
             "_swiglu_fwd": (dict(gate_ptr=p, up_ptr=p, w_ptr="*fp32", h_ptr=p, F_=i32), dict(BLOCK=K.BLOCK_F)),
             "_swiglu_bwd": (dict(gate_ptr=p, up_ptr=p, w_ptr="*fp32", dh_ptr=p, dgate_ptr=p, dup_ptr=p, dw_ptr="*fp32",
                                  F_=i32), dict(BLOCK=K.BLOCK_F)),

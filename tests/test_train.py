@@ -529,6 +529,15 @@ def test_profile_steps_write_the_kernel_table(data_dir, tmp_path):
             progress=False)
     text = (tmp_path / "run" / "profile.txt").read_text()
     assert text.startswith("steps 4-5 (2 steps), sorted by self_") and "aten::" in text
+    script = Path(__file__).parent.parent / "scripts" / "gpu" / "profile_report.py"  # the table of such runs
+    r = subprocess.run([sys.executable, str(script), str(tmp_path), "--commit", "c0ffee", "--date", "2026-12-01",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    row = json.loads((tmp_path / "profile.json").read_text())["rows"][0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert row["preset"] == "run" and row["tokens_per_s"] == summary["tokens_per_s"] and row["gpu_busy"] is None
+    assert row["cpu_ms_per_step_profiled"] > 0 and row["final_val_loss"] == summary["final_val_loss"]
+    assert "| run | 256 |" in (tmp_path / "profile.md").read_text() and "c0ffee" in r.stdout
 
 
 def test_reports_are_built_from_the_runs_files(data_dir, tmp_path):

@@ -18,12 +18,17 @@ def read(run: Path) -> dict:
     c = s["config"]
     tokens_per_step = c["batch_size"] * c["seq_len"] * c["grad_accum"] * s.get("world", 1)
     logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"tokens_per_s"' in x]
-    wall_ms = 1e3 * tokens_per_step / s["tokens_per_s"]
+    wall_ms = 1e3 * tokens_per_step / s["tokens_per_s"] if s["tokens_per_s"] else None  # None: no full log window
     return dict(preset=run.name, tokens_per_s=s["tokens_per_s"], mfu=s["mfu"], peak_memory_gb=s.get("peak_memory_gb"),
-                tokens_per_step=tokens_per_step, wall_ms_per_step=wall_ms,
-                gpu_ms_per_step=ms["CUDA"] / steps, cpu_ms_per_step_profiled=ms["CPU"] / steps,
-                gpu_busy=ms["CUDA"] / steps / wall_ms,
+                tokens_per_step=tokens_per_step, wall_ms_per_step=wall_ms, final_val_loss=s["final_val_loss"],
+                gpu_ms_per_step=ms["CUDA"] / steps if "CUDA" in ms else None,  # None: a CPU run
+                cpu_ms_per_step_profiled=ms["CPU"] / steps,
+                gpu_busy=ms["CUDA"] / steps / wall_ms if "CUDA" in ms and wall_ms else None,
                 includes_compilation=len(logged) < 2)  # one log line: its rate counts the compiling steps
+
+
+def fmt(v, spec: str, scale: float = 1.0) -> str:
+    return "" if v is None else format(v * scale, spec)
 
 
 def main():
@@ -43,14 +48,16 @@ def main():
           "- 40 steps per preset, steps 11-15 under torch.profiler (its CPU times include its own overhead); "
           "tokens/s as the trainer logged it; GPU busy = profiled device time per step / wall time per step.", "",
           "| preset | tokens/step | tokens/s | MFU | wall ms/step | GPU ms/step | host ms/step (profiled) | GPU busy "
-          "| peak GB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| peak GB | val loss at 40 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         star = " (incl. compilation)" if r["includes_compilation"] else ""
-        busy, wall = ("", "") if star else (f"{100 * r['gpu_busy']:.0f}%", f"{r['wall_ms_per_step']:.1f}")
-        md.append(f"| {r['preset']} | {r['tokens_per_step']:,} | {r['tokens_per_s']:,.0f}{star} "
-                  f"| {100 * r['mfu']:.1f}% "
-                  f"| {wall} | {r['gpu_ms_per_step']:.1f} | {r['cpu_ms_per_step_profiled']:.1f} "
-                  f"| {busy} | {r['peak_memory_gb']:.1f} |")
+        cells = [r["preset"], f"{r['tokens_per_step']:,}", fmt(r["tokens_per_s"], ",.0f") + star,
+                 fmt(r["mfu"], ".1f", 100) + "%" * (r["mfu"] is not None),
+                 "" if star else fmt(r["wall_ms_per_step"], ".1f"),
+                 fmt(r["gpu_ms_per_step"], ".1f"), fmt(r["cpu_ms_per_step_profiled"], ".1f"),
+                 "" if star or r["gpu_busy"] is None else fmt(r["gpu_busy"], ".0f", 100) + "%",
+                 fmt(r["peak_memory_gb"], ".1f"), fmt(r["final_val_loss"], ".4f")]
+        md.append("| " + " | ".join(cells) + " |")
     (a.dir / "profile.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
