@@ -283,6 +283,8 @@ def main(argv=None) -> int:
     fr.add_argument("--runs", type=Path, required=True, help="runs go to RUNS/SHAPE/VARIANT")
     fr.add_argument("--steps", type=int, default=None, help="steps for every variant (default: the preset's)")
     fr.add_argument("--only", default=None, help="comma-separated variants (default all, in plan order)")
+    fr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a TrainConfig override for every variant, e.g. compile_mode=reduce-overhead (repeatable)")
     fr.add_argument("--no-progress", action="store_true")
     fx = sub.add_parser("frontier", help="[11] results/pretrain_frontier.{json,md,png} from finished frontier runs")
     fx.add_argument("--runs", type=Path, required=True, help="the RUNS directory of frontier-run")
@@ -308,7 +310,7 @@ def main(argv=None) -> int:
             pretrain_report(a.jsonl, a.out, a.commit, a.device, a.date, a.gpu_command, a.notes)
         elif a.command == "frontier-run":
             only = a.only.split(",") if a.only else None
-            done = run_frontier(a.shape, a.data, a.runs, a.steps, only, progress=not a.no_progress)
+            done = run_frontier(a.shape, a.data, a.runs, a.steps, only, progress=not a.no_progress, overrides=a.set)
             print(f"{a.shape}: {len(done)} runs finished under {a.runs}")
             return
         elif a.command == "frontier":

@@ -59,16 +59,19 @@ def shape_dir(shape: str) -> str:
     return shape.replace("=", "")  # "n=4m" -> "n4m"
 
 
-def variant_config(shape: str, name: str, steps: int | None = None):
+def variant_config(shape: str, name: str, steps: int | None = None, overrides: list[str] | None = None):
+    """The variant's TrainConfig; overrides (KEY=VALUE, e.g. compile_mode=reduce-overhead) go last, for every
+    variant alike (how it runs, not what it is: the plan's own differences stay the only ones between runs)."""
     from .train import apply_overrides, load_config
 
     plan = FRONTIER[shape]
     cfg = apply_overrides(load_config(plan["base"]), plan["variants"][name])
-    return apply_overrides(cfg, [f"name={plan['base']}-{name}"] + ([f"steps={steps}"] if steps else []))
+    return apply_overrides(cfg, [f"name={plan['base']}-{name}"] + ([f"steps={steps}"] if steps else [])
+                           + list(overrides or []))
 
 
 def run_frontier(shape: str, data, out: Path, steps: int | None = None, only: list[str] | None = None,
-                 progress: bool = True) -> list[str]:
+                 progress: bool = True, overrides: list[str] | None = None) -> list[str]:
     """Train the shape's variants (or `only` those) into out/SHAPE/NAME: finished ones skipped, interrupted ones
     resumed. Returns the names trained or found finished."""
     from .train import train
@@ -82,7 +85,7 @@ def run_frontier(shape: str, data, out: Path, steps: int | None = None, only: li
     for name in names:
         run = Path(out) / shape_dir(shape) / name
         if not (run / "summary.json").exists():
-            s = train(variant_config(shape, name, steps), data, run, resume=(run / "checkpoint.pt").exists(),
+            s = train(variant_config(shape, name, steps, overrides), data, run, resume=(run / "checkpoint.pt").exists(),
                       progress=progress)
             print(f"{shape} {name}: final validation loss {s['final_val_loss']:.4f} after {s['tokens']:,} tokens; "
                   f"{s['tokens_per_s']:,.0f} tokens/s; {s['params']['non_embedding'] / 1e6:.2f}M non-embedding")

@@ -49,6 +49,10 @@ def test_the_plans_are_valid_configs_whose_standard_moes_span_4x():
                 sizes[name] = cfg.model.get("num_experts")
         assert max(sizes.values()) >= 4 * min(sizes.values())
         assert PRESETS[plan["base"]].model["num_experts"] in sizes.values()
+        name = next(iter(plan["variants"]))  # how every run executes: an override on top of the variant's own
+        cfg = FR.variant_config(shape, name, overrides=["compile_mode=reduce-overhead"])
+        assert cfg.compile_mode == "reduce-overhead" and cfg == FR.variant_config(shape, name).__class__(
+            **{**vars(FR.variant_config(shape, name)), "compile_mode": "reduce-overhead"})
 
 
 def test_a_tiny_frontier_trains_resumes_and_reports(data_dir, tmp_path, monkeypatch):  # noqa: F811

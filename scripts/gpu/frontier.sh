@@ -5,6 +5,7 @@
 # tokens (default the presets' 6000: 197M tokens); after each, its summary.json and log.jsonl land in
 # $OUT/runs/SHAPE/VARIANT (the checkpoints stay on the machine). A finished run is skipped if the job is started
 # again on the same machine. Then, here: python -m molae.experiments frontier --runs FETCHED/runs ...
+# SET="KEY=VALUE ..." adds TrainConfig overrides for every variant (e.g. SET=compile_mode=reduce-overhead).
 # PARALLEL=N (default 4) variants train at once on the one GPU: these models keep it busy about a quarter of each
 # step (results/profile/profile.md: 16 ms of device time in a step the host takes 50-80 ms to launch), so runs side by
 # side finish about N times sooner; their losses are those of the same steps, their tokens/s are measured while
@@ -16,10 +17,11 @@ SHAPES=("$@"); [ ${#SHAPES[@]} -gt 0 ] || SHAPES=("n=m" "n=4m")
 R=/tmp/frontier-runs
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
 cp $DATA/manifest.json $OUT/manifest.json
-PARALLEL=${PARALLEL:-4}; echo "$PARALLEL variants at a time on one GPU" > $OUT/parallel.txt
+PARALLEL=${PARALLEL:-4}; echo "$PARALLEL variants at a time on one GPU; overrides: ${SET:-none}" > $OUT/parallel.txt
+SETS=(); for kv in ${SET:-}; do SETS+=(--set "$kv"); done
 run_one() {  # SHAPE VARIANT
   local dir=${1/=/}
-  python3 -m molae.experiments frontier-run "$1" --data $DATA --runs $R --steps $STEPS --only $2 --no-progress \
+  python3 -m molae.experiments frontier-run "$1" --data $DATA --runs $R --steps $STEPS --only $2 "${SETS[@]}" --no-progress \
     2>&1 | grep -E "final validation|nonfinite|Error|error" | sed "s|^|$dir/$2: |"
   mkdir -p $OUT/runs/$dir/$2 && cp $R/$dir/$2/summary.json $R/$dir/$2/log.jsonl $OUT/runs/$dir/$2/ 2>/dev/null
 }

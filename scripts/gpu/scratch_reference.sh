@@ -6,18 +6,20 @@
 # checkpoints are too large to come back from the GPU machine), then, in priority order, each landing in $OUT as
 # it finishes: `molae analyze` of it; `molae bench quality` with 1,048,576 held-out tokens and intervals, the
 # main methods healed and not at 50% and 25% (calibration seed 0); seed 1 for the best MoLAE variants and SVD;
-# the 75% and 35% points. Report, locally:
+# the 75% and 35% points. SET="KEY=VALUE ..." adds training overrides (e.g. SET=compile_mode=reduce-overhead, once
+# profile_train.sh has shown it faster with the same loss). Report, locally:
 #   python -m molae.cli bench quality-report FETCHED/quality-NAME*.json --out results/...
 source scripts/gpu/common.sh
 set +e  # a background job: a failed step should not stop the ones after it
 PRESET=$1; NAME=$2; BUDGET=${3:-560}
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
 W=/tmp/q-$NAME; rm -rf $W; mkdir -p $W
-python3 -m molae.train --config $PRESET --data $DATA --out $W/run --time-budget $BUDGET --no-progress 2>&1 \
+SETS=(); for kv in ${SET:-}; do SETS+=(--set "$kv"); done
+python3 -m molae.train --config $PRESET --data $DATA --out $W/run --time-budget $BUDGET "${SETS[@]}" --no-progress 2>&1 \
   | grep -E "^final|Error|error"
 cp $W/run/summary.json $OUT/train-summary-$NAME.json
 analyze_to $NAME $W/run/model
-CMD="COMMIT=${COMMIT:-unknown} bash scripts/gpu/bg.sh start $NAME bash scripts/gpu/scratch_reference.sh $PRESET $NAME $BUDGET"
+CMD="COMMIT=${COMMIT:-unknown}${SET:+ SET=\"$SET\"} bash scripts/gpu/bg.sh start $NAME bash scripts/gpu/scratch_reference.sh $PRESET $NAME $BUDGET"
 q() { quality_1m "$NAME$1" $W/run/model $W/w$1 "$2" "$3" "$4" "$CMD"; }  # SUFFIX SEED METHODS BUDGETS
 q "" 0 $MAIN_METHODS 0.5,0.25
 q -seed1 1 molae-alloc,molae-alloc-g,svd 0.5,0.25
