@@ -13,9 +13,10 @@ reads, one write), and its backward is one pass that also reduces the weight's g
 
 The decode kernels (few tokens: T*K small) read each needed weight once, straight from the stacked [E, ...]
 and [G, ...] tensors by the router's expert ids, with no sort, no gather of weights and no host sync, so a
-decode step is at most six launches (slot_sum is two), nine where GEMVs split (below), that CUDA graphs
-can capture:
+decode step is five launches where gate and up share a latent size (slot_sum is two; two more where GEMVs
+split, below), that CUDA graphs can capture:
   group_gemv(x_TI, W_GRI, slot_TK, per_group)    -> z [T, G, R]: W_g x_t for the groups g t's experts are in
+  group_gemv_pair(x_TI, Wa, Wb, slot_TK, per_group) -> [2, T, G, R]: the same for gate's and up's B in one launch
   slot_swiglu(zg, zu, Wg_EFI, Wu_EFI, slot_TK, w_TK, per_g, per_u) -> h [T*K, F]: silu(Wg_e zg) * (Wu_e zu) * w
   slot_sum(h_SF, W_ERF, slot_TK, per_group, G)  -> u [T, G, R]: sum over t's slots in group g of W_e h
   group_sum(u_TGI, W_GRI, slot_TK, per_group)   -> y [T, R]: sum over t's groups of W_g u_tg
@@ -96,6 +97,11 @@ def group_gemv_reference(x_TI, W_GRI, slot_TK, per_group: int):
     return torch.einsum("gri,ti->tgr", W_GRI.to(dt), x_TI.to(dt)).to(x_TI.dtype)
 
 
+def group_gemv_pair_reference(x_TI, Wa_GRI, Wb_GRI, slot_TK, per_group: int):
+    """z[0], z[1] = group_gemv of x with Wa and with Wb (gate's and up's shared projections): [2, T, G, R]."""
+    return torch.stack([group_gemv_reference(x_TI, W, slot_TK, per_group) for W in (Wa_GRI, Wb_GRI)])
+
+
 def slot_swiglu_reference(zg_TGI, zu_TJI, Wg_EFI, Wu_EFJ, slot_TK, w_TK, per_g: int, per_u: int):
     """h[t*K+k] = silu(Wg[e] zg[t, e // per_g]) * (Wu[e] zu[t, e // per_u]) * w[t, k], e = slot[t, k]."""
     T, K = slot_TK.shape
@@ -158,17 +164,30 @@ def _chunk(n_in: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(n_in, split), BLOCK_IN) * BLOCK_IN
 
 
+def _gemv_kinds(x_TI: torch.Tensor, Ws: tuple, slot_TK: torch.Tensor, per_group: int) -> torch.Tensor:
+    """[len(Ws), T, G, R]: group_gemv of x with each W of Ws (one or two, the same shape), in one launch."""
+    (T, n_in), (G, R, _) = x_TI.shape, Ws[0].shape
+    blocks = triton.cdiv(R, BLOCK_ROWS)
+    split = _split(T * G * blocks * len(Ws), n_in, x_TI.device)
+    z, finish = _split_out((len(Ws), T, G, R), split, x_TI.dtype, x_TI.device)
+    Wa, Wb = Ws[0].contiguous(), Ws[-1].contiguous()
+    _group_gemv[(T, G, len(Ws) * blocks * split)](
+        x_TI.contiguous(), Wa, Wb, slot_TK.contiguous(), z, n_in, R, per_group, slot_TK.shape[1], split,
+        _chunk(n_in, split), len(Ws), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+    return finish(z)
+
+
 def _group_gemv_call(x_TI: torch.Tensor, W_GRI: torch.Tensor, slot_TK: torch.Tensor, per_group: int) -> torch.Tensor:
     if not triton_ok(x_TI):
         return group_gemv_reference(x_TI, W_GRI, slot_TK, per_group)
-    (T, n_in), (G, R, _) = x_TI.shape, W_GRI.shape
-    blocks = triton.cdiv(R, BLOCK_ROWS)
-    split = _split(T * G * blocks, n_in, x_TI.device)
-    z, finish = _split_out((T, G, R), split, x_TI.dtype, x_TI.device)
-    _group_gemv[(T, G, blocks * split)](
-        x_TI.contiguous(), W_GRI.contiguous(), slot_TK.contiguous(), z, n_in, R, per_group, slot_TK.shape[1],
-        split, _chunk(n_in, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
-    return finish(z)
+    return _gemv_kinds(x_TI, (W_GRI,), slot_TK, per_group)[0]
+
+
+def _group_gemv_pair_call(x_TI: torch.Tensor, Wa_GRI: torch.Tensor, Wb_GRI: torch.Tensor, slot_TK: torch.Tensor,
+                          per_group: int) -> torch.Tensor:
+    if not triton_ok(x_TI):
+        return group_gemv_pair_reference(x_TI, Wa_GRI, Wb_GRI, slot_TK, per_group)
+    return _gemv_kinds(x_TI, (Wa_GRI, Wb_GRI), slot_TK, per_group)
 
 
 def _slot_swiglu_call(zg_TGI: torch.Tensor, zu_TJI: torch.Tensor, Wg_EFI: torch.Tensor, Wu_EFJ: torch.Tensor,
@@ -234,6 +253,8 @@ def _decode_op(name: str, call, fake):
 
 group_gemv = _decode_op("group_gemv", _group_gemv_call,
                         lambda x, W, s, per: x.new_empty(x.shape[0], W.shape[0], W.shape[1]))
+group_gemv_pair = _decode_op("group_gemv_pair", _group_gemv_pair_call,
+                             lambda x, Wa, Wb, s, per: x.new_empty(2, x.shape[0], Wa.shape[0], Wa.shape[1]))
 slot_swiglu = _decode_op("slot_swiglu", _slot_swiglu_call,
                          lambda zg, zu, Wg, Wu, s, w, pg, pu: zg.new_empty(s.numel(), Wg.shape[1]))
 slot_sum = _decode_op("slot_sum", _slot_sum_call,
@@ -336,15 +357,21 @@ if triton is not None:
         return used
 
     @triton.jit
-    def _group_gemv(x_ptr, W_ptr, slot_ptr, z_ptr, n_in, R, per_group, K, split, chunk,
+    def _group_gemv(x_ptr, Wa_ptr, Wb_ptr, slot_ptr, z_ptr, n_in, R, per_group, K, split, chunk, kinds,
                     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+        """z[piece, kind, t, g, rows] = W_kind[g, rows, piece's columns] @ x[t, ...]; kind 0 reads Wa, 1 Wb."""
         t, g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         T, G = tl.num_programs(0), tl.num_programs(1)
+        per_kind = tl.num_programs(2) // kinds
+        kind = tl.program_id(2) // per_kind
         if _uses_group(slot_ptr, t, K, g, per_group) > 0:
-            block, piece, lo, hi = _piece(tl.program_id(2), split, chunk, n_in)
+            block, piece, lo, hi = _piece(tl.program_id(2) % per_kind, split, chunk, n_in)
             rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
-            z = _rows_dot(W_ptr + g * R * n_in, x_ptr + t * n_in, rows, R, n_in, lo, hi, BLOCK_R, BLOCK_I)
-            out = z_ptr + piece.to(tl.int64) * T * G * R + (t * G + g) * R + rows
+            if kind == 0:
+                z = _rows_dot(Wa_ptr + g * R * n_in, x_ptr + t * n_in, rows, R, n_in, lo, hi, BLOCK_R, BLOCK_I)
+            else:
+                z = _rows_dot(Wb_ptr + g * R * n_in, x_ptr + t * n_in, rows, R, n_in, lo, hi, BLOCK_R, BLOCK_I)
+            out = z_ptr + ((piece.to(tl.int64) * kinds + kind) * T * G + t * G + g) * R + rows
             tl.store(out, z.to(z_ptr.dtype.element_ty), mask=rows < R)
 
     @triton.jit
@@ -413,5 +440,6 @@ if triton is not None:
 
 
 __all__ = ["triton_ok", "swiglu_weighted", "swiglu_weighted_reference", "zero_idle_experts", "zero_idle_experts_reference",
-           "group_gemv", "group_gemv_reference", "slot_swiglu", "slot_swiglu_reference", "slot_sum",
+           "group_gemv", "group_gemv_reference", "group_gemv_pair", "group_gemv_pair_reference", "slot_swiglu",
+           "slot_swiglu_reference", "slot_sum",
            "slot_sum_reference", "group_sum", "group_sum_reference"]

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import group_gemv, group_sum, slot_sum, slot_swiglu, swiglu_weighted, triton_ok, zero_idle_experts
+from .kernels import (group_gemv, group_gemv_pair, group_sum, slot_sum, slot_swiglu, swiglu_weighted, triton_ok,
+                      zero_idle_experts)
 from .presets import REAL_MODELS, moe_layer
 
 KINDS = ("gate", "up", "down")  # projection kinds of a SwiGLU expert
@@ -505,8 +506,9 @@ class Experts(nn.Module):
     def forward_decode(self, x_TD, idx_TK, w_TK):
         """For few tokens (decode, small batches): each slot's expert GEMVs read its weights where they are
         stored (molae.kernels' decode kernels; their references off CUDA), the shared projections run only
-        for the groups a token uses, routed outputs sum in latent space per group: six launches at most (nine where GEMVs split),
-        no sort, no host sync (CUDA-graph capturable). Inference only: no autograd."""
+        for the groups a token uses, routed outputs sum in latent space per group: five launches where gate and
+        up share a latent size (seven where GEMVs split), no sort, no host sync (CUDA-graph capturable).
+        Inference only: no autograd."""
         if self._needs_grad(x_TD):
             raise ValueError("impl='decode' has no backward: run it under torch.no_grad(), or use impl='fast'")
         x_TD, param = _autocast(x_TD, self)
@@ -519,7 +521,11 @@ class Experts(nn.Module):
                 return group_gemv(x_TD, param(f"{kind}_B"), s_TK, per), per
             return x_TD[:, None, :], E
 
-        (z_gate, per_gate), (z_up, per_up) = expert_input("gate"), expert_input("up")
+        if {"gate", "up"} <= self.latent.keys() and self.latent["gate"] == self.latent["up"]:  # one launch for both
+            z_gate, z_up = group_gemv_pair(x_TD, param("gate_B"), param("up_B"), s_TK, per)
+            per_gate = per_up = per
+        else:
+            (z_gate, per_gate), (z_up, per_up) = expert_input("gate"), expert_input("up")
         W = {k: param(f"{k}_A" if k in self.latent else f"{k}_proj") for k in KINDS}
         h_SF = slot_swiglu(z_gate, z_up, W["gate"], W["up"], s_TK, w_TK, per_gate, per_up)  # [T*K, F]
         if "down" not in self.latent:

@@ -51,7 +51,7 @@ def test_decode_path_compiles_with_its_kernels_as_custom_ops():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, idx, w), m.forward_reference(x, idx, w))
     code = graphs[0].code
-    for op in ("group_gemv", "slot_swiglu", "slot_sum", "group_sum"):  # each kernel one opaque op in the graph
+    for op in ("group_gemv_pair", "slot_swiglu", "slot_sum", "group_sum"):  # each kernel one opaque op in the graph
         assert f"torch.ops.molae.{op}" in code, op
     with torch.no_grad():  # and inductor compiles around them
         torch.testing.assert_close(torch.compile(m.forward_decode)(x, idx, w), m.forward_reference(x, idx, w))
@@ -97,8 +97,8 @@ def test_triton_kernels_compile_for_hopper():
         p = f"*{dt}"
         split = dict(split=i32, chunk=i32)
         cases = {
-            "_group_gemv": (dict(x_ptr=p, W_ptr=p, slot_ptr=i64, z_ptr=p, n_in=i32, R=i32, per_group=i32, K=i32,
-                                 **split), rows),
+            "_group_gemv": (dict(x_ptr=p, Wa_ptr=p, Wb_ptr=p, slot_ptr=i64, z_ptr=p, n_in=i32, R=i32, per_group=i32,
+                                 K=i32, **split, kinds=i32), rows),
             "_slot_swiglu": (dict(zg_ptr=p, zu_ptr=p, Wg_ptr=p, Wu_ptr=p, slot_ptr=i64, w_ptr="*fp32", h_ptr=p, K=i32,
                                   F_=i32, Gg=i32, Ig=i32, Gu=i32, Iu=i32, per_g=i32, per_u=i32), rows),
             "_slot_gemv": (dict(h_ptr=p, W_ptr=p, slot_ptr=i64, y_ptr="*fp32", S=i32, R=i32, F_=i32, **split), rows),

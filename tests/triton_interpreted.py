@@ -32,6 +32,19 @@ def test_group_gemv(T, G, per, R, n_in):
     torch.testing.assert_close(z[used], ref[used], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("T,G,per,R,n_in", [(2, 4, 2, 21, 70), (1, 1, 8, 9, 600)])  # the last splits
+def test_group_gemv_pair(T, G, per, R, n_in):
+    g = rng()
+    x, Wa, Wb = torch.randn(T, n_in, generator=g), torch.randn(G, R, n_in, generator=g), torch.randn(G, R, n_in,
+                                                                                                   generator=g)
+    s = slots(T, G * per, 3, g)
+    z, ref = K.group_gemv_pair(x, Wa, Wb, s, per), K.group_gemv_pair_reference(x, Wa, Wb, s, per)
+    used = K._groups_of(s, per, G)
+    assert z.shape == (2, T, G, R)
+    torch.testing.assert_close(z[:, used], ref[:, used], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(z[1][used], K.group_gemv(x, Wb, s, per)[used], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("T,Kk,E,F_,Ig,Iu,Gg,Gu", [(1, 8, 16, 37, 130, 130, 1, 1), (4, 3, 8, 20, 9, 64, 4, 1),
                                                     (2, 2, 6, 16, 33, 17, 3, 2)])
 def test_slot_swiglu(T, Kk, E, F_, Ig, Iu, Gg, Gu):
