@@ -39,6 +39,8 @@ def test_bench_layer_times_everything_and_reports(tmp_path):
                 assert r["speedup"] == pytest.approx(best / r["ms"])
         assert any(r["mode"] == "grouped forward (grouped_mm)" and r["shape"] == s.name for r in rows)
     assert next(r for r in rows if r["impl"] == "molae-g8" and r["shape"] == "48,64,6,2")["groups"] == 6  # 8 !| 6
+    assert {r["mode"] for r in rows} >= {"forward", "forward+backward", "decode"}
+    assert not any(r["mode"] == "forward (CUDA graph)" for r in rows)  # CUDA only
     paths = {(r["impl"], r["path"]) for r in rows if r["mode"] in ("forward", "forward+backward", "decode")}
     assert paths == {("hf-eager", None), ("hf-grouped_mm", None), ("moe", "grouped"), ("molae-g1", "grouped"),
                      ("molae-g8", "grouped")}  # no Triton on CPU tensors: the grouped path, no forced twin
@@ -64,6 +66,28 @@ def test_targets_read_decode_bandwidth_and_aligned_groups_off_the_rows():
     rows[2]["ms"] = 2.2
     out = "\n".join(_targets(rows, ["deepseek-v3"], [512]))
     assert "decode 1: 1.10, forward 512: 1.00 (target <= 1.15: met)" in out
+
+
+def test_the_report_adds_the_graphed_forward_where_a_run_timed_it():
+    from molae.bench.layer import GRAPHED, modes_for, report
+
+    assert modes_for("molae-g1", "cpu") == ("forward", "forward+backward")  # captured on CUDA only
+    assert GRAPHED not in modes_for("hf-eager", "cuda") and GRAPHED in modes_for("moe", "cuda")
+
+    def row(impl, mode, ms, speedup=None):  # the report's input format, with made-up times: formatting only
+        r = dict(shape="s", impl=impl, mode=mode, tokens=512, ms=ms, tflops=1.0, peak_fraction=0.1, peak_gb=None,
+                 flops=10.0)
+        return r | (dict(speedup=speedup, best_standard="moe") if speedup else {})
+
+    rows = [row("moe", "forward", 2.0), row("molae-g1", "forward", 2.5, 0.8),
+            row("moe", GRAPHED, 1.0), row("molae-g1", GRAPHED, 0.5, 2.0)]
+    result = dict(ceilings=dict(matmul_tflops=1.0, matmul_size=8, copy_tb_s=1.0, copy_bytes=8),
+                  shapes=[dict(name="s", dim=8, inter=8, n_experts=2, top_k=1, latent=8)], impls=["moe", "molae-g1"],
+                  dtype="bfloat16", sets=2, rows=rows, skipped=[], command="c", device="d", date="t", commit="x",
+                  torch="t", transformers="x")
+    md = report(result)
+    assert f"## {GRAPHED}: milliseconds" in md and "| s | 512 | 1.000 | 0.500 (2.00x) |" in md
+    assert "- s, forward: MoLAE G=1 slower at 512 tokens" in md and f"- s, {GRAPHED}: MoLAE" not in md
 
 
 def test_bench_layer_cli_writes_results_and_rejects_bad_input(tmp_path):

@@ -21,6 +21,9 @@ the weight bytes read per token: the touched experts' matrices and the touched g
 projections, the least any implementation must read. Where our `Experts` take the decode kernels (`path`
 "decode"), the same module forced onto the grouped-GEMM path is timed beside it as "IMPL/grouped", and
 where it takes the grouped path, forced onto the decode kernels as "IMPL/decode" (the crossover).
+On CUDA, "forward (CUDA graph)" times the same forward replayed from a CUDA graph (every implementation but
+hf-eager, whose loop syncs with the host): beside the eager "forward" it says how much of a step is the host
+launching kernels (below a few thousand tokens these steps are launch-bound) and how much the GPU's work.
 Useful FLOPs are the layer's own arithmetic (standard 6·n·m·T·k; MoLAE 6·n·d per (token, group) pair
 plus 6·m·d per routed slot); forward+backward counts three times the forward.
 
@@ -51,6 +54,7 @@ STANDARD = ("hf-eager", "hf-grouped_mm", "moe")
 TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
 DECODE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 MODES = ("forward", "forward+backward")
+GRAPHED = "forward (CUDA graph)"  # the forward replayed from a CUDA graph: the GPU's time without the host's
 
 
 @dataclass
@@ -290,7 +294,7 @@ def _steps(module: nn.Module, sets: list[dict], mode: str):
 
 def time_impl(module, impl: str, shape: Shape, T: int, mode: str, sets: list[dict], device, ceilings) -> dict:
     step = _steps(module, sets, mode)
-    graph = mode == "decode" and torch.device(device).type == "cuda" and not impl.startswith("hf-eager")  # syncs
+    graph = mode in ("decode", GRAPHED) and torch.device(device).type == "cuda" and not impl.startswith("hf-eager")
     if graph:
         step = graphed(step, len(sets))
     t = median_ms(step, len(sets), device, before=l2_flush(device) if mode == "decode" else None)
@@ -365,6 +369,12 @@ def add_speedups(rows: list[dict]) -> None:
             r["best_standard"], r["speedup"] = b[1], b[0] / r["ms"]
 
 
+def modes_for(impl: str, device) -> tuple[str, ...]:
+    """The modes timed at the --tokens sizes: forward (CUDA graph) too where it can be captured."""
+    graphable = torch.device(device).type == "cuda" and not impl.startswith("hf-eager")  # hf-eager syncs
+    return MODES + ((GRAPHED,) if graphable else ())
+
+
 def bench_layer(shapes: list[Shape], impls: list[str], tokens: list[int], decode_tokens: list[int], device: str,
                 dtype: torch.dtype, sets: int, peak_size: int, max_step_s: float = 2.0, seed: int = 0) -> dict:
     """Every implementation at every shape, token count and mode. An (implementation, mode) whose step
@@ -377,7 +387,7 @@ def bench_layer(shapes: list[Shape], impls: list[str], tokens: list[int], decode
         module = build(impl, shape, device, dtype)
         for T in tokens:
             batch = inputs(shape, T, sets, device, dtype, gen)
-            for mode in MODES:
+            for mode in modes_for(impl, device):
                 slow = [r for r in rows if (r["shape"], r["impl"], r["mode"]) == (shape.name, impl, mode)
                         and r["ms"] > 1e3 * max_step_s]
                 if slow:
@@ -434,7 +444,8 @@ def report(result: dict) -> str:
     c, rows = result["ceilings"], result["rows"]
     shapes = [s["name"] for s in result["shapes"]]
     impls = result["impls"]
-    tokens = sorted({r["tokens"] for r in rows if r["mode"] in MODES})
+    modes = [m for m in (*MODES, GRAPHED) if any(r["mode"] == m for r in rows)]
+    tokens = sorted({r["tokens"] for r in rows if r["mode"] in modes})
     decode = sorted({r["tokens"] for r in rows if r["mode"] == "decode"})
     molae = [i for i in impls if i.startswith("molae")]
     lines = ["# MoLAE layer speed against standard MoE kernels ([6])", "",
@@ -451,7 +462,7 @@ def report(result: dict) -> str:
              "gradients of input, routing weights and all weights; useful FLOPs = the layer's own arithmetic "
              "(docstring of molae/bench/layer.py); speed-up = fastest standard implementation's time / this time; peak GB = "
              "all memory allocated at the step's peak (weights, the rotated input sets, activations, gradients).", ""]
-    lines += _targets(rows, shapes, tokens) + [""]
+    lines += _targets(rows, shapes, tokens, modes) + [""]
 
     def cell(mode, fmt):  # a table cell from the row of (shape, tokens, implementation or phase), "" if none
         def get(s, T, col):
@@ -462,7 +473,7 @@ def report(result: dict) -> str:
     timed = lambda r, i: f"{r['ms']:.3f}" + (f" ({r['speedup']:.2f}x)" if i in molae and "speedup" in r else "")  # noqa: E731
     rate = lambda r, i: f"{r['tflops']:.0f} ({100 * r['peak_fraction']:.0f}%), " + (  # noqa: E731
         "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.1f} GB")
-    for mode in MODES:
+    for mode in modes:
         lines += _table(f"## {mode}: milliseconds (speed-up over the fastest standard)", shapes, tokens, impls,
                         cell(mode, timed))
         lines += _table(f"### {mode}: useful TFLOP/s (fraction of the measured matmul peak) and peak GB allocated",
@@ -473,7 +484,7 @@ def report(result: dict) -> str:
             by.setdefault((x["shape"], x["impl"], x["mode"], x["reason"]), []).append(x["tokens"])
         lines += ["Not timed (blank cells): " + "; ".join(f"{i} {m} on {s} at {', '.join(map(str, T))} tokens ({why})"
                                                           for (s, i, m, why), T in by.items()) + ".", ""]
-    phases = list(dict.fromkeys(r["mode"] for r in rows if r["mode"] not in MODES + ("decode",)))
+    phases = list(dict.fromkeys(r["mode"] for r in rows if r["mode"] not in (*MODES, GRAPHED, "decode")))
     if phases:
         lines += _table("## MoLAE (G = 1) phases alone: milliseconds, useful TFLOP/s (fraction of peak)", shapes,
                         tokens, phases, cell(None, lambda r, _: f"{r['ms']:.3f}, {r['tflops']:.0f} "
@@ -503,7 +514,7 @@ def _table(title, shapes, tokens, columns, cell) -> list[str]:
     return lines + [""]
 
 
-def _targets(rows, shapes, tokens) -> list[str]:
+def _targets(rows, shapes, tokens, modes=MODES) -> list[str]:
     """The issue's targets, measured; and where MoLAE (G = 1) is slower than the best standard, with
     the ratio of useful FLOPs (standard / MoLAE) beside it."""
     out = ["## Targets", ""]
@@ -541,7 +552,7 @@ def _targets(rows, shapes, tokens) -> list[str]:
                    + f" (target <= 1.15: {'met' if worst <= 1.15 else 'not met'})")
     slower = []
     for s in shapes:
-        for mode in MODES:
+        for mode in modes:
             bad = [r for T in tokens if (r := _row(rows, shape=s, impl="molae-g1", mode=mode, tokens=T))
                    and r.get("speedup", 1) < 1]
             if bad:
