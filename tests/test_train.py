@@ -231,6 +231,10 @@ def test_load_meter_adds_every_forward_since_the_last_take_into_tensors_of_its_o
     for k, c in counts.items():
         assert torch.equal(c, 2 * once[k]) and c.sum() == 2 * x.numel() * TINY["num_experts_per_tok"]
         assert all(c.data_ptr() != p.data_ptr() for p in once.values())
+    with torch.no_grad():
+        model(input_ids=x)  # an evaluation's forward: dropped unread
+    meter.discard()
+    assert meter.take() == {}
 
 
 # ----------------------------------------------------------------------------- training

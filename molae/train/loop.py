@@ -190,7 +190,7 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
         if skipped == 1 and bad_streak == 1 and run.world == 1 and experts is None:  # the run's first: where?
             logger.log(dict(step=step + 1, event="nonfinite_origin", **_locate(model, data, cfg, step, amp)), bar)
             opt.zero_grad(set_to_none=True)
-            meter.take()  # the re-run's routing is not this step's load
+            meter.discard()  # the re-run's routing is not this step's load
         if FAMILIES[cfg.family].balancing == "bias" and cfg.bias_update_speed > 0 and counts:
             for c in counts.values():
                 run.all_reduce(c)
@@ -227,6 +227,7 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
             else:
                 val = validation_loss(model, data, cfg, run, amp)
                 logger.log(dict(step=step, val_loss=val, tokens=step * cfg.tokens_per_step * run.world), bar)
+            meter.discard()  # the evaluation's routing is not the next step's load (it had been added to it)
         if step in _export_steps(cfg):  # a model part-way, to follow what conversion loses as the experts train
             msd, _ = full_state(model, opt, experts)
             if run.main:

@@ -53,6 +53,10 @@ class LoadMeter:
             self.counts[layer] = sum(cs, self.counts.get(layer, torch.zeros_like(cs[0])))
         self.pending = {}
 
+    def discard(self):
+        """Forget what was counted (an evaluation's forwards, a diagnostic re-run), without reading it."""
+        self.counts, self.pending = {}, {}
+
     def take(self) -> dict[int, torch.Tensor]:
         self.settle()
         counts, self.counts = self.counts, {}
