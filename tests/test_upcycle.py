@@ -20,7 +20,7 @@ SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key
 
 def random_dense(family_config: str, model_class: str, tmp_path, seed=0, **kw):
     """A dense model with every weight random, saved to disk (what --upcycle-from reads)."""
-    cfg = getattr(transformers, family_config)(vocab_size=97, **SHAPE, **kw)
+    cfg = getattr(transformers, family_config)(vocab_size=97, **{**SHAPE, **kw})
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(cfg).eval()
     with torch.no_grad():
@@ -59,6 +59,28 @@ def test_experts_that_are_whole_copies_reproduce_the_dense_model(family, dense, 
         torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)
     e = model.model.layers[0].mlp.experts
     assert not torch.equal(e.gate_proj[0], e.gate_proj[1])  # each copy has its own neuron order
+
+
+def test_the_dense_model_is_read_a_tensor_at_a_time_and_a_tied_head_from_the_embedding(tmp_path, monkeypatch):
+    """Upcycling holds one dense tensor at a time beside the MoE (its memory does not grow with the depth): every
+    read is of one tensor, none twice; with tied embeddings the head is the embedding."""
+    from molae.checkpoint import SourceCheckpoint
+
+    ref = random_dense("Qwen2Config", "Qwen2ForCausalLM", tmp_path, intermediate_size=64, tie_word_embeddings=True)
+    reads, read = [], SourceCheckpoint.read
+    monkeypatch.setattr(SourceCheckpoint, "read", lambda self, keys, device=None: reads.append(list(keys)) or
+                        read(self, keys, device))
+    state, _ = load_dense_state(str(tmp_path / "dense"))
+    assert reads == [] and "lm_head.weight" in state and "lm_head.weight" not in state.ckpt.keys()
+    torch.testing.assert_close(state["lm_head.weight"], ref.lm_head.weight.float())
+    reads.clear()
+    moe = dict(intermediate_size=64, moe_intermediate_size=64, shared_expert_intermediate_size=0, num_experts=4,
+               num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=True)
+    model = T.build_model(moe_config("qwen2_moe", moe), 97).eval()
+    upcycle(model, "qwen2_moe", state, reinit=0.0)
+    flat = [k for r in reads for k in r]
+    assert all(len(r) == 1 for r in reads) and len(flat) - len(set(flat)) <= 1  # (the tied head: the embedding)
+    assert set(flat) == set(state.ckpt.keys())
 
 
 def dense_ffn_out(x, gate_FD, up_FD, down_DF):

@@ -25,6 +25,7 @@ partitioning, where we require F = P * M exactly.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -35,16 +36,43 @@ from ..models import find_experts, layer_index
 DENSE_FFN = "model.layers.{i}.mlp.{kind}_proj.weight"  # a dense decoder layer's SwiGLU FFN (Qwen2, Mistral, Llama...)
 
 
-def load_dense_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The dense model's tensors (float32, CPU, the module names transformers gives them) and its config."""
-    from transformers import AutoModelForCausalLM
+class DenseTensors(Mapping):
+    """The dense model's tensors by the names transformers gives its modules' parameters, each read from the
+    safetensors shards when asked for (float32, CPU): upcycling holds one dense tensor at a time beside the MoE
+    (a layer's three FFN matrices while it is partitioned), not the whole dense model, so its memory does not
+    grow with the depth. A tied head (no lm_head.weight on disk) reads the embedding; rotary caches that old
+    checkpoints saved (`inv_freq`, which transformers skips on load) are left out."""
 
-    from ..checkpoint import resolve
+    def __init__(self, ckpt, tied: bool):
+        self.ckpt, self.names = ckpt, {k for k in ckpt.keys() if not k.endswith(".inv_freq")}
+        self.alias = {"lm_head.weight": "model.embed_tokens.weight"} if tied and "lm_head.weight" not in self.names \
+            and "model.embed_tokens.weight" in self.names else {}
 
-    src = resolve(path)
-    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    config = dense.config.to_dict()
-    return {k: v.detach() for k, v in dense.state_dict().items()}, config
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self.alias.get(name, name)
+        if key not in self.names:
+            raise KeyError(name)
+        return self.ckpt.read([key])[key].float()
+
+    def __contains__(self, name) -> bool:  # (Mapping's own would read the tensor to find out)
+        return name in self.names or name in self.alias
+
+    def __iter__(self):
+        return iter(sorted(self.names | set(self.alias)))
+
+    def __len__(self) -> int:
+        return len(self.names) + len(self.alias)
+
+
+def load_dense_state(path: str) -> tuple[DenseTensors, dict]:
+    """The dense model's tensors (a lazy mapping, above) and its config as transformers reads it."""
+    from transformers import AutoConfig
+
+    from ..checkpoint import SourceCheckpoint, resolve
+
+    src = Path(resolve(path))
+    config = AutoConfig.from_pretrained(src).to_dict()
+    return DenseTensors(SourceCheckpoint(src), bool(config.get("tie_word_embeddings"))), config
 
 
 SAME_COMPUTATION = ("rope_parameters", "rms_norm_eps", "hidden_act", "head_dim", "sliding_window")
@@ -135,7 +163,7 @@ def upcycle(model, family: str, dense_state: dict, shuffle: bool = True, reinit:
                 filled[f"{mlp}.{shared_name}.{kind}_proj.weight"] = parts[f"shared_{kind}"]
     copied, fresh = [], []
     for name, t in params.items():
-        src = filled.get(name, dense_state.get(name))
+        src = filled[name] if name in filled else dense_state.get(name)  # (a dense tensor is read here, once)
         if src is None:
             if t.numel():  # (a zero-width shared expert is no tensor to speak of)
                 fresh.append(name)
@@ -164,5 +192,5 @@ def dense_run_summary(path: str) -> dict | None:
                 params=s["params"])
 
 
-__all__ = ["upcycle", "partition_ffn", "load_dense_state", "check_configs", "dense_ffn", "dense_ffn_keys",
-           "dense_run_summary"]
+__all__ = ["upcycle", "partition_ffn", "load_dense_state", "DenseTensors", "check_configs", "dense_ffn",
+           "dense_ffn_keys", "dense_run_summary"]
