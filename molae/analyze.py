@@ -160,6 +160,26 @@ def format_comparison(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def analysis_summary(results: dict[str, dict]) -> str:
+    """Models of any shapes side by side, one row per model and kind, each figure the mean over its layers
+    (min-max in brackets): row-space overlap above that of random subspaces of the same ranks, mean expert rank
+    at 90% energy over m, and the shared d (G = 1) keeping 90% of the stacked energy over n."""
+    def cell(vals, fmt):
+        return f"{sum(vals) / len(vals):{fmt}} [{min(vals):{fmt}}, {max(vals):{fmt}}]"
+
+    lines = ["| model | kind | layers | overlap - random | rank90 / m | d90 / n (G = 1) |",
+             "|---|---|---:|---|---|---|"]
+    for name, res in results.items():
+        kinds = dict.fromkeys(k for layer in res["layers"].values() for k in layer)
+        for kind in kinds:
+            rs = [layer[kind] for layer in res["layers"].values() if kind in layer]
+            over = [r["overlap"] - r["overlap_random"] for r in rs if r["overlap"] is not None]
+            lines.append(f"| {name} | {kind} | {len(rs)} | {cell(over, '+.3f') if over else '-'} | "
+                         f"{cell([r['expert_rank']['90']['mean'] / r['m'] for r in rs], '.2f')} | "
+                         f"{cell([r['d_for_energy']['1']['90'] / r['n'] for r in rs], '.2f')} |")
+    return "\n".join(lines)
+
+
 def plot_analysis(result: dict, out: Path):
     """energy_vs_d.png (G = 1, one line per layer, a panel per kind), spectra.png (experts' singular
     values), groups.png (G for the middle layer), ranks.png (expert ranks and shared d per layer,

@@ -71,6 +71,22 @@ def test_comparison_puts_shared_and_independent_experts_side_by_side():
     assert abs(over_b) < 0.1 and rank_a == pytest.approx(d / m) and d_a < d_b
 
 
+def test_summary_puts_models_of_any_shape_side_by_side():
+    from molae.analyze import analysis_summary
+
+    gen = torch.Generator().manual_seed(2)
+    E, m, n, d = 6, 10, 64, 5
+    R = torch.linalg.qr(torch.randn(n, d, generator=gen, dtype=torch.float64))[0].T
+    shared = analyze_projection(torch.linalg.qr(torch.randn(E, m, d, generator=gen, dtype=torch.float64))[0] @ R)
+    other = analyze_projection(torch.randn(4, 12, 40, generator=gen, dtype=torch.float64))  # another shape
+    md = analysis_summary({"a": {"layers": {"0": {"up": shared}, "1": {"up": shared}}},
+                           "b": {"layers": {"3": {"down": other}}}})
+    rows = md.splitlines()[2:]
+    assert rows[0].startswith("| a | up | 2 | +") and rows[1].startswith("| b | down | 1 | ")
+    over = shared["overlap"] - shared["overlap_random"]
+    assert f"{over:+.3f} [{over:+.3f}, {over:+.3f}]" in rows[0] and f"{d / m:.2f} [" in rows[0]
+
+
 def test_analyze_cli(tmp_path, capsys):
     model = tiny_model("deepseek_v3", dtype=torch.float32)
     model.save_pretrained(tmp_path / "m")

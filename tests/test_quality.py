@@ -406,9 +406,18 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
                  "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json"), "--resume", "--budgets", "0.5",
                  "--rank-ratios", "1", "--seq-len", "64", "--eval-tokens", "1024", "--calib-tokens", "512"]) == 0
     assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 6 + len(BASELINES) + 1  # none run twice
-    assert main(["bench", "quality-report", str(tmp_path / "q.json"), "--out", str(tmp_path / "r")]) == 0
+    assert main(["analyze", str(src), "--out", str(tmp_path / "an")]) == 0  # the model's redundancy beside it
+    capsys.readouterr()
+    assert main(["bench", "quality-report", str(tmp_path / "q.json"), "--out", str(tmp_path / "r"),
+                 "--analysis", f"tiny={tmp_path / 'an' / 'analysis.json'}"]) == 0
     md = (tmp_path / "r" / "quality.md").read_text()
     assert "| molae-alloc+heal |" in md and (tmp_path / "r" / "quality.png").stat().st_size > 0
+    assert "## Expert redundancy of the models" in md and "| tiny | gate | " in md
+    with pytest.raises(SystemExit) as bad:  # argparse's exit 2, one line naming the fix, nothing written
+        main(["bench", "quality-report", str(tmp_path / "q.json"), "--out", str(tmp_path / "r2"),
+              "--analysis", "tiny=/no/such.json"])
+    assert bad.value.code == 2 and not (tmp_path / "r2").exists()
+    assert "give NAME=FILE with FILE an existing analysis.json" in capsys.readouterr().err
     for r in [q["original"], *reached]:  # intervals per cell, and the windows they resample
         lo, hi = r["perplexity_95"]
         assert lo <= r["perplexity"] <= hi and len(r["window_nll"]) == 1024 // 64

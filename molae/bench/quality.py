@@ -25,6 +25,8 @@ quality.md (one table per model) and quality.png (validation perplexity against 
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import math
 import shutil
@@ -208,10 +210,12 @@ def _paired(new: dict, ref: dict, digits: int = 2) -> tuple[str, str]:
     return f"{100 * c:{f}}% [{100 * lo:{f}}, {100 * hi:{f}}]", verdict((lo, hi))
 
 
-def report(files, out: Path, commit: str | None = None, note: str = "", trend: bool = False):
+def report(files, out: Path, commit: str | None = None, note: str = "", trend: bool = False,
+           analyses: dict[str, Path] | None = None):
     """quality.json (all runs), quality.md (a table per model) and quality.png from bench JSON files.
     commit: the commit of the code the runs used, where the files' own record is wrong (said in the md).
-    trend: the files are points along one model's training, in order: add the table of margins along it."""
+    trend: the files are points along one model's training, in order: add the table of margins along it.
+    analyses: {name: `molae analyze` analysis.json}: a section comparing the models' expert redundancy."""
     results = [json.loads(Path(f).read_text()) for f in files]
     for r in results:  # runs a published form could not make (MoBE below its floor) are said, not tabled
         r["unreachable"] = [x for x in r["runs"] if "unreachable" in x]
@@ -270,8 +274,20 @@ def report(files, out: Path, commit: str | None = None, note: str = "", trend: b
         lines += [f"- not run: {x['variant']} at {100 * x['budget']:g}%: {x['unreachable']}" for x in r["unreachable"]]
         lines += [""] if r["unreachable"] else []
     lines += _across_models(results) + _seeds(results) + (_trend(results) if trend else [])
+    lines += _redundancy(analyses) if analyses else []
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     _plot(results, out / "quality.png")
+
+
+def _redundancy(analyses: dict[str, Path]) -> list[str]:
+    from ..analyze import analysis_summary
+
+    results = {name: json.loads(Path(f).read_text()) for name, f in analyses.items()}
+    return ["## Expert redundancy of the models (`molae analyze`)", "",
+            "Per model and kind, the mean over layers [min, max] of: the experts' row-space overlap above that of "
+            "random subspaces of the same ranks (what a shared latent can use), the mean expert rank keeping 90% "
+            "of its energy over m, and the shared latent d (G = 1) keeping 90% of the stacked energy over n.", "",
+            analysis_summary(results), ""]
 
 
 def _verdict(r, budgets) -> list[str]:
@@ -424,9 +440,18 @@ def cmd_bench_quality(args):
     print(f"{args.name}: original perplexity {o['perplexity']:.4f}; {len(result['runs'])} runs in {args.json}")
 
 
+def name_and_path(text: str) -> tuple[str, Path]:
+    """NAME=FILE, FILE an existing file."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=FILE with FILE an existing analysis.json")
+    return name, Path(path)
+
+
 def cmd_bench_quality_report(args):
 
-    report(args.files, args.out, args.commit, args.note.read_text().strip() if args.note else "", args.trend)
+    report(args.files, args.out, args.commit, args.note.read_text().strip() if args.note else "", args.trend,
+           dict(args.analysis) or None)
     print(f"wrote quality.json, quality.md and quality.png under {args.out}")
 
 
@@ -471,6 +496,8 @@ def add_commands(bench):
     bqr.add_argument("--out", type=Path, default=Path("results"), help="where quality.{json,md,png} go")
     bqr.add_argument("--commit", default=None, help="the commit the runs used, where the files record a wrong one")
     bqr.add_argument("--note", type=existing_path, default=None, help="a markdown file whose text goes under the title")
+    bqr.add_argument("--analysis", action="append", default=[], type=name_and_path, metavar="NAME=FILE",
+                     help="a `molae analyze` analysis.json to compare the models' expert redundancy (repeatable)")
     bqr.add_argument("--trend", action="store_true",
                      help="the files are points along one model's training, in order: add a table of MoLAE's "
                           "margin over the best baseline at each")
