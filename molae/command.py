@@ -127,6 +127,16 @@ def existing_path(text: str) -> Path:
     return path
 
 
+def named_file(what: str):
+    """An argparse type for NAME=FILE, FILE an existing file (`what` names it in the error)."""
+    def parse(text: str) -> tuple[str, Path]:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not Path(path).expanduser().is_file():
+            raise argparse.ArgumentTypeError(f"{text!r}: give NAME=FILE with FILE an existing {what}")
+        return name, Path(path).expanduser()
+    return parse
+
+
 def text_file(text: str) -> Path:
     path = Path(text).expanduser()
     if path.is_dir():

@@ -441,5 +441,4 @@ if triton is not None:
 
 __all__ = ["triton_ok", "swiglu_weighted", "swiglu_weighted_reference", "zero_idle_experts", "zero_idle_experts_reference",
            "group_gemv", "group_gemv_reference", "group_gemv_pair", "group_gemv_pair_reference", "slot_swiglu",
-           "slot_swiglu_reference", "slot_sum",
-           "slot_sum_reference", "group_sum", "group_sum_reference"]
+           "slot_swiglu_reference", "slot_sum", "slot_sum_reference", "group_sum", "group_sum_reference"]

@@ -294,7 +294,7 @@ def _steps(module: nn.Module, sets: list[dict], mode: str):
 
 def time_impl(module, impl: str, shape: Shape, T: int, mode: str, sets: list[dict], device, ceilings) -> dict:
     step = _steps(module, sets, mode)
-    graph = mode in ("decode", GRAPHED) and torch.device(device).type == "cuda" and not impl.startswith("hf-eager")
+    graph = mode in ("decode", GRAPHED) and capturable(impl, device)
     if graph:
         step = graphed(step, len(sets))
     t = median_ms(step, len(sets), device, before=l2_flush(device) if mode == "decode" else None)
@@ -369,10 +369,15 @@ def add_speedups(rows: list[dict]) -> None:
             r["best_standard"], r["speedup"] = b[1], b[0] / r["ms"]
 
 
+def capturable(impl: str, device) -> bool:
+    """Whether an implementation's step can be captured in a CUDA graph: on CUDA, all but hf-eager (its loop
+    syncs with the host)."""
+    return torch.device(device).type == "cuda" and not impl.startswith("hf-eager")
+
+
 def modes_for(impl: str, device) -> tuple[str, ...]:
     """The modes timed at the --tokens sizes: forward (CUDA graph) too where it can be captured."""
-    graphable = torch.device(device).type == "cuda" and not impl.startswith("hf-eager")  # hf-eager syncs
-    return MODES + ((GRAPHED,) if graphable else ())
+    return MODES + ((GRAPHED,) if capturable(impl, device) else ())
 
 
 def bench_layer(shapes: list[Shape], impls: list[str], tokens: list[int], decode_tokens: list[int], device: str,

@@ -25,8 +25,6 @@ quality.md (one table per model) and quality.png (validation perplexity against 
 
 from __future__ import annotations
 
-import argparse
-
 import json
 import math
 import shutil
@@ -43,8 +41,8 @@ from ..evaluate import (line_exact_match, newline_tokens, paired_change, perplex
 
 from ..budget import uniform_latent
 from ..methods import METHODS
-from ..command import (add_command, comma_list, existing_path, float_list, fraction_list, positive_float,
-                       positive_int, progress_bar)
+from ..command import (add_command, comma_list, existing_path, float_list, fraction_list, named_file,
+                       positive_float, positive_int, progress_bar)
 
 BASELINES = tuple(name for name in METHODS if name != "molae")
 # "+heal": the same whole-model healing budget (`molae heal`) for every method whose written form keeps factors to
@@ -440,14 +438,6 @@ def cmd_bench_quality(args):
     print(f"{args.name}: original perplexity {o['perplexity']:.4f}; {len(result['runs'])} runs in {args.json}")
 
 
-def name_and_path(text: str) -> tuple[str, Path]:
-    """NAME=FILE, FILE an existing file."""
-    name, sep, path = text.partition("=")
-    if not sep or not name or not Path(path).is_file():
-        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=FILE with FILE an existing analysis.json")
-    return name, Path(path)
-
-
 def cmd_bench_quality_report(args):
 
     report(args.files, args.out, args.commit, args.note.read_text().strip() if args.note else "", args.trend,
@@ -496,7 +486,7 @@ def add_commands(bench):
     bqr.add_argument("--out", type=Path, default=Path("results"), help="where quality.{json,md,png} go")
     bqr.add_argument("--commit", default=None, help="the commit the runs used, where the files record a wrong one")
     bqr.add_argument("--note", type=existing_path, default=None, help="a markdown file whose text goes under the title")
-    bqr.add_argument("--analysis", action="append", default=[], type=name_and_path, metavar="NAME=FILE",
+    bqr.add_argument("--analysis", action="append", default=[], type=named_file("analysis.json"), metavar="NAME=FILE",
                      help="a `molae analyze` analysis.json to compare the models' expert redundancy (repeatable)")
     bqr.add_argument("--trend", action="store_true",
                      help="the files are points along one model's training, in order: add a table of MoLAE's "

@@ -50,7 +50,8 @@ class LoadMeter:
         """Add the forwards' counts since the last call into new tensors: where the layers are compiled with CUDA
         graphs, a hook's output lives in a graph's buffer, which the next replay of that graph overwrites."""
         for layer, cs in self.pending.items():
-            self.counts[layer] = sum(cs, self.counts.get(layer, torch.zeros_like(cs[0])))
+            start = self.counts[layer] if layer in self.counts else cs.pop(0).clone()
+            self.counts[layer] = sum(cs, start)
         self.pending = {}
 
     def discard(self):

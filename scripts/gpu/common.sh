@@ -5,6 +5,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SITE=$(python3 -c "import site; print(site.getsitepackages()[0])")
 STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 DATA=/tmp/molae-data
+SETS=(); for kv in ${SET:-}; do SETS+=(--set "$kv"); done  # SET="KEY=VALUE ...": training overrides as --set
 prepare_data() {  # $1: optional saved tokenizer directory (the one results/ record), else train one
   local tok=()
   [ -n "${1:-}" ] && tok=(--tokenizer "$1")

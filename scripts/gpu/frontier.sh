@@ -18,7 +18,6 @@ R=/tmp/frontier-runs
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
 cp $DATA/manifest.json $OUT/manifest.json
 PARALLEL=${PARALLEL:-4}; echo "$PARALLEL variants at a time on one GPU; overrides: ${SET:-none}" > $OUT/parallel.txt
-SETS=(); for kv in ${SET:-}; do SETS+=(--set "$kv"); done
 run_one() {  # SHAPE VARIANT
   local dir=${1/=/}
   python3 -m molae.experiments frontier-run "$1" --data $DATA --runs $R --steps $STEPS --only $2 "${SETS[@]}" --no-progress \

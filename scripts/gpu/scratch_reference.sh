@@ -14,7 +14,6 @@ set +e  # a background job: a failed step should not stop the ones after it
 PRESET=$1; NAME=$2; BUDGET=${3:-560}
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
 W=/tmp/q-$NAME; rm -rf $W; mkdir -p $W
-SETS=(); for kv in ${SET:-}; do SETS+=(--set "$kv"); done
 python3 -m molae.train --config $PRESET --data $DATA --out $W/run --time-budget $BUDGET "${SETS[@]}" --no-progress 2>&1 \
   | grep -E "^final|Error|error"
 cp $W/run/summary.json $OUT/train-summary-$NAME.json
