@@ -191,9 +191,17 @@ def _grouped_mm_supported(x_SI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
         ok_dtype
         and w_EOI.shape[1] % align == 0
         and w_EOI.shape[2] % align == 0
-        and x_SI.data_ptr() % 16 == 0
-        and w_EOI.data_ptr() % 16 == 0
+        and _aligned(x_SI)
+        and _aligned(w_EOI)
     )
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """t's first element 16-byte aligned. Under torch.compile a tensor has no address (reading data_ptr, or
+    storage_offset, broke every compiled layer's graph at its experts): there it is taken as aligned, as the
+    buffers Inductor allocates are and parameters from torch's allocators; a misaligned one fails in grouped_mm
+    with torch's own error, not silently."""
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
 
 
 def grouped_linear(x_SI, w_EOI, offs_E, backend: str | None = None):
@@ -381,7 +389,7 @@ class Experts(nn.Module):
     forward(hidden_states [T, D], top_k_index [T, K], top_k_weights [T, K]) -> [T, D].
     `impl` picks the path: "grouped" (sorted tokens, grouped GEMMs, latent combine), "decode" (per-slot
     GEMVs straight from the stacked weights: few launches, for few tokens), "fast" (decode where the Triton
-    kernels run, no gradient is needed and T*K <= decode_max_slots(E), else grouped) or "reference" (a plain
+    kernels run, no gradient is needed and decode_fits(T, K, E, ...), else grouped) or "reference" (a plain
     loop over experts with each expert's weights multiplied out).
     """
 
@@ -452,7 +460,8 @@ class Experts(nn.Module):
     def _decode_fits(self, x_TD, idx_TK) -> bool:
         """Few slots, the Triton kernels run here (inside torch.compile too: they are custom ops), and no
         gradient is asked for (they have no backward)."""
-        return idx_TK.numel() <= decode_max_slots(self.n_experts) and triton_ok(x_TD) and not self._needs_grad(x_TD)
+        return (decode_fits(*idx_TK.shape, self.n_experts, bool(self.latent), self.groups) and triton_ok(x_TD)
+                and not self._needs_grad(x_TD))
 
     def _needs_grad(self, x_TD) -> bool:
         return torch.is_grad_enabled() and (x_TD.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -534,17 +543,19 @@ class Experts(nn.Module):
         return group_sum(u_TGL, param("down_B"), s_TK, per)  # y_t = sum_g B_g u_tg
 
 
-DECODE_SLOTS_PER_EXPERT = 1  # "fast" takes the decode kernels up to this many (token, expert) slots per expert
-
-
-def decode_max_slots(n_experts: int) -> int:
-    """The most routed slots `fast` sends to the decode kernels: as many as there are experts. The decode
-    kernels read an expert's matrices once per slot it serves, the grouped path once per expert, so the decode
-    path wins while each expert serves about one slot. Measured (H200, commit 243a61b, results/speed.md, each
-    layer against itself forced onto the grouped path): the standard layer's decode kernels win up to 64 slots
-    at Qwen1.5-MoE (E = 60), 8 at Mixtral (E = 8; 16 a tie), 256 at Qwen3-30B-A3B (E = 128), 128 at DeepSeek-V3
-    (E = 256; 256 a tie), and lose beyond."""
-    return DECODE_SLOTS_PER_EXPERT * n_experts
+def decode_fits(tokens: int, top_k: int, n_experts: int, latent: bool, groups: int = 1) -> bool:
+    """Whether `fast` sends T tokens of top-k to the decode kernels: up to as many routed slots as experts, and for
+    latent experts up to 16 tokens (G = 1) or 8 (G > 1). The decode kernels read an expert's matrices once per slot
+    it serves, the grouped path once per expert, so they win while each expert serves about one slot; a latent
+    layer's decode kernels also run the shared projections once per token (GEMVs), which the grouped path runs as
+    one GEMM, so they stop paying earlier, and earlier with more groups. Measured (H200, commit 1f6f682,
+    results/speed.md, each layer against itself forced onto the other path; results/notes/speed.md has the table):
+    standard layers win up to about E slots; MoLAE G = 1 ties at 16 tokens at DeepSeek-V3 (1.01x) and
+    Qwen1.5-MoE (1.05x) and loses from 32 (1.13-1.22x), G = 8 ties at 8 tokens at DeepSeek-V3 (0.98x) and
+    loses from 16 (1.28x); Mixtral's 8 experts stop both at E slots."""
+    if tokens * top_k > n_experts:
+        return False
+    return not latent or tokens <= (16 if groups == 1 else 8)
 
 
 def _autocast(x: torch.Tensor, module: nn.Module):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from molae.factorize import shared_latent
-from molae.layers import Experts, _grouped_mm_supported
+from molae.layers import Experts, _grouped_mm_supported, decode_fits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -159,7 +159,7 @@ def test_decode_kernels_on_gpu_match_float64_reference_and_replay_in_a_cuda_grap
         return x, torch.rand(T, E, device="cuda").argsort(-1)[:, :K], torch.rand(T, K, device="cuda").bfloat16()
 
     x, idx, w = inputs()
-    assert gpu._decode_fits(x, idx) == (T * K <= E)  # 128 slots at T = 16: forward_decode called directly
+    assert gpu._decode_fits(x, idx) == decode_fits(T, K, E, bool(latent), groups)  # else forward_decode called directly
     out = gpu.forward_decode(x, idx, w)
     expect = ref.forward_reference(x.double().cpu(), idx.cpu(), w.double().cpu())
     assert rel(out.cpu(), expect) < 1e-2

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from molae.layers import Experts, MoE, MoEConfig, decode_max_slots
+from molae.layers import Experts, MoE, MoEConfig, decode_fits
 
 CASES = [({}, 1, False), ({"gate": 8, "up": 8}, 1, False), ({"gate": 8, "up": 6, "down": 5}, 4, True),
          ({"up": 7, "down": 9}, 2, False), ({"down": 6}, 8, True)]
@@ -71,7 +71,11 @@ def test_decode_refuses_gradients_and_fast_takes_it_only_where_it_fits():
     for impl in ("fast", "grouped", "decode", "reference"):
         layer.impl = impl
         assert layer.experts.impl == impl
-    assert decode_max_slots(8) == 8 and decode_max_slots(256) == 256  # as many slots as experts
+    # standard layers: up to as many slots as experts; latent ones also at most 16 tokens (8 with groups)
+    assert decode_fits(4, 2, 8, latent=False) and not decode_fits(5, 2, 8, latent=False)
+    assert decode_fits(32, 8, 256, latent=False) and not decode_fits(32, 8, 256, latent=True)
+    assert decode_fits(16, 8, 256, latent=True) and not decode_fits(16, 8, 256, latent=True, groups=8)
+    assert decode_fits(8, 8, 256, latent=True, groups=8) and not decode_fits(16, 8, 60, latent=True)
 
 
 def test_triton_kernels_under_the_interpreter():

@@ -304,6 +304,31 @@ def test_other_families_train_and_deepseek_balances_with_its_bias(family, data_d
         assert "aux_loss" not in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[1])
 
 
+DEEPSEEK_TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                     intermediate_size=96, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+                     num_experts_per_tok=2, first_k_dense_replace=1, n_group=4, topk_group=2, q_lora_rank=None,
+                     kv_lora_rank=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)
+
+
+@pytest.mark.parametrize("family,section", [
+    ("qwen2_moe", None), ("qwen2_moe", {"latent_dim": 16, "groups": 2}), ("qwen2_moe", {"latent_moe_dim": 32}),
+    ("deepseek_v3", None), ("deepseek_v3", {"latent_dim": 16, "projections": ["gate", "up", "down"], "groups": 4})])
+def test_each_decoder_layer_compiles_into_one_graph(family, section):
+    """`compile` compiles each decoder layer: a graph break inside (the experts' alignment check read data_ptr,
+    which a traced tensor lacks) leaves it in pieces, each launched from Python, which is what the trainer's
+    host time was spent on. Traced as the trainer runs it: bfloat16 autocast, the grouped_mm path."""
+    cfg = tiny_config(family=family, model=DEEPSEEK_TINY if family == "deepseek_v3" else dict(TINY), molae=section)
+    model = T.build_model(cfg, 512)
+    layer = model.model.layers[-1]  # an MoE layer in every family
+    x_BTD = torch.randn(2, 16, 64)
+    pos_BT = torch.arange(16)[None].expand(2, -1)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(layer)(x_BTD, position_embeddings=model.model.rotary_emb(x_BTD, pos_BT),
+                                                 attention_mask=None, position_ids=pos_BT)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_molae_groups_can_be_the_routers_groups():
     ds = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=96,
               moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,

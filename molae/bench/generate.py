@@ -83,7 +83,8 @@ def build(spec: str, impl: str, device, dtype, budget: float, seed: int = 0):
     elif ours == "molae":
         _, m = find_experts(model)[0]
         E, F_, D = m.gate_up_proj.shape[0], m.gate_up_proj.shape[1] // 2, m.gate_up_proj.shape[2]
-        to_molae(model, latent_dim=uniform_latent(budget, E, F_, D), projections=KINDS, dtype=dtype)
+        # factorized in float32 (the default), the result in the model's dtype
+        to_molae(model, latent_dim=uniform_latent(budget, E, F_, D), projections=KINDS)
     if path:  # "grouped": every experts module of ours on that path
         for _, m in find_experts(model):
             m.impl = path

@@ -507,7 +507,7 @@ def report(result: dict) -> str:
                   "outside the timing) where marked in speed.json (`l2_flushed`). Our layers (moe, molae-g*) take "
                   "the decode kernels where `Experts` chooses them (`path` in speed.json); the `/grouped` and "
                   "`/decode` columns are the same modules forced onto the path `fast` did not take, timed in the "
-                  "same run (where the two cross is what molae.layers.decode_max_slots should give).", ""]
+                  "same run (where the two cross is what molae.layers.decode_fits should give).", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from molae.bench.layer import _steps, build, inputs, parse_shape
@@ -29,7 +30,9 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(i % 2)
     torch.cuda.synchronize()
 events = prof.key_averages()
-device_ms = sum(e.self_device_time_total for e in events) / 4 / 1e3
+# the kernels' own time: an op's self device time repeats its kernels' (summing every event counted it twice,
+# commit 1f6f682's cliff-profile.txt), so only device-side events, as the table's "Self CUDA time total"
+device_ms = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 4 / 1e3
 host_ms = sum(e.self_cpu_time_total for e in events) / 4 / 1e3
 print(f"== {shape.name} {impl} {T} {mode}: wall {wall_ms:.3f} ms/step, device {device_ms:.3f} ms/step, "
       f"host (profiled) {host_ms:.3f} ms/step; kernels per step (4 steps profiled):")

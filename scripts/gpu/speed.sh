@@ -8,9 +8,10 @@ python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -3 || tr
 CMD="bash scripts/gpu/speed.sh $*"
 python3 -m molae.cli bench layer --out "$OUT" --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
   --command "$CMD" "$@" 2>&1 | grep -v "impl/s\]" | tail -40
-# [12]'s cliffs: where Qwen1.5-MoE's MoLAE forward goes between 1024 and 4096 tokens (and the standard layer's at 2048)
-for run in "molae-g1 1024" "molae-g1 2048" "molae-g1 4096" "moe 2048"; do
+# [12] kernel tables (scripts/gpu/profile_layer.py): Qwen3-30B-A3B's MoLAE decode at 1 and 8 tokens (which of its
+# five to seven launches take the 55-110 us), and Qwen1.5-MoE's eager forward at 2048 tokens (host-bound, 1f6f682)
+for run in "qwen3-30b-a3b molae-g1 1" "qwen3-30b-a3b molae-g1 8" "qwen3-30b-a3b moe 1" "qwen1.5-moe-a2.7b molae-g1 2048"; do
   set -- $run
-  python3 scripts/gpu/profile_layer.py qwen1.5-moe-a2.7b $1 $2 forward 2>&1 | grep -v Warning >> $OUT/cliff-profile.txt || true
+  python3 scripts/gpu/profile_layer.py $1 $2 $3 forward 2>&1 | grep -v Warning >> $OUT/kernel-profile.txt || true
 done
-grep "^==" $OUT/cliff-profile.txt || true
+grep "^==" $OUT/kernel-profile.txt || true
