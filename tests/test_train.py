@@ -261,6 +261,29 @@ def test_training_lowers_validation_loss_and_the_saved_model_reproduces_it(data_
     assert val == pytest.approx(summary["final_val_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("cudnn", [False, True])
+def test_cudnn_attention_is_off_while_training_unless_asked_and_restored_after(cudnn, data_dir, tmp_path, monkeypatch):
+    """cuDNN's SDPA backward gives sporadic NaN gradients on H100/H200 (config.cudnn_attention): the trainer turns
+    it off for the run (a process-wide switch, so every forward sees it) and puts the switch back after."""
+    from molae.train import loop
+
+    seen, losses = [], loop._losses
+
+    def spy(*args):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return losses(*args)
+    monkeypatch.setattr(loop, "_losses", spy)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(not cudnn)  # the opposite of what the run asks for
+    try:
+        T.train(tiny_config(steps=2, eval_every=2, ckpt_every=2, cudnn_attention=cudnn), data_dir, tmp_path / "r",
+                progress=False)
+        assert seen and set(seen) == {cudnn}
+        assert torch.backends.cuda.cudnn_sdp_enabled() is (not cudnn)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 def test_standard_moe_run_exports_the_family_model_that_convert_and_decompress_take(data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

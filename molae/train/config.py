@@ -51,6 +51,10 @@ class TrainConfig:
     time_budget_s: float | None = None  # set `steps` from the step time measured during warmup
     export_at: list = field(default_factory=list)  # fractions of the run at which to export model-step{N}/ too
     profile_steps: int = 0  # > 0: torch.profiler over that many steps after the first ten -> OUT/profile.txt
+    # cuDNN's attention (torch's first choice for SDPA on H100/H200): its bf16 backward returns sporadic NaN
+    # gradients (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#160 and #1072); off, SDPA takes flash or
+    # memory-efficient attention. true: the old path, to measure one against the other.
+    cudnn_attention: bool = False
 
     def __post_init__(self):
         """Every field of its declared type and in range, so that a JSON file, a --set or a flag with

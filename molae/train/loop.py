@@ -81,7 +81,9 @@ def train(cfg: TrainConfig, data, out, resume: bool = False, device: str | None 
     run = Run(device)
     created = not out.exists()
     on_disk = {"step": None}  # the step of the checkpoint on disk, kept up to date by _train
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()  # a process-wide switch: restored when the run ends
     try:
+        torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)
         return _train(cfg, data, out, resume, run, progress, on_disk)
     except KeyboardInterrupt:
         if on_disk["step"] is not None:
@@ -95,6 +97,7 @@ def train(cfg: TrainConfig, data, out, resume: bool = False, device: str | None 
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         raise
     finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
         run.close()
 
 
