@@ -69,10 +69,11 @@ def test_targets_read_decode_bandwidth_and_aligned_groups_off_the_rows():
 
 
 def test_the_report_adds_the_graphed_forward_where_a_run_timed_it():
-    from molae.bench.layer import GRAPHED, modes_for, report
+    from molae.bench.layer import GRAPHED, GRAPHED_BACKWARD, modes_for, report
 
     assert modes_for("molae-g1", "cpu") == ("forward", "forward+backward")  # captured on CUDA only
-    assert GRAPHED not in modes_for("hf-eager", "cuda") and GRAPHED in modes_for("moe", "cuda")
+    assert GRAPHED not in modes_for("hf-eager", "cuda") and GRAPHED_BACKWARD not in modes_for("hf-eager", "cuda")
+    assert modes_for("moe", "cuda") == ("forward", "forward+backward", GRAPHED, GRAPHED_BACKWARD)
 
     def row(impl, mode, ms, speedup=None):  # the report's input format, with made-up times: formatting only
         r = dict(shape="s", impl=impl, mode=mode, tokens=512, ms=ms, tflops=1.0, peak_fraction=0.1, peak_gb=None,

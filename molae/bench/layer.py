@@ -54,7 +54,11 @@ STANDARD = ("hf-eager", "hf-grouped_mm", "moe")
 TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
 DECODE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 MODES = ("forward", "forward+backward")
-GRAPHED = "forward (CUDA graph)"  # the forward replayed from a CUDA graph: the GPU's time without the host's
+# the steps replayed from CUDA graphs: the GPU's time without the host's launches (which, eager, pace the smaller
+# steps), each mode -> the step it replays
+GRAPHED = "forward (CUDA graph)"
+GRAPHED_BACKWARD = "forward+backward (CUDA graph)"
+REPLAYED = {GRAPHED: "forward", GRAPHED_BACKWARD: "forward+backward"}
 
 
 @dataclass
@@ -293,18 +297,19 @@ def _steps(module: nn.Module, sets: list[dict], mode: str):
 
 
 def time_impl(module, impl: str, shape: Shape, T: int, mode: str, sets: list[dict], device, ceilings) -> dict:
-    step = _steps(module, sets, mode)
-    graph = mode in ("decode", GRAPHED) and capturable(impl, device)
+    base = REPLAYED.get(mode, mode)
+    step = _steps(module, sets, base)
+    graph = (mode == "decode" or mode in REPLAYED) and capturable(impl, device)
     if graph:
         step = graphed(step, len(sets))
     t = median_ms(step, len(sets), device, before=l2_flush(device) if mode == "decode" else None)
     for p in module.parameters():  # gradients left by the last step must not count in the next peak
         p.grad = None
     ms = t["ms"]
-    flops = statistics.mean(useful_flops(impl, shape, s["idx"]) for s in sets) * (3 if mode == "forward+backward" else 1)
+    flops = statistics.mean(useful_flops(impl, shape, s["idx"]) for s in sets) * (3 if base == "forward+backward" else 1)
     row = dict(shape=shape.name, impl=impl, groups=groups_of(impl, shape.n_experts), mode=mode, tokens=T, **t,
                flops=flops, tflops=flops / ms / 1e9, peak_fraction=flops / ms / 1e9 / ceilings["matmul_tflops"],
-               cuda_graph=graph, path=path_taken(module, sets[0], mode))
+               cuda_graph=graph, path=path_taken(module, sets[0], base))
     if mode == "decode":
         wb = statistics.mean(weight_bytes(module, shape, impl, s["idx"]) for s in sets)
         row.update(l2_flushed=torch.device(device).type == "cuda", weight_bytes=wb, weight_bytes_per_token=wb / T,
@@ -376,8 +381,8 @@ def capturable(impl: str, device) -> bool:
 
 
 def modes_for(impl: str, device) -> tuple[str, ...]:
-    """The modes timed at the --tokens sizes: forward (CUDA graph) too where it can be captured."""
-    return MODES + ((GRAPHED,) if capturable(impl, device) else ())
+    """The modes timed at the --tokens sizes: each also replayed from CUDA graphs where it can be captured."""
+    return MODES + (tuple(REPLAYED) if capturable(impl, device) else ())
 
 
 def bench_layer(shapes: list[Shape], impls: list[str], tokens: list[int], decode_tokens: list[int], device: str,
@@ -405,6 +410,11 @@ def bench_layer(shapes: list[Shape], impls: list[str], tokens: list[int], decode
                 except torch.cuda.OutOfMemoryError:
                     skipped.append(dict(shape=shape.name, impl=impl, mode=mode, tokens=T, reason="out of GPU memory"))
                     torch.cuda.empty_cache()
+                except RuntimeError as e:  # a step that cannot be captured (a host sync in its backward, say)
+                    if mode not in REPLAYED:
+                        raise
+                    skipped.append(dict(shape=shape.name, impl=impl, mode=mode, tokens=T,
+                                        reason=f"not capturable: {str(e).splitlines()[0][:200]}"))
             if impl == "molae-g1":
                 rows += time_molae_phases(module, shape, T, batch, device, ceilings)
             del batch
@@ -449,7 +459,7 @@ def report(result: dict) -> str:
     c, rows = result["ceilings"], result["rows"]
     shapes = [s["name"] for s in result["shapes"]]
     impls = result["impls"]
-    modes = [m for m in (*MODES, GRAPHED) if any(r["mode"] == m for r in rows)]
+    modes = [m for m in (*MODES, *REPLAYED) if any(r["mode"] == m for r in rows)]
     tokens = sorted({r["tokens"] for r in rows if r["mode"] in modes})
     decode = sorted({r["tokens"] for r in rows if r["mode"] == "decode"})
     molae = [i for i in impls if i.startswith("molae")]
@@ -489,7 +499,7 @@ def report(result: dict) -> str:
             by.setdefault((x["shape"], x["impl"], x["mode"], x["reason"]), []).append(x["tokens"])
         lines += ["Not timed (blank cells): " + "; ".join(f"{i} {m} on {s} at {', '.join(map(str, T))} tokens ({why})"
                                                           for (s, i, m, why), T in by.items()) + ".", ""]
-    phases = list(dict.fromkeys(r["mode"] for r in rows if r["mode"] not in (*MODES, GRAPHED, "decode")))
+    phases = list(dict.fromkeys(r["mode"] for r in rows if r["mode"] not in (*MODES, *REPLAYED, "decode")))
     if phases:
         lines += _table("## MoLAE (G = 1) phases alone: milliseconds, useful TFLOP/s (fraction of peak)", shapes,
                         tokens, phases, cell(None, lambda r, _: f"{r['ms']:.3f}, {r['tflops']:.0f} "
