@@ -131,13 +131,13 @@ def group_sum_reference(u_TGI, W_GRI, slot_TK, per_group: int):
 
 
 def _split(programs: int, n_in: int, device) -> int:
-    """How many pieces a decode GEMV splits its input (dot-product) dimension into: enough that about four
-    programs per SM stream weights (one token's GEMV has only R / BLOCK_ROWS programs otherwise: 48 at
-    Qwen3-30B-A3B's d = 768, under one per SM, which leaves most of the memory bandwidth unused), with at
-    least SPLIT_MIN_IN input columns each. Partial sums go to a float32 buffer summed after the kernel."""
+    """How many pieces a decode GEMV splits its input (dot-product) dimension into: enough that about
+    SPLIT_PROGRAMS_PER_SM programs per SM stream weights (one token's GEMV has only R / BLOCK_ROWS programs
+    otherwise: 48 at Qwen3-30B-A3B's d = 768, under one per SM, which leaves most of the memory bandwidth unused),
+    with at least SPLIT_MIN_IN input columns each. Partial sums go to a float32 buffer summed after the kernel."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
-    return max(1, min(triton.cdiv(4 * sms, max(programs, 1)), n_in // SPLIT_MIN_IN))
+    return max(1, min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, max(programs, 1)), n_in // SPLIT_MIN_IN))
 
 
 @functools.cache
@@ -173,7 +173,7 @@ def _gemv_kinds(x_TI: torch.Tensor, Ws: tuple, slot_TK: torch.Tensor, per_group:
     Wa, Wb = Ws[0].contiguous(), Ws[-1].contiguous()
     _group_gemv[(T, G, len(Ws) * blocks * split)](
         x_TI.contiguous(), Wa, Wb, slot_TK.contiguous(), z, n_in, R, per_group, slot_TK.shape[1], split,
-        _chunk(n_in, split), len(Ws), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+        _chunk(n_in, split), len(Ws), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN, num_warps=GEMV_WARPS)
     return finish(z)
 
 
@@ -200,7 +200,8 @@ def _slot_swiglu_call(zg_TGI: torch.Tensor, zu_TJI: torch.Tensor, Wg_EFI: torch.
     zg, zu = zg_TGI.contiguous(), zu_TJI.contiguous()
     _slot_swiglu[(T * K, triton.cdiv(F_, BLOCK_ROWS))](
         zg, zu, Wg_EFI.contiguous(), Wu_EFJ.contiguous(), slot_TK.contiguous(), w_TK.contiguous(), h, K, F_,
-        zg.shape[1], zg.shape[2], zu.shape[1], zu.shape[2], per_g, per_u, BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+        zg.shape[1], zg.shape[2], zu.shape[1], zu.shape[2], per_g, per_u, BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
+        num_warps=GEMV_WARPS)
     return h
 
 
@@ -218,7 +219,8 @@ def _slot_sum_call(h_SF: torch.Tensor, W_ERF: torch.Tensor, slot_TK: torch.Tenso
     y = torch.empty(split, T * K, R, dtype=torch.float32, device=h_SF.device)
     slot = slot_TK.contiguous()
     _slot_gemv[(T * K, blocks * split)](h_SF.contiguous(), W_ERF.contiguous(), slot, y, T * K, R, F_, split,
-                                        _chunk(F_, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+                                        _chunk(F_, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
+                                        num_warps=GEMV_WARPS)
     u = torch.empty(T, G, R, dtype=h_SF.dtype, device=h_SF.device)
     _group_reduce[(T, G, triton.cdiv(R, BLOCK_REDUCE))](y, slot, u, T * K, K, R, per_group, split,
                                                          BLOCK=BLOCK_REDUCE)
@@ -235,7 +237,8 @@ def _group_sum_call(u_TGI: torch.Tensor, W_GRI: torch.Tensor, slot_TK: torch.Ten
     y, finish = _split_out((T, R), split, u_TGI.dtype, u_TGI.device)
     _group_sum[(T, blocks * split)](
         u_TGI.contiguous(), W_GRI.contiguous(), slot_TK.contiguous(), y, G, n_in, R, per_group,
-        slot_TK.shape[1], split, _chunk(n_in, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN)
+        slot_TK.shape[1], split, _chunk(n_in, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
+        num_warps=GEMV_WARPS)
     return finish(y)
 
 
@@ -266,6 +269,9 @@ group_sum = _decode_op("group_sum", _group_sum_call,
 BLOCK_ROWS = 16  # output rows per decode program
 BLOCK_IN = 256  # input columns per step of a decode program's dot products (an 8 KB bf16 tile per load)
 SPLIT_MIN_IN = 256  # the fewest input columns one piece of a split GEMV takes
+SPLIT_PROGRAMS_PER_SM = 4  # a GEMV splits its input until about this many programs per SM stream weights
+GEMV_WARPS = 4  # warps per decode GEMV program (Triton's default)
+# (scripts/gpu/decode_sweep.py times whole decode layers over these four constants on the GPU)
 BLOCK_REDUCE = 1024  # output columns per program of the per-group slot sum
 
 
