@@ -181,7 +181,7 @@ def _grouped_mm_supported(x_SI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or x_SI.dtype != w_EOI.dtype:
         return False
     if x_SI.device.type == "cuda":
-        ok_dtype = x_SI.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_SI.device) >= (8, 0)
+        ok_dtype = x_SI.dtype == torch.bfloat16 and _capability(x_SI.device.index) >= (8, 0)
     elif x_SI.device.type == "cpu":
         ok_dtype = x_SI.dtype in (torch.float32, torch.bfloat16)
     else:
@@ -194,6 +194,11 @@ def _grouped_mm_supported(x_SI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
         and _aligned(x_SI)
         and _aligned(w_EOI)
     )
+
+
+@torch.compiler.assume_constant_result  # a constant while compiling too (not a graph break at every layer)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _aligned(t: torch.Tensor) -> bool:

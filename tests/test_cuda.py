@@ -205,3 +205,24 @@ def test_the_benchmarks_graphed_forward_backward_replays_the_eager_gradients(imp
     for g, p in zip(got, module.parameters()):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, p.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("molae", [None, {"latent_dim": 64, "groups": 2}])
+def test_a_decoder_layer_compiles_into_one_graph_on_the_gpu(molae):
+    """The trainer's `compile` on CUDA: one graph per decoder layer (the CUDA-only branches of the experts' path
+    included: the device-capability check is a constant under compilation, the alignment check skipped)."""
+    from molae import train as T
+
+    cfg = T.TrainConfig(family="qwen2_moe", model=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                       num_key_value_heads=4, moe_intermediate_size=64,
+                                                       shared_expert_intermediate_size=128, num_experts=8,
+                                                       num_experts_per_tok=2), molae=molae)
+    model = T.build_model(cfg, 512).cuda()
+    layer = model.model.layers[-1]
+    x_BTD = torch.randn(2, 64, 128, device="cuda")
+    pos_BT = torch.arange(64, device="cuda")[None].expand(2, -1)
+    torch._dynamo.reset()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(layer)(x_BTD, position_embeddings=model.model.rotary_emb(x_BTD, pos_BT),
+                                                 attention_mask=None, position_ids=pos_BT)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
