@@ -8,6 +8,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +283,18 @@ def test_cudnn_attention_is_off_while_training_unless_asked_and_restored_after(c
         assert torch.backends.cuda.cudnn_sdp_enabled() is (not cudnn)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_compiled_training_follows_the_eager_loss_curve(data_dir, tmp_path):
+    """`compile` (each decoder layer, and the loss) trains as eager does: the same seed and batches give the same
+    losses within bfloat16's rounding, in bfloat16 autocast (the grouped_mm path; CPU compilation takes bfloat16)."""
+    cfg = tiny_config(steps=4, eval_every=4, ckpt_every=4, log_every=1, dtype="bfloat16")
+    T.train(cfg, data_dir, tmp_path / "eager", progress=False)
+    T.train(replace(cfg, compile=True), data_dir, tmp_path / "compiled", progress=False)
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(eager) == sorted(compiled) == [1, 2, 3, 4]
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=2e-2, abs=2e-2), step
 
 
 def test_standard_moe_run_exports_the_family_model_that_convert_and_decompress_take(data_dir, tmp_path):
