@@ -9,6 +9,10 @@
 from __future__ import annotations
 
 
+LATENT_ALIGN = 8  # latent sizes in multiples of this where they are not tiny: torch's grouped GEMM takes 16-byte
+# rows (8 bf16 values); at other sizes the experts fall back to a padded batched matmul that syncs with the host
+
+
 def routed_params(E: int, m: int, n: int) -> int:
     """A layer's routed-expert parameters: gate, up and down of E experts."""
     return 3 * E * m * n
@@ -19,10 +23,11 @@ def latent_cost(E: int, m: int, n: int, groups: int = 1) -> int:
     return groups * n + E * m
 
 
-def uniform_latent(fraction: float, E: int, m: int, n: int, groups: int = 1) -> int:
-    """The one d for gate, up and down (G groups) that keeps `fraction` of the routed-expert parameters."""
-    d = int(fraction * E * m * n // latent_cost(E, m, n, groups))
-    return max(1, min(d, E // groups * m, n))
+def uniform_latent(fraction: float, E: int, m: int, n: int, groups: int = 1, align: int = LATENT_ALIGN) -> int:
+    """The one d for gate, up and down (G groups) that keeps `fraction` of the routed-expert parameters, rounded
+    down to a multiple of `align` where d >= 2 * align."""
+    d = min(int(fraction * E * m * n // latent_cost(E, m, n, groups)), E // groups * m, n)
+    return max(1, d - d % align if d >= 2 * align else d)
 
 
 def rank_per_expert(fraction: float, E: int, M: int, N: int, shared: int = 0) -> int:
@@ -35,4 +40,4 @@ def rank_per_expert(fraction: float, E: int, M: int, N: int, shared: int = 0) ->
     return min(r, min(M, N))
 
 
-__all__ = ["routed_params", "latent_cost", "uniform_latent", "rank_per_expert"]
+__all__ = ["LATENT_ALIGN", "routed_params", "latent_cost", "uniform_latent", "rank_per_expert"]

@@ -31,7 +31,7 @@ from .checkpoint import (CheckpointError, ShardWriter, SourceCheckpoint, check_d
                          copy_aux_files, parse_size, publish, removed_on_error, resolve, temp_dir_for,
                          write_json_atomically)
 from . import methods
-from .budget import latent_cost, routed_params
+from .budget import LATENT_ALIGN, latent_cost, routed_params
 from .calibrate import LayerInputs, calibration_ids
 from .command import check_device, progress_bar
 from .factorize import allocate_latent, choose_groups
@@ -306,7 +306,7 @@ def _allocate(plan: dict, spectra: dict, by_layer: dict, opts: ConvertOptions):
         for key, G in choose_groups(curves, int(opts.budget * total) - fixed).items():
             plan[key]["groups"] = G
     chosen = {(key, kind): by_g[plan[key]["groups"]] for (key, kind), by_g in items.items()}
-    for (key, kind), d in allocate_latent(chosen, int(opts.budget * total) - fixed).items():
+    for (key, kind), d in allocate_latent(chosen, int(opts.budget * total) - fixed, LATENT_ALIGN).items():
         plan[key]["latent"][kind] = d
 
 

@@ -340,31 +340,38 @@ def spectrum(W, kind: str, gram=None, damp: float = 0.01) -> torch.Tensor:
 # ----------------------------------------------------------------------------- budget allocation
 
 
-def allocate_latent(items: dict, budget: int) -> dict:
+def allocate_latent(items: dict, budget: int, step: int = 1) -> dict:
     """Latent sizes under one parameter budget with the least summed relative error.
 
     items: {key: dict(sigma2=[R] descending (summed over groups), energy=total, cost=params per unit
-    of d, dense=params kept whole)}. Every key gets d >= 1; then dimensions go, one at a time, to
-    the key whose next one removes the most relative error (sigma2_j / energy) per parameter (the
-    greedy order of a fractional knapsack: each key's gains fall with j, each dimension costs the
-    same). d stays below dense / cost, so a factorized kind is always smaller than a whole one.
-    Returns {key: d}. Raises when even d = 1 everywhere does not fit."""
-    floor = sum(it["cost"] for it in items.values())
-    if floor > budget:
-        raise ValueError(f"--budget leaves {budget:,} routed-expert parameters, below the {floor:,} that latent size 1 "
-                         "needs in every factorized projection: raise --budget or factorize fewer projections")
-    gains = []
+    of d, dense=params kept whole)}. Every key gets its first `step` dimensions; then dimensions go, `step` at a
+    time, to the key whose next ones remove the most relative error (sigma2_j / energy) per parameter (the
+    greedy order of a fractional knapsack: each key's gains fall with j, each dimension costs the same). d stays
+    below dense / cost, so a factorized kind is always smaller than a whole one. A key with fewer than 2 * step
+    possible dimensions goes one at a time (step = budget.LATENT_ALIGN keeps the fast kernels' alignment without
+    cramping small test models). Returns {key: d}. Raises when even the first dimensions do not fit."""
+    units = {}
     for key, it in items.items():
         d_max = min(len(it["sigma2"]), (it["dense"] - 1) // it["cost"])
+        units[key] = (step if d_max >= 2 * step else 1, d_max)
+    floor = sum(it["cost"] * units[key][0] for key, it in items.items())
+    if floor > budget:
+        raise ValueError(f"--budget leaves {budget:,} routed-expert parameters, below the {floor:,} that the smallest "
+                         "latent size needs in every factorized projection: raise --budget or factorize fewer "
+                         "projections")
+    gains = []
+    for key, it in items.items():
+        unit, d_max = units[key]
         rel = it["sigma2"][:d_max] / max(it["energy"], 1e-300)
-        gains += [(float(rel[j]) / it["cost"], key, j) for j in range(1, d_max)]
+        gains += [(float(rel[j * unit:(j + 1) * unit].sum()) / (it["cost"] * unit), key, j)
+                  for j in range(1, d_max // unit)]
     gains.sort(key=lambda g: -g[0])
-    d = {key: 1 for key in items}
+    d = {key: units[key][0] for key in items}
     left = budget - floor
     for _, key, j in gains:
-        cost = items[key]["cost"]
-        if cost <= left and d[key] == j:  # take dimension j+1 only after dimension j
-            d[key] += 1
+        unit, cost = units[key][0], items[key]["cost"] * units[key][0]
+        if cost <= left and d[key] == j * unit:  # take the j-th chunk only after the ones before it
+            d[key] += unit
             left -= cost
     return d
 

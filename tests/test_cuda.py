@@ -226,3 +226,12 @@ def test_a_decoder_layer_compiles_into_one_graph_on_the_gpu(molae):
         explained = torch._dynamo.explain(layer)(x_BTD, position_embeddings=model.model.rotary_emb(x_BTD, pos_BT),
                                                  attention_mask=None, position_ids=pos_BT)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_unaligned_latent_sizes_warn_once_that_they_take_the_slow_fallback():
+    m = Experts(256, 128, 8, {"gate": 100, "up": 100}).cuda().bfloat16()  # 100: not a multiple of 8
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    idx, w = torch.rand(64, 8, device="cuda").argsort(-1)[:, :2], torch.rand(64, 2, device="cuda").bfloat16()
+    m.impl = "grouped"
+    with pytest.warns(UserWarning, match=r"padded batched-matmul fallback.*multiples of 8"):
+        m(x, idx, w)

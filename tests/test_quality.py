@@ -111,6 +111,36 @@ def test_best_rank_matches_truncated_svd():
 # ----------------------------------------------------------------------------- budget, grouping
 
 
+def test_allocation_in_steps_of_the_kernels_alignment():
+    """convert allocates latent sizes 8 at a time (budget.LATENT_ALIGN: torch's grouped GEMM takes rows of 16 bytes;
+    other sizes run a padded fallback that syncs with the host), nearly as well as one at a time; a key with room for
+    fewer than 16 dimensions still goes one at a time."""
+    from molae.budget import LATENT_ALIGN
+
+    torch.manual_seed(6)
+    items, mats = {}, {}
+    for key, decay in (("fast", 0.95), ("slow", 0.99), ("flat", 1.0)):
+        E, M, N = 8, 64, 256
+        U = torch.linalg.qr(torch.randn(N, N, dtype=f64))[0]
+        W = torch.randn(E, M, N, dtype=f64) @ torch.diag(decay ** torch.arange(N, dtype=f64)) @ U
+        s2 = spectrum(W, "up")
+        items[key] = dict(sigma2=s2, energy=s2.sum().item(), cost=N + E * M, dense=E * M * N)
+        mats[key] = s2
+    items["tiny"] = dict(sigma2=torch.ones(12, dtype=f64), energy=12.0, cost=10, dense=121)  # at most 12 dimensions
+    mats["tiny"] = items["tiny"]["sigma2"]
+    budget = 3 * 100 * (256 + 512) + 5 * 10
+
+    def rel(dd):
+        return sum(mats[k][dd[k]:].sum().item() / items[k]["energy"] for k in dd)
+
+    one, aligned = allocate_latent(items, budget), allocate_latent(items, budget, LATENT_ALIGN)
+    assert sum(items[k]["cost"] * aligned[k] for k in aligned) <= budget
+    assert all(aligned[k] % LATENT_ALIGN == 0 for k in ("fast", "slow", "flat")) and 1 <= aligned["tiny"] <= 12
+    assert aligned["fast"] < aligned["slow"] <= aligned["flat"]
+    assert rel(one) <= rel(aligned) <= 1.1 * rel(one)
+    assert any(one[k] % LATENT_ALIGN for k in ("fast", "slow", "flat"))  # so the step is what aligned them
+
+
 def test_allocation_meets_the_budget_and_beats_uniform_latent_sizes():
     torch.manual_seed(5)
     items, mats = {}, {}

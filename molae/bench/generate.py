@@ -16,7 +16,9 @@ after warm-up, two input sets rotated) at each --prefill; decode tokens/s at eac
 step by itself whenever the cache is static, and compiling transformers' eager experts loop runs for many
 minutes; --compile: generate's own compilation, mode reduce-overhead, i.e. CUDA graphs, and prefill through the
 forward compiled the same way), as
-B * (N - 1) / (t(N new tokens) - t(1 new token)), so that prompt processing is not counted; the peak memory; the
+B * (N - 1) / (the time from the first generated token to the last): a logits processor takes the time (after a
+device sync) at each of generate's N steps, so that prompt processing is not counted (1f6f682 subtracted a 1-token
+generation's time from an N-token one's, which on a CPU came out at or below zero); the peak memory; the
 weight bytes a batch-1 decode step reads (the active parameters: every non-expert weight, top-k experts per
 layer, and for MoLAE the shared latents); and whether its greedy tokens equal hf-eager's (`moe` must: the same
 function). An implementation that fails (say, it cannot be compiled) is recorded with its error, not fatal.
@@ -92,38 +94,69 @@ def build(spec: str, impl: str, device, dtype, budget: float, seed: int = 0):
     return model
 
 
+def settle(call, max_calls: int = 20, tol: float = 0.2) -> int:
+    """Call `call` until three calls in a row take within tol of one another, at most max_calls times; returns how
+    many it took. A compiled model is not at its speed after one call: a new shape compiles (and recompiles, once
+    dynamic), CUDA graphs record on a later call, and Inductor may run slower code while its kernels compile in the
+    background (a CPU run of 1f6f682 timed prefill at 28 tokens/s for what took 4 ms a few calls later)."""
+    times = []
+    for n in range(1, max_calls + 1):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+        if n >= 3 and max(times[-3:]) <= (1 + tol) * min(times[-3:]):
+            return n
+    return max_calls
+
+
 def time_prefill(model, P: int, device, forward=None) -> dict:
-    """One forward over P tokens at batch 1 (through `forward`, e.g. a compiled one, default the model)."""
+    """One forward over P tokens at batch 1 (through `forward`, e.g. a compiled one, default the model), timed once
+    its speed has settled."""
     forward = forward or model
     gen = torch.Generator(device).manual_seed(P)
     ids = [torch.randint(0, model.config.vocab_size, (1, P), generator=gen, device=device) for _ in range(2)]
     with torch.no_grad():
+        warm = settle(lambda: (forward(input_ids=ids[0]), _sync(device)))
         t = median_ms(lambda i: forward(input_ids=ids[i]), 2, device, min_repeats=3, max_repeats=10)
-    return dict(tokens=P, ms=t["ms"], tokens_per_s=P / t["ms"] * 1e3, peak_gb=t["peak_gb"])
+    return dict(tokens=P, ms=t["ms"], tokens_per_s=P / t["ms"] * 1e3, peak_gb=t["peak_gb"], warmup_calls=warm)
+
+
+class StepClock:
+    """A logits processor that records the time (after a device sync) at each generation step: the first call
+    comes after the prompt's forward, each later one after a decode step."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def time_decode(model, B: int, new: int, device, compile_: bool = False, repeats: int = 3,
                 prompt: int = 32) -> tuple[dict, torch.Tensor]:
-    """Greedy generate with a static cache: decode tokens/s net of the prompt (see the module notes), and the
-    generated tokens [B, new]. compile_: generate compiles its decode step (CompileConfig's reduce-overhead);
-    else it is kept eager."""
+    """Greedy generate with a static cache: decode tokens/s from the first generated token to the last (see the
+    module notes), and the generated tokens [B, new]. compile_: generate compiles its decode step (CompileConfig's
+    reduce-overhead); else it is kept eager."""
+    from transformers import LogitsProcessorList
+
     gen = torch.Generator(device).manual_seed(B)
     ids = torch.randint(1, model.config.vocab_size, (B, prompt), generator=gen, device=device)
 
-    def run(n):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
-                             disable_compile=not compile_)
-        _sync(device)
-        return time.perf_counter() - t0, out
+    def run():  # (seconds of the new - 1 decode steps, the output)
+        clock = StepClock(device)
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             cache_implementation="static", disable_compile=not compile_,
+                             logits_processor=LogitsProcessorList([clock]))
+        assert len(clock.times) == new, (len(clock.times), new)
+        return clock.times[-1] - clock.times[0], out
 
-    run(new)  # warm-up (and compilation)
-    full = [run(new) for _ in range(repeats)]
-    one = [run(1)[0] for _ in range(repeats)]
-    t_full, t_one = statistics.median(t for t, _ in full), statistics.median(one)
-    return (dict(batch=B, new_tokens=new, seconds=t_full, seconds_one=t_one,
-                 tokens_per_s=B * (new - 1) / max(t_full - t_one, 1e-9)), full[0][1][:, prompt:].cpu())
+    warm = settle(run)  # compilation, graph recording
+    timed = [run() for _ in range(repeats)]
+    seconds = statistics.median(t for t, _ in timed)
+    return (dict(batch=B, new_tokens=new, decode_seconds=seconds, warmup_calls=warm,
+                 tokens_per_s=B * (new - 1) / seconds), timed[0][1][:, prompt:].cpu())
 
 
 def bench_generate(specs, impls, prefill, batches, new_tokens, device, dtype, budget, compile_: bool,
@@ -180,7 +213,7 @@ def report(result: dict) -> str:
              f"- command: `{r.get('command', '')}`", f"- device: {r['device']}; torch {r['torch']}; date {r['date']}; "
              f"commit `{r.get('commit', 'unknown')}`; {r['dtype']}; compile: {r['compile']}",
              f"- MoLAE: data-free, gate, up and down factorized at {100 * r['budget']:g}% of the routed-expert "
-             "parameters, G = 1; decode: greedy `generate`, static cache, tokens/s net of the prompt", ""]
+             "parameters, G = 1; decode: greedy `generate`, static cache, tokens/s from the first generated token to the last", ""]
     for model in dict.fromkeys(x["model"] for x in r["rows"]):
         rows = [x for x in r["rows"] if x["model"] == model]
         lines += [f"## {model}", "",
