@@ -59,6 +59,7 @@ MODES = ("forward", "forward+backward")
 GRAPHED = "forward (CUDA graph)"
 GRAPHED_BACKWARD = "forward+backward (CUDA graph)"
 REPLAYED = {GRAPHED: "forward", GRAPHED_BACKWARD: "forward+backward"}
+GRAPHED_BACKWARD_MAX_TOKENS = 4096  # past this, eager steps are not launch-bound (results/notes/speed.md)
 
 
 @dataclass
@@ -235,12 +236,13 @@ def graphed(step, n_sets: int):
         for i in range(n_sets):
             step(i)
     torch.cuda.current_stream().wait_stream(side)
-    graphs = []
-    for i in range(n_sets):
+    graphs, pool = [], None
+    for i in range(n_sets):  # one memory pool for all: they replay in the order they were captured, one at a time
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, pool=pool):
             step(i)
         graphs.append(g)
+        pool = pool or g.pool()
     return lambda i: graphs[i].replay()
 
 
@@ -398,6 +400,8 @@ def bench_layer(shapes: list[Shape], impls: list[str], tokens: list[int], decode
         for T in tokens:
             batch = inputs(shape, T, sets, device, dtype, gen)
             for mode in modes_for(impl, device):
+                if mode == GRAPHED_BACKWARD and T > GRAPHED_BACKWARD_MAX_TOKENS:
+                    continue
                 slow = [r for r in rows if (r["shape"], r["impl"], r["mode"]) == (shape.name, impl, mode)
                         and r["ms"] > 1e3 * max_step_s]
                 if slow:
