@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -323,16 +324,19 @@ def next_token_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch
     return F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
 
 
-# with `compile`: one fused kernel each way reading the bf16 logits, in place of a float32 copy of them (B*T*V*4
-# bytes: 2.1 GB at the reference presets) and separate log-softmax kernels (8% of a ref-deepseek-v3 step, H200)
-_compiled_loss = torch.compile(next_token_loss, dynamic=False)
+@functools.cache
+def _compiled_loss():
+    """With `compile`: one fused kernel each way reading the bf16 logits, in place of a float32 copy of them
+    (B*T*V*4 bytes: 2.1 GB at the reference presets) and separate log-softmax kernels (8% of a ref-deepseek-v3
+    step, H200). Made on first use: torch.compile imports dynamo, which importing the trainer should not."""
+    return torch.compile(next_token_loss, dynamic=False)
 
 
 def _losses(model, x, cfg: TrainConfig, amp) -> tuple:
     """One micro-batch x [B, T+1]: (next-token loss, the router's aux loss or None, what backward takes)."""
     with amp():
         outputs = model(input_ids=x[:, :-1])
-        loss = (_compiled_loss if cfg.compile else next_token_loss)(outputs.logits, x[:, 1:])
+        loss = (_compiled_loss() if cfg.compile else next_token_loss)(outputs.logits, x[:, 1:])
         aux = getattr(outputs, "aux_loss", None)
         return loss, aux, loss + cfg.aux_loss_coef * aux if aux is not None else loss
 
