@@ -211,20 +211,15 @@ def test_the_benchmarks_graphed_forward_backward_replays_the_eager_gradients(imp
 def test_a_decoder_layer_compiles_into_one_graph_on_the_gpu(molae):
     """The trainer's `compile` on CUDA: one graph per decoder layer (the CUDA-only branches of the experts' path
     included: the device-capability check is a constant under compilation, the alignment check skipped)."""
+    from tiny import explain_last_layer
+
     from molae import train as T
 
     cfg = T.TrainConfig(family="qwen2_moe", model=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                                                        num_key_value_heads=4, moe_intermediate_size=64,
                                                        shared_expert_intermediate_size=128, num_experts=8,
                                                        num_experts_per_tok=2), molae=molae)
-    model = T.build_model(cfg, 512).cuda()
-    layer = model.model.layers[-1]
-    x_BTD = torch.randn(2, 64, 128, device="cuda")
-    pos_BT = torch.arange(64, device="cuda")[None].expand(2, -1)
-    torch._dynamo.reset()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        explained = torch._dynamo.explain(layer)(x_BTD, position_embeddings=model.model.rotary_emb(x_BTD, pos_BT),
-                                                 attention_mask=None, position_ids=pos_BT)
+    explained = explain_last_layer(T.build_model(cfg, 512).cuda(), "cuda", tokens=64)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 

@@ -117,15 +117,7 @@ def test_allocation_in_steps_of_the_kernels_alignment():
     fewer than 16 dimensions still goes one at a time."""
     from molae.budget import LATENT_ALIGN
 
-    torch.manual_seed(6)
-    items, mats = {}, {}
-    for key, decay in (("fast", 0.95), ("slow", 0.99), ("flat", 1.0)):
-        E, M, N = 8, 64, 256
-        U = torch.linalg.qr(torch.randn(N, N, dtype=f64))[0]
-        W = torch.randn(E, M, N, dtype=f64) @ torch.diag(decay ** torch.arange(N, dtype=f64)) @ U
-        s2 = spectrum(W, "up")
-        items[key] = dict(sigma2=s2, energy=s2.sum().item(), cost=N + E * M, dense=E * M * N)
-        mats[key] = s2
+    items, mats = planted_spectra((("fast", 0.95), ("slow", 0.99), ("flat", 1.0)), 8, 64, 256, seed=6)
     items["tiny"] = dict(sigma2=torch.ones(12, dtype=f64), energy=12.0, cost=10, dense=121)  # at most 12 dimensions
     mats["tiny"] = items["tiny"]["sigma2"]
     budget = 3 * 100 * (256 + 512) + 5 * 10
@@ -141,16 +133,21 @@ def test_allocation_in_steps_of_the_kernels_alignment():
     assert any(one[k] % LATENT_ALIGN for k in ("fast", "slow", "flat"))  # so the step is what aligned them
 
 
-def test_allocation_meets_the_budget_and_beats_uniform_latent_sizes():
-    torch.manual_seed(5)
+def planted_spectra(decays, E: int, M: int, N: int, seed: int) -> tuple[dict, dict]:
+    """allocate_latent's items (and each one's sigma2) for stacks whose singular values fall as decay^j."""
+    torch.manual_seed(seed)
     items, mats = {}, {}
-    for key, decay in (("fast", 0.5), ("slow", 0.95), ("flat", 1.0)):
-        E, M, N = 8, 8, 32
+    for key, decay in decays:
         U = torch.linalg.qr(torch.randn(N, N, dtype=f64))[0]
         W = torch.randn(E, M, N, dtype=f64) @ torch.diag(decay ** torch.arange(N, dtype=f64)) @ U
         s2 = spectrum(W, "up")
         items[key] = dict(sigma2=s2, energy=s2.sum().item(), cost=N + E * M, dense=E * M * N)
         mats[key] = s2
+    return items, mats
+
+
+def test_allocation_meets_the_budget_and_beats_uniform_latent_sizes():
+    items, mats = planted_spectra((("fast", 0.5), ("slow", 0.95), ("flat", 1.0)), 8, 8, 32, seed=5)
     budget = 3 * 10 * (32 + 64)
     d = allocate_latent(items, budget)
     assert sum(items[k]["cost"] * d[k] for k in d) <= budget

@@ -353,15 +353,10 @@ def test_each_decoder_layer_compiles_into_one_graph(family, section):
     """`compile` compiles each decoder layer: a graph break inside (the experts' alignment check read data_ptr,
     which a traced tensor lacks) leaves it in pieces, each launched from Python, which is what the trainer's
     host time was spent on. Traced as the trainer runs it: bfloat16 autocast, the grouped_mm path."""
+    from tiny import explain_last_layer
+
     cfg = tiny_config(family=family, model=DEEPSEEK_TINY if family == "deepseek_v3" else dict(TINY), molae=section)
-    model = T.build_model(cfg, 512)
-    layer = model.model.layers[-1]  # an MoE layer in every family
-    x_BTD = torch.randn(2, 16, 64)
-    pos_BT = torch.arange(16)[None].expand(2, -1)
-    torch._dynamo.reset()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        explained = torch._dynamo.explain(layer)(x_BTD, position_embeddings=model.model.rotary_emb(x_BTD, pos_BT),
-                                                 attention_mask=None, position_ids=pos_BT)
+    explained = explain_last_layer(T.build_model(cfg, 512))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 

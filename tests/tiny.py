@@ -41,3 +41,14 @@ def tiny_model(family, seed=0, dtype=torch.float64, **overrides):
             if "norm" not in name:
                 p.normal_(0, 0.2)
     return model
+
+
+def explain_last_layer(model, device: str = "cpu", tokens: int = 16):
+    """torch._dynamo.explain of the model's last decoder layer (an MoE layer in every family) as the trainer's
+    `compile` runs it: under bfloat16 autocast, on random hidden states of 2 x tokens."""
+    x_BTD = torch.randn(2, tokens, model.config.hidden_size, device=device)
+    pos_BT = torch.arange(tokens, device=device)[None].expand(2, -1)
+    torch._dynamo.reset()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        return torch._dynamo.explain(model.model.layers[-1])(
+            x_BTD, position_embeddings=model.model.rotary_emb(x_BTD, pos_BT), attention_mask=None, position_ids=pos_BT)

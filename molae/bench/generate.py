@@ -213,7 +213,8 @@ def report(result: dict) -> str:
              f"- command: `{r.get('command', '')}`", f"- device: {r['device']}; torch {r['torch']}; date {r['date']}; "
              f"commit `{r.get('commit', 'unknown')}`; {r['dtype']}; compile: {r['compile']}",
              f"- MoLAE: data-free, gate, up and down factorized at {100 * r['budget']:g}% of the routed-expert "
-             "parameters, G = 1; decode: greedy `generate`, static cache, tokens/s from the first generated token to the last", ""]
+             "parameters, G = 1; decode: greedy `generate`, static cache, tokens/s from the first generated token "
+             "to the last", ""]
     for model in dict.fromkeys(x["model"] for x in r["rows"]):
         rows = [x for x in r["rows"] if x["model"] == model]
         lines += [f"## {model}", "",
