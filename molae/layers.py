@@ -229,15 +229,11 @@ def grouped_linear(x_SI, w_EOI, offs_E, backend: str | None = None):
 def pick_backend(x_SI, w_EOI) -> str:
     if _grouped_mm_supported(x_SI, w_EOI):
         return "grouped_mm"
-    if x_SI.is_cuda and tuple(w_EOI.shape[1:]) not in _WARNED:
-        _WARNED.add(tuple(w_EOI.shape[1:]))
+    if x_SI.is_cuda:  # once per shape: the warnings registry keeps one per message and caller
         warnings.warn(f"experts of shape {list(w_EOI.shape[1:])} (dtype {x_SI.dtype}) run the padded batched-matmul "
                       "fallback, which syncs with the host: grouped_mm takes bfloat16 with both sizes multiples of 8 "
                       "(convert with latent sizes that are: molae convert --budget allocates them so)", stacklevel=2)
     return "bmm"
-
-
-_WARNED: set = set()  # the expert shapes pick_backend has warned about
 
 
 class _GroupedLinear(torch.autograd.Function):

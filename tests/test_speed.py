@@ -74,6 +74,8 @@ def test_the_report_adds_the_graphed_forward_where_a_run_timed_it():
     assert modes_for("molae-g1", "cpu") == ("forward", "forward+backward")  # captured on CUDA only
     assert GRAPHED not in modes_for("hf-eager", "cuda") and GRAPHED_BACKWARD not in modes_for("hf-eager", "cuda")
     assert modes_for("moe", "cuda") == ("forward", "forward+backward", GRAPHED, GRAPHED_BACKWARD)
+    assert modes_for("moe", "cuda", 4096) == modes_for("moe", "cuda")  # graphed backward up to 4096 tokens
+    assert modes_for("moe", "cuda", 8192) == ("forward", "forward+backward", GRAPHED)
 
     def row(impl, mode, ms, speedup=None):  # the report's input format, with made-up times: formatting only
         r = dict(shape="s", impl=impl, mode=mode, tokens=512, ms=ms, tflops=1.0, peak_fraction=0.1, peak_gb=None,

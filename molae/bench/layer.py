@@ -21,9 +21,10 @@ the weight bytes read per token: the touched experts' matrices and the touched g
 projections, the least any implementation must read. Where our `Experts` take the decode kernels (`path`
 "decode"), the same module forced onto the grouped-GEMM path is timed beside it as "IMPL/grouped", and
 where it takes the grouped path, forced onto the decode kernels as "IMPL/decode" (the crossover).
-On CUDA, "forward (CUDA graph)" times the same forward replayed from a CUDA graph (every implementation but
-hf-eager, whose loop syncs with the host): beside the eager "forward" it says how much of a step is the host
-launching kernels (below a few thousand tokens these steps are launch-bound) and how much the GPU's work.
+On CUDA, "forward (CUDA graph)" and "forward+backward (CUDA graph)" (up to GRAPHED_BACKWARD_MAX_TOKENS) time the
+same steps replayed from CUDA graphs (every implementation but hf-eager, whose loop syncs with the host): beside
+the eager ones they say how much of a step is the host launching kernels (below a few thousand tokens these steps
+are launch-bound) and how much the GPU's work.
 Useful FLOPs are the layer's own arithmetic (standard 6·n·m·T·k; MoLAE 6·n·d per (token, group) pair
 plus 6·m·d per routed slot); forward+backward counts three times the forward.
 
@@ -382,9 +383,11 @@ def capturable(impl: str, device) -> bool:
     return torch.device(device).type == "cuda" and not impl.startswith("hf-eager")
 
 
-def modes_for(impl: str, device) -> tuple[str, ...]:
-    """The modes timed at the --tokens sizes: each also replayed from CUDA graphs where it can be captured."""
-    return MODES + (tuple(REPLAYED) if capturable(impl, device) else ())
+def modes_for(impl: str, device, tokens: int | None = None) -> tuple[str, ...]:
+    """The modes timed at a --tokens size: each also replayed from CUDA graphs where it can be captured, the
+    forward+backward only up to GRAPHED_BACKWARD_MAX_TOKENS (None: every mode at some size)."""
+    graphed = [m for m in REPLAYED if m != GRAPHED_BACKWARD or tokens is None or tokens <= GRAPHED_BACKWARD_MAX_TOKENS]
+    return MODES + (tuple(graphed) if capturable(impl, device) else ())
 
 
 def bench_layer(shapes: list[Shape], impls: list[str], tokens: list[int], decode_tokens: list[int], device: str,
@@ -399,9 +402,7 @@ def bench_layer(shapes: list[Shape], impls: list[str], tokens: list[int], decode
         module = build(impl, shape, device, dtype)
         for T in tokens:
             batch = inputs(shape, T, sets, device, dtype, gen)
-            for mode in modes_for(impl, device):
-                if mode == GRAPHED_BACKWARD and T > GRAPHED_BACKWARD_MAX_TOKENS:
-                    continue
+            for mode in modes_for(impl, device, T):
                 slow = [r for r in rows if (r["shape"], r["impl"], r["mode"]) == (shape.name, impl, mode)
                         and r["ms"] > 1e3 * max_step_s]
                 if slow:
