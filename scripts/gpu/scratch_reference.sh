@@ -1,8 +1,9 @@
 # [10] One scratch reference per stretch of GPU time (what scripts/gpu/quality.sh did for [5], with [10]'s longer
 # training, intervals and order), a background job collected across calls:
-#   COMMIT=<sha> bash scripts/gpu/bg.sh start NAME bash scripts/gpu/scratch_reference.sh PRESET NAME [TRAIN_SECONDS]
+#   COMMIT=<sha> bash scripts/gpu/bg.sh start NAME bash scripts/gpu/scratch_reference.sh PRESET NAME [LENGTH]
 #   WAIT=540 bash scripts/gpu/bg.sh wait NAME            (later calls, while the machine stays warm)
-# Trains the reference preset for TRAIN_SECONDS (default 560: about 250M tokens at the [4] presets' speed; the
+# Trains the reference preset for LENGTH: seconds (default 560: about 250M tokens at the [4] presets' speed) or
+# NSTEPS followed by "steps" (7630steps: 250M tokens at the presets' 32,768 a step), the schedule fitted to it (the
 # checkpoints are too large to come back from the GPU machine), then, in priority order, each landing in $OUT as
 # it finishes: `molae analyze` of it; `molae bench quality` with 1,048,576 held-out tokens and intervals, the
 # main methods healed and not at 50% and 25% (calibration seed 0); seed 1 for the best MoLAE variants and SVD;
@@ -12,9 +13,10 @@
 source scripts/gpu/common.sh
 set +e  # a background job: a failed step should not stop the ones after it
 PRESET=$1; NAME=$2; BUDGET=${3:-560}
+case $BUDGET in *steps) LENGTH=(--steps ${BUDGET%steps});; *) LENGTH=(--time-budget $BUDGET);; esac
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
 W=/tmp/q-$NAME; rm -rf $W; mkdir -p $W
-python3 -m molae.train --config $PRESET --data $DATA --out $W/run --time-budget $BUDGET "${SETS[@]}" --no-progress 2>&1 \
+python3 -m molae.train --config $PRESET --data $DATA --out $W/run "${LENGTH[@]}" "${SETS[@]}" --no-progress 2>&1 \
   | grep -E "^final|Error|error"
 cp $W/run/summary.json $OUT/train-summary-$NAME.json
 analyze_to $NAME $W/run/model
