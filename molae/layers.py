@@ -182,7 +182,7 @@ def _grouped_mm_supported(x_SI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or x_SI.dtype != w_EOI.dtype:
         return False
     if x_SI.device.type == "cuda":
-        ok_dtype = x_SI.dtype == torch.bfloat16 and _capability(x_SI.device.index) >= (8, 0)
+        ok_dtype = x_SI.dtype == torch.bfloat16 and _sm80_or_newer(x_SI.device.index)
     elif x_SI.device.type == "cpu":
         ok_dtype = x_SI.dtype in (torch.float32, torch.bfloat16)
     else:
@@ -198,8 +198,9 @@ def _grouped_mm_supported(x_SI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
 
 
 @torch.compiler.assume_constant_result  # a constant while compiling too (not a graph break at every layer)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _sm80_or_newer(index: int) -> bool:
+    # a bool, not the capability tuple: comparing an assumed-constant tuple fails inside dynamo (torch 2.11)
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def _aligned(t: torch.Tensor) -> bool:
