@@ -128,6 +128,13 @@ def analyze_checkpoint(src, out: Path | None = None, projections=KINDS, layers: 
     return result
 
 
+def without_spectra(result: dict) -> dict:
+    """The analysis without its per-expert spectra (most of the file; every other figure kept): what results/
+    commits."""
+    return dict(result, layers={layer: {kind: {k: v for k, v in r.items() if k != "expert_spectra"}
+                                        for kind, r in kinds.items()} for layer, kinds in result["layers"].items()})
+
+
 def format_analysis(result: dict) -> str:
     lines = ["| layer | kind | E x m x n | expert rank @90/95/99% (mean) | shared d @90/95/99% (G=1) | "
              "row-space overlap (random) |", "|---:|---|---|---|---|---|"]

@@ -251,6 +251,24 @@ def test_hcsmoe_aligns_neurons_before_merging():
     assert (f(plain) - f({k: W[k][0] for k in W})).norm() > 0.1 * f({k: W[k][0] for k in W}).norm()
 
 
+def test_hcsmoe_merges_a_cluster_whose_dominant_got_no_calibration_tokens():
+    """A dominant expert with coefficient 0 (no routed calibration rows) merges into finite weights: the
+    neurons nothing aligns to keep the dominant's, as the rule does when that coefficient tends to zero."""
+    from molae.methods.hcsmoe import merge_fix_dom_same
+
+    torch.manual_seed(12)
+    m, n = 12, 20
+    W = {"gate": torch.randn(2, m, n, dtype=f64), "up": torch.randn(2, m, n, dtype=f64),
+         "down": torch.randn(2, n, m, dtype=f64)}
+    X = torch.randn(100, n, dtype=f64)
+    merged, near = merge_fix_dom_same(W, [0, 1], X, [0.0, 1.0]), merge_fix_dom_same(W, [0, 1], X, [1e-12, 1.0])
+    for k in ("gate", "up", "down"):
+        assert torch.isfinite(merged[k]).all(), k
+        torch.testing.assert_close(merged[k], near[k])
+    for coefs in ([0.0, 0.0], [0.0, 1.0]):  # a cluster no token reached at all, too
+        assert all(torch.isfinite(v).all() for v in merge_fix_dom_same(W, [0, 1], X, coefs).values())
+
+
 def test_reap_and_hcsmoe_use_the_routers_softmax_probabilities():
     """With the router's logits captured, REAP weighs each expert's output norm by softmax(logits)[e],
     not by the top-k weight a renormalizing router (Mixtral's) hands the experts."""
@@ -520,6 +538,21 @@ def test_report_tables_the_calibration_samples_and_the_margin_along_training(tmp
     assert f"| {100 * (math.exp(0.01) - 1):+.3f}%" in seeds[0] and seeds[0].endswith("worse |")
     assert seeds[1].endswith("tied |")
     assert f"| molae-alloc+heal | 50% | {100 * (math.exp(-0.005) - 1):+.2f}%" in md
+
+
+def test_report_names_a_failed_run_and_never_ranks_it(tmp_path):
+    """A run with a non-finite held-out loss (HC-SMoE's NaN weights at 02e0904) is listed as failed and is
+    not the best baseline, wherever it comes in the file."""
+    from molae.bench.quality import report
+
+    r = _run_file("m", 0, {("hcsmoe", 0.5): 0.0, ("molae-alloc", 0.5): 0.01, ("svd", 0.5): 0.03})
+    r["runs"][0].update(perplexity=float("nan"), window_nll=[float("nan")] * 300)
+    (tmp_path / "m.json").write_text(json.dumps(r))
+    report([tmp_path / "m.json"], tmp_path / "out")
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "- failed: hcsmoe at 50%: non-finite held-out loss" in md
+    verdict = next(line for line in md.splitlines() if line.startswith("| 50% | molae-alloc"))
+    assert "| svd " in verdict and verdict.endswith("better |")
 
 
 def test_another_calibration_seed_is_another_sample(data_dir, tmp_path):

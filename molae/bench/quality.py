@@ -192,13 +192,14 @@ def _params(ckpt: SourceCheckpoint) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def _best(runs, prefix):
-    rs = [r for r in runs if r["variant"].startswith(prefix)]
-    return min(rs, key=lambda r: r["perplexity"]) if rs else None
+def _best(runs, prefix):  # a failed (non-finite) run is never the best of anything
+    return min((r for r in runs if r["variant"].startswith(prefix) and math.isfinite(r["perplexity"])),
+               key=lambda r: r["perplexity"], default=None)
 
 
 def _best_baseline(runs):
-    return min((x for x in runs if x["method"] in BASELINES), key=lambda x: x["perplexity"], default=None)
+    return min((x for x in runs if x["method"] in BASELINES and math.isfinite(x["perplexity"])),
+               key=lambda x: x["perplexity"], default=None)
 
 
 def _paired(new: dict, ref: dict, digits: int = 2) -> tuple[str, str]:
@@ -270,7 +271,10 @@ def report(files, out: Path, commit: str | None = None, note: str = "", trend: b
                       "(routed-expert parameters kept).", ""]
         lines += _verdict(r, budgets) + _healing(r)
         lines += [f"- not run: {x['variant']} at {100 * x['budget']:g}%: {x['unreachable']}" for x in r["unreachable"]]
-        lines += [""] if r["unreachable"] else []
+        failed = [x for x in r["runs"] if not math.isfinite(x["perplexity"])]
+        lines += [f"- failed: {x['variant']} at {100 * x['budget']:g}%: non-finite held-out loss (left out of "
+                  "every comparison)" for x in failed]
+        lines += [""] if r["unreachable"] or failed else []
     lines += _across_models(results) + _seeds(results) + (_trend(results) if trend else [])
     lines += _redundancy(analyses) if analyses else []
     (out / "quality.md").write_text("\n".join(lines) + "\n")
@@ -362,7 +366,9 @@ def _seeds(results) -> list[str]:
             if rows:
                 lines += [f"## Calibration samples: {b['name']} (seed {b['settings']['calib_seed']}) against "
                           f"{a['name']} (seed {a['settings']['calib_seed']})", "",
-                          "| variant | budget | perplexity, first | second | second vs first (paired 95%) | verdict |",
+                          f"| variant | budget | perplexity, seed {a['settings']['calib_seed']} | seed "
+                          f"{b['settings']['calib_seed']} | seed {b['settings']['calib_seed']} vs seed "
+                          f"{a['settings']['calib_seed']} (paired 95%) | verdict |",
                           "|---|---:|---:|---:|---:|---|", *rows, ""]
     return lines
 

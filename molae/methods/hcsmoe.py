@@ -16,7 +16,9 @@ expert-output --cluster hirarchical --linkage average --merge fix-dom-same --ing
 Every expert of a cluster then computes the merged expert (the router is unchanged), so the layer stores one
 expert per cluster. A singleton cluster keeps its expert as it is.
 
-Deviation: the authors collect statistics on 32 C4 sequences of 2048 tokens through the whole model; here
+Deviations: a dominant expert that no calibration token was routed to gets coefficient 0, and the neurons
+nothing aligns to would divide 0 by 0 (NaN weights in the authors' code); they keep the dominant neuron (the
+rule's limit as that coefficient goes to zero). The authors collect statistics on 32 C4 sequences of 2048 tokens through the whole model; here
 the layer's inputs come from the layer-by-layer pipeline on --calibration data (the original model's hidden
 states by default, as the authors'; `--calib-carry converted` gives the merged earlier layers' outputs)."""
 
@@ -83,6 +85,11 @@ def merge_fix_dom_same(W: dict[str, torch.Tensor], members: list[int], X_TD: tor
     for j in range(1, len(members)):
         corr = pearson(act[0], act[j]) + pearson(wfeat[0], wfeat[j])  # [dominant neuron, member neuron]
         P[corr.argmax(0), j * m + torch.arange(m, device=X.device)] = coefs[j]
+    # A dominant with no routed calibration rows (coefficient 0) leaves its unmatched neurons' rows empty; the
+    # authors' division makes those 0/0 (NaN: the Mixtral-style reference, H200 2026-12-02). Such a row keeps
+    # the dominant neuron alone, the limit of the rule as that coefficient goes to zero from above.
+    empty = (P.sum(1) == 0).nonzero().squeeze(1)
+    P[empty, empty] = 1.0
     P = P / P.sum(1, keepdim=True)
     return dict(gate=P @ Wg.reshape(-1, Wg.shape[-1]), up=P @ Wu.reshape(-1, Wu.shape[-1]),
                 down=(P @ Wd.transpose(1, 2).reshape(-1, Wd.shape[1])).T)

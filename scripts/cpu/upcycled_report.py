@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from molae.analyze import format_analysis, format_comparison
+from molae.analyze import format_analysis, format_comparison, without_spectra
 from molae.bench.quality import report
 
 src, dest = Path(sys.argv[1]), Path(sys.argv[2])
@@ -18,10 +18,7 @@ dest.mkdir(parents=True, exist_ok=True)
 names = {"upcycled": "up-moe", "scratch": "up-scratch"}
 analyses = {}
 for label, run in names.items():
-    a = json.loads((src / f"analyze-{run}.json").read_text())
-    for kinds in a["layers"].values():
-        for r in kinds.values():
-            r.pop("expert_spectra", None)
+    a = without_spectra(json.loads((src / f"analyze-{run}.json").read_text()))
     (dest / f"analyze-{run}.json").write_text(json.dumps(a, indent=2) + "\n")
     analyses[label] = a
 for f in [*src.glob("train-summary-*.json"), *src.glob("quality-*.json")]:

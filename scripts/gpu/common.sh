@@ -20,7 +20,8 @@ if len(sys.argv) > 2: s['variant'] = sys.argv[2]
 print(json.dumps(s))" "$@"
 }
 # [10]'s conversion-quality runs (scripts/gpu/upcycled.sh, scratch_reference.sh): the main methods, healed and not
-MAIN_METHODS=molae-alloc,molae-alloc+heal,molae-alloc-g,molae-alloc-g+heal,svd,svd+heal,d2moe,mobe,hcsmoe,prune-reap
+# (mobe-lowrank: MoBE where its published form cannot reach the budget, as at m > n: Mixtral)
+MAIN_METHODS=molae-alloc,molae-alloc+heal,molae-alloc-g,molae-alloc-g+heal,svd,svd+heal,d2moe,mobe,mobe-lowrank,hcsmoe,prune-reap
 quality_1m() {  # NAME MODEL WORKDIR SEED METHODS BUDGETS COMMAND -> $OUT/quality-NAME.json (1,048,576 held-out tokens)
   python3 -m molae.cli bench quality --model "$2" --name "$1" --data $DATA --device cuda --workdir "$3" \
     --json $OUT/quality-$1.json --eval-tokens 1048576 --mobe-steps 300 --calib-seed "$4" --methods "$5" \
