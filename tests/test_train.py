@@ -214,6 +214,8 @@ def test_overrides_and_config_errors():
     assert T.apply_overrides(cfg, ["compile_mode=reduce-overhead"]).compile_mode == "reduce-overhead"
     with pytest.raises(ValueError, match=r"compile_mode='graphs' \(allowed default, reduce-overhead"):
         T.apply_overrides(cfg, ["compile_mode=graphs"])
+    with pytest.raises(ValueError, match=r"compile_scope='stack' \(allowed layer, model\)"):
+        T.apply_overrides(cfg, ["compile_scope=stack"])
 
 
 def test_load_meter_adds_every_forward_since_the_last_take_into_tensors_of_its_own():
@@ -285,12 +287,14 @@ def test_cudnn_attention_is_off_while_training_unless_asked_and_restored_after(c
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
-def test_compiled_training_follows_the_eager_loss_curve(data_dir, tmp_path):
-    """`compile` (each decoder layer, and the loss) trains as eager does: the same seed and batches give the same
-    losses within bfloat16's rounding, in bfloat16 autocast (the grouped_mm path; CPU compilation takes bfloat16)."""
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_compiled_training_follows_the_eager_loss_curve(scope, data_dir, tmp_path):
+    """`compile` (each decoder layer or the whole model, and the loss) trains as eager does: the same seed and
+    batches give the same losses within bfloat16's rounding, in bfloat16 autocast (the grouped_mm path; CPU
+    compilation takes bfloat16)."""
     cfg = tiny_config(steps=4, eval_every=4, ckpt_every=4, log_every=1, dtype="bfloat16")
     T.train(cfg, data_dir, tmp_path / "eager", progress=False)
-    T.train(replace(cfg, compile=True), data_dir, tmp_path / "compiled", progress=False)
+    T.train(replace(cfg, compile=True, compile_scope=scope), data_dir, tmp_path / "compiled", progress=False)
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert sorted(eager) == sorted(compiled) == [1, 2, 3, 4]
     for step in eager:
@@ -358,6 +362,18 @@ def test_each_decoder_layer_compiles_into_one_graph(family, section):
     cfg = tiny_config(family=family, model=DEEPSEEK_TINY if family == "deepseek_v3" else dict(TINY), molae=section)
     explained = explain_last_layer(T.build_model(cfg, 512))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_the_whole_model_compiles_into_at_most_two_graphs(family):
+    """compile_scope=model: embedding to logits in one or two graphs (the host launches those, not one per
+    layer plus the eager code between them), traced as the trainer runs it."""
+    cfg = tiny_config(family=family, model=DEEPSEEK_TINY if family == "deepseek_v3" else dict(TINY))
+    model = T.build_model(cfg, 512).train()
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(input_ids=torch.randint(0, 512, (2, 16)))
+    assert explained.graph_count <= 2 and len(model.model.layers) >= 2, explained.break_reasons
 
 
 def test_molae_groups_can_be_the_routers_groups():

@@ -43,6 +43,9 @@ class TrainConfig:
     dtype: str = "auto"  # autocast dtype: auto = bfloat16 on CUDA, float32 (no autocast) on CPU
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode for each layer; reduce-overhead: CUDA graphs (fewer launches)
+    # what `compile` compiles: each decoder layer (one graph each), or the whole model (embedding to logits: fewer
+    # Python steps and graph launches on the host, which bounds the small presets' steps; longer compilation)
+    compile_scope: str = "layer"
     ep: int = 1  # expert parallelism: each MoE layer's experts split over this many processes (torchrun)
     log_every: int = 10
     eval_every: int = 250
@@ -109,6 +112,7 @@ def _typed(name: str, hint, value):
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+COMPILE_SCOPES = ("layer", "model")
 
 
 def _check_ranges(c: TrainConfig):
@@ -125,6 +129,8 @@ def _check_ranges(c: TrainConfig):
         and c.time_budget_s <= 0 else []
     bad += [f"compile_mode={c.compile_mode!r} (allowed {', '.join(COMPILE_MODES)})"] if c.compile_mode not in \
         COMPILE_MODES else []
+    bad += [f"compile_scope={c.compile_scope!r} (allowed {', '.join(COMPILE_SCOPES)})"] if c.compile_scope not in \
+        COMPILE_SCOPES else []
     bad += [f"dtype={c.dtype!r} (allowed auto, bfloat16, float16, float32)"] if c.dtype not in (
         "auto", "bfloat16", "float16", "float32") else []
     bad += [f"export_at={c.export_at} (allowed fractions between 0 and 1)"] if not all(

@@ -136,8 +136,9 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
     graphed = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")  # layers as CUDA graphs
     if cfg.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-        for layer in model.model.layers:
-            layer.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        for module in [model] if cfg.compile_scope == "model" else model.model.layers:
+            module.compile(mode=mode)
     peak = measured_peak_flops(run.device, amp_dtype or torch.float32)
     logger = Logger(out, run.main, start if resume else None)
     if run.main and not resume:
@@ -312,10 +313,12 @@ class _Profile:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.prof.stop()
-            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-            table = self.prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=100)
+            keys = ["self_cuda_time_total"] if torch.cuda.is_available() else []
+            averages = self.prof.key_averages()
+            tables = [f"sorted by {key}\n" + averages.table(sort_by=key, row_limit=40, max_name_column_width=100)
+                      for key in keys + ["self_cpu_time_total"]]  # the host's share too: what bounds small steps
             (self.out / "profile.txt").write_text(f"steps {self.first + 1}-{step} ({step - self.first} steps), "
-                                                  f"sorted by {key}\n{table}\n")
+                                                  + "\n\n".join(tables) + "\n")
             self.prof, self.n = None, 0
 
 
