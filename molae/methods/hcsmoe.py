@@ -18,9 +18,10 @@ expert per cluster. A singleton cluster keeps its expert as it is.
 
 Deviations: a dominant expert that no calibration token was routed to gets coefficient 0, and the neurons
 nothing aligns to would divide 0 by 0 (NaN weights in the authors' code); they keep the dominant neuron (the
-rule's limit as that coefficient goes to zero). The authors collect statistics on 32 C4 sequences of 2048 tokens through the whole model; here
-the layer's inputs come from the layer-by-layer pipeline on --calibration data (the original model's hidden
-states by default, as the authors'; `--calib-carry converted` gives the merged earlier layers' outputs)."""
+rule's limit as that coefficient goes to zero). The authors collect statistics on 32 C4 sequences of 2048
+tokens through the whole model; here the layer's inputs come from the layer-by-layer pipeline on --calibration
+data (the original model's hidden states by default, as the authors'; `--calib-carry converted` gives the merged
+earlier layers' outputs)."""
 
 from __future__ import annotations
 
