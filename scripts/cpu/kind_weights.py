@@ -3,7 +3,7 @@ budget allocation, which sums each kind's relative error as equals, starves the 
 budget with the kinds' relative errors weighted (a weight w on a kind divides its energy by w in
 factorize.allocate_latent's items: its dimensions count w times as much) and scores each on held-out windows:
     python scripts/cpu/kind_weights.py MODEL DATA BUDGET OUT.json
-(a CPU reference of scripts/cpu/peers.sh; 32,768 calibration and 65,536 held-out tokens of 256)."""
+(a CPU reference of scripts/cpu/peers.sh or along_training.sh; 32,768 calibration and 65,536 held-out tokens of 256)."""
 
 import json
 import sys
