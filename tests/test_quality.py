@@ -447,6 +447,11 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     reached = [r for r in q["runs"] if "unreachable" not in r]
     assert all(math.isfinite(r["perplexity"]) for r in reached)
     assert [r["variant"] for r in q["runs"] if "unreachable" in r] == ["mobe"]  # m > n: published MoBE cannot
+    by_variant = {r["variant"]: r for r in reached}  # each run records G, d and the error per layer and kind
+    for layer, kind, groups, d, _ in by_variant["molae-alloc-g"]["layers"]:
+        assert kind in ("gate", "up", "down") and groups in (1, 2, 4) and (kind, d) in map(
+            tuple, by_variant["molae-alloc-g"]["latent"])
+    assert {row[2] for row in by_variant["molae-alloc"]["layers"]} == {1}
     assert main(["bench", "quality", "--model", str(src), "--name", "tiny", "--data", str(data_dir), "--device", "cpu",
                  "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json"), "--resume", "--budgets", "0.5",
                  "--rank-ratios", "1", "--seq-len", "64", "--eval-tokens", "1024", "--calib-tokens", "512"]) == 0

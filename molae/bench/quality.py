@@ -169,7 +169,11 @@ def bench_quality(args):
                 continue
             write_json_atomically(dst / "convert_summary.json", summary)
             extra = dict(latent=sorted({(r["kind"], r["latent_dim"]) for r in summary["layers"]
-                                        if r.get("latent_dim")}), rank_ratio=spec.get("rank_ratio"))
+                                        if r.get("latent_dim")}), rank_ratio=spec.get("rank_ratio"),
+                         # per layer and kind: what the budget chose and the error it left (the workdir is lost
+                         # with a GPU machine; this is what explains a cell afterwards)
+                         layers=[[r["layer"], r["kind"], r.get("groups"), r.get("latent_dim"),
+                                  r.get("rel_output_error")] for r in summary["layers"] if "kind" in r])
         run = dict(variant=name, budget=f, method=spec.get("method", "molae"), **extra,
                    params=dict(routed_before=summary["before"]["expert"], routed=summary["after"]["expert_stored"],
                                total=summary["before"]["total"] - summary["before"]["expert"]
