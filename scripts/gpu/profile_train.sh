@@ -24,5 +24,5 @@ for r in "${RUNS[@]}"; do
   cp /tmp/prof-$r/summary.json /tmp/prof-$r/log.jsonl /tmp/prof-$r/profile.txt $OUT/$r/ 2>/dev/null || true
 done
 python3 scripts/gpu/profile_report.py $OUT --commit "${COMMIT:-unknown}" --date "$(date -u +%F)" \
-  --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+  --device "$(device_name)" \
   --command "COMMIT=${COMMIT:-unknown} ${OLD:+OLD=$OLD }bash scripts/gpu/profile_train.sh $*"
