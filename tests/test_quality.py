@@ -560,6 +560,28 @@ def test_report_names_a_failed_run_and_never_ranks_it(tmp_path):
     assert "| svd " in verdict and verdict.endswith("better |")
 
 
+def test_report_merges_one_samples_files_and_keeps_other_samples_apart(tmp_path):
+    """A later job's other budgets on the same model and calibration sample join its section (a cell already
+    there is not taken twice); another calibration sample keeps its own section and no column of its own
+    across models."""
+    from molae.bench.quality import report
+
+    first = _run_file("m", 0, {("molae-alloc", 0.5): 0.01, ("svd", 0.5): 0.03})
+    more = _run_file("m-75", 0, {("molae-alloc", 0.75): 0.005, ("svd", 0.75): 0.01, ("svd", 0.5): 0.5})
+    other = _run_file("m-seed1", 1, {("molae-alloc", 0.5): 0.02})
+    for name, r in [("a", first), ("b", more), ("c", other)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    report([tmp_path / f"{n}.json" for n in "abc"], tmp_path / "out")
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "## m\n" in md and "## m-75" not in md and "## m-seed1" in md
+    section = md.split("## m\n")[1].split("## m-seed1")[0]
+    assert "| method | 75% | 50% |" in section
+    svd = next(line for line in section.splitlines() if line.startswith("| svd |"))
+    kept, dropped = (f"{r['runs'][-1]['perplexity']:.3f}" for r in (first, more))  # svd at 50% in each file
+    assert kept in svd and dropped not in svd
+    assert "| budget | m data-free / best MoLAE |" in md  # one column: one model
+
+
 def test_another_calibration_seed_is_another_sample(data_dir, tmp_path):
     from molae.convert import ConvertOptions, _calibration_windows as calibration_windows
 

@@ -196,6 +196,22 @@ def _params(ckpt: SourceCheckpoint) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
+def _merged(results: list[dict]) -> list[dict]:
+    """Files of one model, calibration sample and evaluation (a later job's other budgets) as one result, named
+    as the first; a (variant, budget) the first already has is not taken again. Other samples stay apart."""
+    out = []
+    for r in results:
+        key = (r["model"], r["settings"]["calib_seed"], r["settings"]["eval_tokens"], r["original"]["perplexity"])
+        same = next((o for o in out if (o["model"], o["settings"]["calib_seed"], o["settings"]["eval_tokens"],
+                                        o["original"]["perplexity"]) == key), None)
+        if same is None:
+            out.append(dict(r, runs=list(r["runs"])))
+            continue
+        have = {(x["variant"], x["budget"]) for x in same["runs"]}
+        same["runs"] += [x for x in r["runs"] if (x["variant"], x["budget"]) not in have]
+    return out
+
+
 def _best(runs, prefix):  # a failed (non-finite) run is never the best of anything
     return min((r for r in runs if r["variant"].startswith(prefix) and math.isfinite(r["perplexity"])),
                key=lambda r: r["perplexity"], default=None)
@@ -219,7 +235,7 @@ def report(files, out: Path, commit: str | None = None, note: str = "", trend: b
     commit: the commit of the code the runs used, where the files' own record is wrong (said in the md).
     trend: the files are points along one model's training, in order: add the table of margins along it.
     analyses: {name: `molae analyze` analysis.json}: a section comparing the models' expert redundancy."""
-    results = [json.loads(Path(f).read_text()) for f in files]
+    results = _merged([json.loads(Path(f).read_text()) for f in files])
     for r in results:  # runs a published form could not make (MoBE below its floor) are said, not tabled
         r["unreachable"] = [x for x in r["runs"] if "unreachable" in x]
         r["runs"] = [x for x in r["runs"] if "unreachable" not in x]
@@ -279,7 +295,8 @@ def report(files, out: Path, commit: str | None = None, note: str = "", trend: b
         lines += [f"- failed: {x['variant']} at {100 * x['budget']:g}%: non-finite held-out loss (left out of "
                   "every comparison)" for x in failed]
         lines += [""] if r["unreachable"] or failed else []
-    lines += _across_models(results) + _seeds(results) + (_trend(results) if trend else [])
+    firsts = [r for i, r in enumerate(results) if r["model"] not in {x["model"] for x in results[:i]}]  # a column each
+    lines += _across_models(firsts) + _seeds(results) + (_trend(results) if trend else [])
     lines += _redundancy(analyses) if analyses else []
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     _plot(results, out / "quality.png")
