@@ -1,7 +1,8 @@
 """[10] A test of one explanation of MoLAE's unhealed 25% loss to SVD (results/scratch/mixtral/README.md): that the
 budget allocation, which sums each kind's relative error as equals, starves the gate. Converts one model at one
 budget with the kinds' relative errors weighted (a weight w on a kind divides its energy by w in
-factorize.allocate_latent's items: its dimensions count w times as much) and scores each on held-out windows:
+factorize.allocate_latent's items: its dimensions count w times as much), or normalised by a power of the energy,
+and scores each on held-out windows:
     python scripts/cpu/kind_weights.py MODEL DATA BUDGET OUT.json
 (a CPU reference of scripts/cpu/peers.sh or along_training.sh; 32,768 calibration and 65,536 held-out tokens of 256)."""
 
@@ -17,13 +18,17 @@ from molae.evaluate import paired_change
 from molae.factorize import allocate_latent
 
 WEIGHTS = {"svd": None, "equal": {}, "gate x2": {"gate": 2.0}, "gate x4": {"gate": 4.0},
-           "gate, up x2": {"gate": 2.0, "up": 2.0}, "down x2": {"down": 2.0}}
+           "gate, up x2": {"gate": 2.0, "up": 2.0}, "down x2": {"down": 2.0},
+           # how the errors are normalised: energy**p in place of energy (p = 1 relative, as allocate_latent does;
+           # p = 0 absolute whitened error; p = 0.5 between)
+           "energy^0.5": {"p": 0.5}, "energy^0": {"p": 0.0}}
 
 src, data, budget, out = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4])
 windows = TokenData(data).val_windows(256, 65536)
 weights = {}
 C.allocate_latent = lambda items, b, step=1: allocate_latent(  # noqa: E731
-    {k: dict(it, energy=it["energy"] / weights.get(k[1], 1.0)) for k, it in items.items()}, b, step)
+    {k: dict(it, energy=it["energy"] ** weights.get("p", 1.0) / weights.get(k[1], 1.0)) for k, it in items.items()},
+    b, step)
 original = score(src, windows, 1, "cpu")
 rows = {}
 for name, w in WEIGHTS.items():
