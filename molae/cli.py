@@ -60,7 +60,8 @@ def cmd_convert(args):
                           calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
                           calib_seed=args.calib_seed, calib_batch=args.calib_batch, carry=args.carry,
                           heal_steps=args.heal_steps, heal_lr=args.heal_lr, group_by=args.group_by,
-                          group_choices=args.group_choices, damp=args.damp, mobe_steps=args.mobe_steps)
+                          group_choices=args.group_choices, error_power=args.error_power, damp=args.damp,
+                          mobe_steps=args.mobe_steps)
     summary = convert_checkpoint(args.src, args.out, opts, report=args.report, resume=args.resume,
                                  overwrite=args.overwrite)
     print(format_summary(summary))
@@ -237,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--group-choices", type=group_choices, default=None, metavar="G,G,...",
                       help="with --budget: choose G per layer among these (divisors of E; E: one latent per "
                            "expert, SVD-LLM's form) with the d's, for the least error (e.g. 1,4,E)")
+    conv.add_argument("--error-power", type=non_negative_float, default=1.0, metavar="P",
+                      help="with --budget: weigh each layer and projection's error by its energy to the power -P "
+                           "(default 1: relative error; 0.5 gave the lower perplexity on a CPU test, "
+                           "results/scratch/mixtral/kind-weights-cpu.md)")
     conv.add_argument("--damp", type=non_negative_float, default=0.01,
                       help="ridge added to calibration Gram matrices, relative to their mean diagonal (default 0.01)")
     conv.add_argument("--mobe-steps", type=positive_int, default=30000,

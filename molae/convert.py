@@ -227,6 +227,8 @@ class ConvertOptions:
     heal_lr: float = 1e-3
     group_by: str = "index"  # or "similarity", or "routing" (G = the router's n_group, its contiguous groups)
     group_choices: tuple | None = None  # with --budget: G per layer chosen among these (ints, or "E": one per expert)
+    error_power: float = 1.0  # with --budget: each (layer, kind)'s error counts over its energy to this power
+    # (1: relative error, every kind alike; 0: absolute whitened error; results/scratch/mixtral/kind-weights-cpu.md)
     damp: float = 0.01  # ridge on calibration Grams, relative to their mean diagonal
     mobe_steps: int = 30000  # MoBE's Adam steps (its authors' default)
 
@@ -250,6 +252,9 @@ def check_options(opts: ConvertOptions):
                                            or not method.allocates):
         raise ValueError("--group-choices lets --budget choose G per layer: it needs --budget and the molae method, "
                          "without --groups or --group-by")
+    if not 0 <= opts.error_power <= 1 or (opts.error_power != 1 and opts.budget is None):
+        raise ValueError(f"--error-power {opts.error_power}: give a power from 0 to 1, with --budget (it weighs the "
+                         "budget allocation's errors)")
     if opts.carry not in ("converted", "original"):
         raise ValueError(f"--calib-carry {opts.carry} is not known: allowed converted or original")
     calibrated = opts.calibration is not None
@@ -285,8 +290,9 @@ def _plan(ckpt, groups, opts: ConvertOptions, method) -> dict[str, dict]:
 
 
 def _allocate(plan: dict, spectra: dict, by_layer: dict, opts: ConvertOptions):
-    """--budget: latent sizes per layer and kind with the least summed relative (whitened) error;
-    kinds kept whole count against the budget in full. spectra: {(layer key, kind): sigma2}."""
+    """--budget: latent sizes per layer and kind with the least summed (whitened) error, each (layer, kind)'s over
+    its energy to the power --error-power (1: relative); kinds kept whole count against the budget in full.
+    spectra: {(layer key, kind): sigma2}."""
     items, fixed, total = {}, 0, 0
     for key, spec in plan.items():
         g = by_layer[int(key)]
@@ -297,7 +303,7 @@ def _allocate(plan: dict, spectra: dict, by_layer: dict, opts: ConvertOptions):
                 fixed += dense
                 continue
             by_g = spectra[(key, kind)]  # {G: sigma2}
-            items[(key, kind)] = {G: dict(sigma2=s2, energy=s2.sum().item(), dense=dense,
+            items[(key, kind)] = {G: dict(sigma2=s2, energy=s2.sum().item() ** opts.error_power, dense=dense,
                                           cost=latent_cost(g.n_experts, g.inter, g.dim, G)) for G, s2 in by_g.items()}
     choices = {key: spec.pop("group_choices") for key, spec in plan.items() if "group_choices" in spec}
     if choices:  # G per layer first (factorize.choose_groups), then d for the chosen G's

@@ -314,6 +314,26 @@ def saved(family, path, **kw):
     return path
 
 
+def test_error_power_moves_the_budget_towards_the_kinds_with_more_energy(data_dir, tmp_path):
+    """--error-power P weighs each (layer, kind)'s error by its energy^-P: with down's weights planted small (a
+    fifth of the others': 1/25 of their scale's energy), the absolute error (P = 0) gives down less of the budget
+    than the relative one (P = 1), which counts every kind's error alike whatever its size."""
+    model = tiny_model("qwen3_moe", vocab_size=512, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.mul_(0.1 if "experts.down_proj" in name else 0.5)
+    model.save_pretrained(tmp_path / "src")
+    down = {}
+    for power in (0.0, 1.0):
+        opts = ConvertOptions(budget=0.5, projections=("gate", "up", "down"), calibration=str(data_dir),
+                              calib_tokens=512, calib_seq_len=64, error_power=power)
+        s = convert_checkpoint(tmp_path / "src", tmp_path / f"p{power:g}", opts)
+        down[power] = sum(r["latent_dim"] for r in s["layers"] if r.get("kind") == "down")
+    assert down[0.0] < down[1.0]
+    with pytest.raises(ValueError, match="--error-power 0.5: give a power from 0 to 1, with --budget"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "x", ConvertOptions(latent_dim=8, error_power=0.5))
+
+
 def test_calibration_statistics_match_a_direct_count(data_dir, tmp_path):
     """The layer-by-layer capture sees exactly what the experts of the whole model see, and every
     statistic LayerInputs derives equals a direct count over those inputs."""
@@ -439,7 +459,7 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     q = json.loads((tmp_path / "q.json").read_text())
     from molae.bench.quality import BASELINES
 
-    assert len(q["runs"]) == 6 + len(BASELINES) + 1  # every MoLAE variant, every other method, SVD healed
+    assert len(q["runs"]) == 8 + len(BASELINES) + 1  # every MoLAE variant, every other method, SVD healed
     healed = {r["variant"]: r for r in q["runs"] if "heal" in r}
     assert set(healed) == {"molae-alloc+heal", "molae-alloc-g+heal", "svd+heal"}
     assert healed["svd+heal"]["method"] == "svd"
@@ -455,7 +475,7 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     assert main(["bench", "quality", "--model", str(src), "--name", "tiny", "--data", str(data_dir), "--device", "cpu",
                  "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json"), "--resume", "--budgets", "0.5",
                  "--rank-ratios", "1", "--seq-len", "64", "--eval-tokens", "1024", "--calib-tokens", "512"]) == 0
-    assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 6 + len(BASELINES) + 1  # none run twice
+    assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 8 + len(BASELINES) + 1  # none run twice
     assert main(["analyze", str(src), "--out", str(tmp_path / "an")]) == 0  # the model's redundancy beside it
     capsys.readouterr()
     assert main(["bench", "quality-report", str(tmp_path / "q.json"), "--out", str(tmp_path / "r"),

@@ -50,7 +50,9 @@ BASELINES = tuple(name for name in METHODS if name != "molae")
 # (HC-SMoE, pruning); `molae heal` trains latent factors only, so they are reported unhealed.
 HEALED = {"molae-alloc+heal": "molae-alloc", "molae-alloc-g+heal": "molae-alloc-g", "svd+heal": "svd"}
 VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES, "svd+heal",
-            "molae-alloc-g", "molae-alloc-g+heal")  # --methods names
+            "molae-alloc-g", "molae-alloc-g+heal", "molae-alloc-sqrt", "molae-alloc-g-sqrt")  # --methods names
+# -sqrt: the budget allocation weighs each error by the square root of its energy (--error-power 0.5), not by the
+# energy (relative error): lower perplexity on a CPU reference (results/scratch/mixtral/kind-weights-cpu.md)
 
 
 def score(path, windows_WT: torch.Tensor, n_bytes: int, device, newline_V: torch.Tensor | None = None,
@@ -100,6 +102,9 @@ def variants(budgets, rank_ratios, methods) -> list[tuple[str, float, dict]]:
             out.append(("molae-alloc-g", f, dict(calibrated=True, budget=f, group_choices=(1, 2, 4, 8, 16, "E"))))
             if "molae-alloc-g+heal" in methods:
                 out.append(("molae-alloc-g+heal", f, dict(heal="molae-alloc-g")))
+        for name, choices in (("molae-alloc-sqrt", None), ("molae-alloc-g-sqrt", (1, 2, 4, 8, 16, "E"))):
+            if name in methods:
+                out.append((name, f, dict(calibrated=True, budget=f, group_choices=choices, error_power=0.5)))
     return out
 
 
@@ -154,7 +159,7 @@ def bench_quality(args):
                                   budget=spec.get("budget"), rank_ratio=spec.get("rank_ratio"),
                                   group_choices=None if choices is None else tuple(
                                       c for c in choices if c == "E" or (c < E and E % c == 0)),
-                                  mobe_steps=args.mobe_steps,
+                                  mobe_steps=args.mobe_steps, error_power=spec.get("error_power", 1.0),
                                   latent_dim=uniform_latent(f, E, m, n) if spec.get("uniform") else None,
                                   **(dict(calibration=str(args.data), calib_tokens=args.calib_tokens,
                                           calib_seq_len=args.seq_len, calib_seed=args.calib_seed)
