@@ -303,7 +303,8 @@ def _allocate(plan: dict, spectra: dict, by_layer: dict, opts: ConvertOptions):
                 fixed += dense
                 continue
             by_g = spectra[(key, kind)]  # {G: sigma2}
-            items[(key, kind)] = {G: dict(sigma2=s2, energy=s2.sum().item() ** opts.error_power, dense=dense,
+            items[(key, kind)] = {G: dict(sigma2=s2, energy=s2.sum().item(), dense=dense,
+                                          scale=s2.sum().item() ** opts.error_power,
                                           cost=latent_cost(g.n_experts, g.inter, g.dim, G)) for G, s2 in by_g.items()}
     choices = {key: spec.pop("group_choices") for key, spec in plan.items() if "group_choices" in spec}
     if choices:  # G per layer first (factorize.choose_groups), then d for the chosen G's

@@ -344,7 +344,7 @@ def allocate_latent(items: dict, budget: int, step: int = 1) -> dict:
     """Latent sizes under one parameter budget with the least summed relative error.
 
     items: {key: dict(sigma2=[R] descending (summed over groups), energy=total, cost=params per unit
-    of d, dense=params kept whole)}. Every key gets its first `step` dimensions; then dimensions go, `step` at a
+    of d, dense=params kept whole, optional scale=what the error is measured against: energy if absent)}. Every key gets its first `step` dimensions; then dimensions go, `step` at a
     time, to the key whose next ones remove the most relative error (sigma2_j / energy) per parameter (the
     greedy order of a fractional knapsack: each key's gains fall with j, each dimension costs the same). d stays
     below dense / cost, so a factorized kind is always smaller than a whole one. A key with fewer than 2 * step
@@ -362,7 +362,7 @@ def allocate_latent(items: dict, budget: int, step: int = 1) -> dict:
     gains = []
     for key, it in items.items():
         unit, d_max = units[key]
-        rel = it["sigma2"][:d_max] / max(it["energy"], 1e-300)
+        rel = it["sigma2"][:d_max] / max(it.get("scale", it["energy"]), 1e-300)
         gains += [(float(rel[j * unit:(j + 1) * unit].sum()) / (it["cost"] * unit), key, j)
                   for j in range(1, d_max // unit)]
     gains.sort(key=lambda g: -g[0])
@@ -388,8 +388,9 @@ def choose_groups(curves: dict, budget: int) -> dict:
         value = cost = 0
         for it in items_by_kind.values():
             d_max = max(1, min(len(it["sigma2"]), (it["dense"] - 1) // it["cost"]))
-            kept = torch.cumsum(it["sigma2"][:d_max].double(), 0) / max(it["energy"], 1e-300)
-            total = (1 - kept) + lam * it["cost"] * torch.arange(1, d_max + 1, dtype=torch.float64)
+            left = it["energy"] - torch.cumsum(it["sigma2"][:d_max].double(), 0)  # the error left at each d
+            total = left / max(it.get("scale", it["energy"]), 1e-300) + lam * it["cost"] * torch.arange(
+                1, d_max + 1, dtype=torch.float64)
             j = int(total.argmin())
             value, cost = value + float(total[j]), cost + it["cost"] * (j + 1)
         return value, cost

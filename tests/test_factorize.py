@@ -228,3 +228,18 @@ def test_choose_groups_gives_each_layer_the_grouping_that_fits_it():
     picked = {("a", "up"): curves["a"][4]["up"], ("b", "up"): curves["b"][1]["up"]}
     assert allocate_latent(picked, 4 * 13 + 10 + 5) == {("a", "up"): 4, ("b", "up"): 1}
     assert choose_groups({"a": {1: {"up": item(flat, 10)}}}, 100) == {"a": 1}  # one choice: that one
+
+
+def test_choose_groups_measures_the_error_left_against_each_items_scale():
+    """With `scale` (convert --error-power) the choice compares (energy - kept) / scale: absolute errors (scale 1)
+    pick the grouping that leaves less error, relative ones (scale = energy) the one that leaves a smaller share."""
+    from molae.factorize import choose_groups
+
+    def item(s2, scale=None):
+        s2 = torch.tensor(s2, dtype=torch.float64)
+        return dict(sigma2=s2, energy=float(s2.sum()), dense=10**6, cost=10,
+                    **({} if scale is None else {"scale": scale}))
+
+    big, small = [50.0, 50.0], [1.0] * 10  # d = 1 leaves 50 of 100 (half) or 9 of 10 (nine tenths)
+    assert choose_groups({"a": {1: {"up": item(big)}, 2: {"up": item(small)}}}, 10) == {"a": 1}
+    assert choose_groups({"a": {1: {"up": item(big, 1.0)}, 2: {"up": item(small, 1.0)}}}, 10) == {"a": 2}
