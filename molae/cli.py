@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "expert, SVD-LLM's form) with the d's, for the least error (e.g. 1,4,E)")
     conv.add_argument("--error-power", type=non_negative_float, default=1.0, metavar="P",
                       help="with --budget: weigh each layer and projection's error by its energy to the power -P "
-                           "(default 1: relative error; 0.5 gave the lower perplexity on a CPU test, "
-                           "results/scratch/mixtral/kind-weights-cpu.md)")
+                           "(default 1: relative error; 0.5 was better on one CPU reference and slightly worse on "
+                           "the other, results/error_power/)")
     conv.add_argument("--damp", type=non_negative_float, default=0.01,
                       help="ridge added to calibration Gram matrices, relative to their mean diagonal (default 0.01)")
     conv.add_argument("--mobe-steps", type=positive_int, default=30000,

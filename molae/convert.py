@@ -228,7 +228,7 @@ class ConvertOptions:
     group_by: str = "index"  # or "similarity", or "routing" (G = the router's n_group, its contiguous groups)
     group_choices: tuple | None = None  # with --budget: G per layer chosen among these (ints, or "E": one per expert)
     error_power: float = 1.0  # with --budget: each (layer, kind)'s error counts over its energy to this power
-    # (1: relative error, every kind alike; 0: absolute whitened error; results/scratch/mixtral/kind-weights-cpu.md)
+    # (1: relative error, every kind alike; 0: absolute whitened error; results/error_power/)
     damp: float = 0.01  # ridge on calibration Grams, relative to their mean diagonal
     mobe_steps: int = 30000  # MoBE's Adam steps (its authors' default)
 

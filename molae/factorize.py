@@ -344,12 +344,12 @@ def allocate_latent(items: dict, budget: int, step: int = 1) -> dict:
     """Latent sizes under one parameter budget with the least summed relative error.
 
     items: {key: dict(sigma2=[R] descending (summed over groups), energy=total, cost=params per unit
-    of d, dense=params kept whole, optional scale=what the error is measured against: energy if absent)}. Every key gets its first `step` dimensions; then dimensions go, `step` at a
-    time, to the key whose next ones remove the most relative error (sigma2_j / energy) per parameter (the
-    greedy order of a fractional knapsack: each key's gains fall with j, each dimension costs the same). d stays
-    below dense / cost, so a factorized kind is always smaller than a whole one. A key with fewer than 2 * step
-    possible dimensions goes one at a time (step = budget.LATENT_ALIGN keeps the fast kernels' alignment without
-    cramping small test models). Returns {key: d}. Raises when even the first dimensions do not fit."""
+    of d, dense=params kept whole, optional scale=what the error is relative to, energy if absent)}. Every key
+    gets its first `step` dimensions; then dimensions go, `step` at a time, to the key whose next ones remove
+    the most relative error (sigma2_j / scale) per parameter (the greedy order of a fractional knapsack: each
+    key's gains fall with j, each dimension costs the same). d stays below dense / cost, so a factorized kind is
+    always smaller than a whole one. A key with fewer than 2 * step possible dimensions goes one at a time
+    (step = budget.LATENT_ALIGN keeps the fast kernels' alignment without cramping small test models). Returns {key: d}. Raises when even the first dimensions do not fit."""
     units = {}
     for key, it in items.items():
         d_max = min(len(it["sigma2"]), (it["dense"] - 1) // it["cost"])

@@ -52,7 +52,8 @@ HEALED = {"molae-alloc+heal": "molae-alloc", "molae-alloc-g+heal": "molae-alloc-
 VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES, "svd+heal",
             "molae-alloc-g", "molae-alloc-g+heal", "molae-alloc-sqrt", "molae-alloc-g-sqrt")  # --methods names
 # -sqrt: the budget allocation weighs each error by the square root of its energy (--error-power 0.5), not by the
-# energy (relative error): lower perplexity on a CPU reference (results/scratch/mixtral/kind-weights-cpu.md)
+# energy (relative error): better on one CPU reference, slightly worse on the other (results/error_power/)
+GROUP_CHOICES = (1, 2, 4, 8, 16, "E")  # the G's molae-alloc-g's budget chooses among (the divisors of E of them)
 
 
 def score(path, windows_WT: torch.Tensor, n_bytes: int, device, newline_V: torch.Tensor | None = None,
@@ -99,10 +100,10 @@ def variants(budgets, rank_ratios, methods) -> list[tuple[str, float, dict]]:
         if "svd+heal" in methods and "svd" in methods:
             out.append(("svd+heal", f, dict(heal="svd", method="svd")))
         if "molae-alloc-g" in methods:  # G per layer chosen by the budget too, from 1 up to one latent per expert
-            out.append(("molae-alloc-g", f, dict(calibrated=True, budget=f, group_choices=(1, 2, 4, 8, 16, "E"))))
+            out.append(("molae-alloc-g", f, dict(calibrated=True, budget=f, group_choices=GROUP_CHOICES)))
             if "molae-alloc-g+heal" in methods:
                 out.append(("molae-alloc-g+heal", f, dict(heal="molae-alloc-g")))
-        for name, choices in (("molae-alloc-sqrt", None), ("molae-alloc-g-sqrt", (1, 2, 4, 8, 16, "E"))):
+        for name, choices in (("molae-alloc-sqrt", None), ("molae-alloc-g-sqrt", GROUP_CHOICES)):
             if name in methods:
                 out.append((name, f, dict(calibrated=True, budget=f, group_choices=choices, error_power=0.5)))
     return out
@@ -204,11 +205,12 @@ def _params(ckpt: SourceCheckpoint) -> dict:
 def _merged(results: list[dict]) -> list[dict]:
     """Files of one model, calibration sample and evaluation (a later job's other budgets) as one result, named
     as the first; a (variant, budget) the first already has is not taken again. Other samples stay apart."""
+    def sample(r):
+        return r["model"], r["settings"]["calib_seed"], r["settings"]["eval_tokens"], r["original"]["perplexity"]
+
     out = []
     for r in results:
-        key = (r["model"], r["settings"]["calib_seed"], r["settings"]["eval_tokens"], r["original"]["perplexity"])
-        same = next((o for o in out if (o["model"], o["settings"]["calib_seed"], o["settings"]["eval_tokens"],
-                                        o["original"]["perplexity"]) == key), None)
+        same = next((o for o in out if sample(o) == sample(r)), None)
         if same is None:
             out.append(dict(r, runs=list(r["runs"])))
             continue

@@ -16,7 +16,7 @@ for cudnn in false true; do
   collect_run /tmp/nf-$name $name >> $OUT/nonfinite.jsonl
 done
 python3 - "$OUT" "${COMMIT:-unknown}" "$STEPS" "$(date -u +%F)" \
-  "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" <<'EOF'
+  "$(device_name)" <<'EOF'
 import json, sys
 out, commit, steps, date, device = sys.argv[1:]
 runs = [json.loads(x) for x in open(f"{out}/nonfinite.jsonl")]
