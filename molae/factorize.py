@@ -349,7 +349,8 @@ def allocate_latent(items: dict, budget: int, step: int = 1) -> dict:
     the most relative error (sigma2_j / scale) per parameter (the greedy order of a fractional knapsack: each
     key's gains fall with j, each dimension costs the same). d stays below dense / cost, so a factorized kind is
     always smaller than a whole one. A key with fewer than 2 * step possible dimensions goes one at a time
-    (step = budget.LATENT_ALIGN keeps the fast kernels' alignment without cramping small test models). Returns {key: d}. Raises when even the first dimensions do not fit."""
+    (step = budget.LATENT_ALIGN keeps the fast kernels' alignment without cramping small test models).
+    Returns {key: d}. Raises when even the first dimensions do not fit."""
     units = {}
     for key, it in items.items():
         d_max = min(len(it["sigma2"]), (it["dense"] - 1) // it["cost"])
