@@ -676,3 +676,26 @@ def test_group_choices_let_the_budget_choose_g_per_layer(data_dir, tmp_path, cap
     with pytest.raises(SystemExit):
         main(["convert", str(src), "--out", str(tmp_path / "x"), "--budget", "0.5", "--group-choices", "1,x"])
     assert "each choice is a whole number >= 1 or E" in capsys.readouterr().err
+
+
+def test_report_also_sets_unhealed_against_unhealed(tmp_path):
+    """Healed MoLAE ahead of a peer that cannot be healed (mobe-lowrank on the Qwen-style reference at 25%,
+    64fc599), unhealed MoLAE behind it: the first verdict table says better, the unhealed one worse."""
+    from molae.bench.quality import report
+
+    r = _run_file("m", 0, {("molae-alloc", 0.25): 0.05, ("molae-alloc+heal", 0.25): 0.01,
+                           ("mobe-lowrank", 0.25): 0.03, ("svd", 0.25): 0.06, ("svd+heal", 0.25): 0.04})
+    (tmp_path / "m.json").write_text(json.dumps(r))
+    report([tmp_path / "m.json"], tmp_path / "out")
+    md = (tmp_path / "out" / "quality.md").read_text()
+    first, second = md.split("Unhealed against unhealed")
+    best = next(line for line in first.splitlines() if line.startswith("| 25% | molae-alloc+heal"))
+    assert "| mobe-lowrank " in best and best.endswith("better |")
+    plain = next(line for line in second.splitlines() if line.startswith("| 25% |"))
+    assert plain.startswith("| 25% | molae-alloc ") and "| mobe-lowrank " in plain and plain.endswith("worse |")
+    assert "+heal" not in plain
+
+    r["runs"] = [x for x in r["runs"] if x["variant"] != "molae-alloc+heal"]  # healed runs, none best: one table
+    (tmp_path / "m.json").write_text(json.dumps(r))
+    report([tmp_path / "m.json"], tmp_path / "out")
+    assert "Unhealed against unhealed" not in (tmp_path / "out" / "quality.md").read_text()

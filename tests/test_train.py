@@ -644,3 +644,51 @@ def test_reports_are_built_from_the_runs_files(data_dir, tmp_path):
     (tmp_path / "sc.jsonl").write_text("\n".join(map(json.dumps, sc)) + "\n")
     res = X.scaling_report(tmp_path / "sc.jsonl", tmp_path / "res", "abc", "cpu", "2026-11-22", "cmd")
     assert res["rows"][1]["efficiency"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_training_attention_is_causal_sdpa_without_a_mask_even_when_compiled_whole(compiled, monkeypatch):
+    """transformers 5.17 builds a boolean causal mask whenever dynamo traces (masking_utils._ignore_causal_mask_sdpa
+    is False then), which sent the model compiled whole to SDPA's memory-efficient kernel (64fc599, H200). Planted
+    here as that function returning False: the family's own SDPA passes the mask, use_causal_sdpa passes none and
+    is_causal=True, with the same logits."""
+    import transformers.masking_utils as MU
+
+    from molae.train.model import use_causal_sdpa
+
+    monkeypatch.setattr(MU, "_ignore_causal_mask_sdpa", lambda *a, **k: False)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        seen.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = T.build_model(tiny_config(), 512).eval()
+    x = torch.randint(0, 512, (2, 16))
+    masked = model(input_ids=x).logits
+    assert seen and set(seen) == {(False, False)}  # the plant holds: a mask, not is_causal
+    seen.clear()
+    use_causal_sdpa(model)
+    torch._dynamo.reset()
+    run = torch.compile(model, backend="eager") if compiled else model
+    with torch.autocast("cpu", dtype=torch.bfloat16) if compiled else contextlib.nullcontext():
+        causal = run(input_ids=x).logits
+    assert seen and set(seen) == {(True, True)}
+    torch.testing.assert_close(causal.float(), masked, **({"atol": 0.05, "rtol": 0.05} if compiled else {}))
+
+
+def test_the_trainer_attends_without_a_mask(data_dir, tmp_path, monkeypatch):
+    """train() itself uses use_causal_sdpa (the plant of the test above: transformers building the mask)."""
+    import transformers.masking_utils as MU
+
+    monkeypatch.setattr(MU, "_ignore_causal_mask_sdpa", lambda *a, **k: False)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask=None, is_causal=False, **kw:
+                        seen.append((attn_mask is None, is_causal)) or sdpa(q, k, v, attn_mask=attn_mask,
+                                                                             is_causal=is_causal, **kw))
+    T.train(tiny_config(steps=1, eval_every=1, ckpt_every=1), data_dir, tmp_path / "r", progress=False)
+    assert seen and set(seen) == {(True, True)}

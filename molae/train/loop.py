@@ -27,7 +27,7 @@ from .distributed import ExpertShards, Run, shard
 from .log import Logger, read_log
 from .metrics import (LoadMeter, locate_nonfinite, measured_peak_flops, nonfinite_summary, train_flops_per_token,
                       update_router_bias)
-from .model import build_model, export_pretrained
+from .model import build_model, export_pretrained, use_causal_sdpa
 from .optim import autocast_dtype, lr_at, make_optimizer
 from .state import full_state, load_checkpoint, save_checkpoint
 from .upcycle import check_configs, dense_run_summary, load_dense_state, upcycle
@@ -111,6 +111,8 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
         cfg = replace(saved, steps=cfg.steps)  # a longer --steps extends the run
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.vocab_size)
+    if model.config._attn_implementation == "sdpa":
+        use_causal_sdpa(model)  # whole windows: is_causal=True even when compiled whole (flash attention)
     upcycled = _upcycle(model, cfg) if cfg.upcycle is not None and not resume else None  # before anything is written
     model = model.to(run.device)
     out.mkdir(parents=True, exist_ok=True)

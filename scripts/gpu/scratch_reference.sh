@@ -24,5 +24,5 @@ CMD="COMMIT=${COMMIT:-unknown}${SET:+ SET=\"$SET\"} bash scripts/gpu/bg.sh start
 q() { quality_1m "$NAME$1" $W/run/model $W/w$1 "$2" "$3" "$4" "$CMD"; }  # SUFFIX SEED METHODS BUDGETS
 q "" 0 $MAIN_METHODS 0.5,0.25
 q -seed1 1 molae-alloc,molae-alloc-g,svd 0.5,0.25
-q -75-35 0 molae-alloc,molae-alloc-g,svd,svd+heal,d2moe,mobe,mobe-lowrank,hcsmoe,prune-reap 0.75,0.35
+q -75-35 0 molae-alloc,molae-alloc-g,molae-alloc-g+heal,svd,svd+heal,d2moe,mobe,mobe-lowrank,hcsmoe,prune-reap 0.75,0.35
 echo "scratch_reference.sh done"
