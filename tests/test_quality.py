@@ -699,3 +699,20 @@ def test_report_also_sets_unhealed_against_unhealed(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(r))
     report([tmp_path / "m.json"], tmp_path / "out")
     assert "Unhealed against unhealed" not in (tmp_path / "out" / "quality.md").read_text()
+
+
+def test_the_margin_along_training_sets_unhealed_against_unhealed(tmp_path):
+    """An end point with healed runs (scratch_reference.sh's main file) beside exports converted unhealed: the
+    margin compares the unhealed runs at every point."""
+    from molae.bench.quality import report
+
+    early = _run_file("early", 0, {("molae-alloc", 0.5): 0.02, ("svd", 0.5): 0.03})
+    end = _run_file("end", 0, {("molae-alloc", 0.5): 0.02, ("molae-alloc+heal", 0.5): 0.001, ("svd", 0.5): 0.03,
+                               ("svd+heal", 0.5): 0.01})
+    for name, r in [("early", early), ("end", end)]:
+        r["model"] = f"/{name}"
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    report([tmp_path / "early.json", tmp_path / "end.json"], tmp_path / "out", trend=True)
+    trend = (tmp_path / "out" / "quality.md").read_text().split("## Along training")[1]
+    row = next(line for line in trend.splitlines() if line.startswith("| end |"))
+    assert "molae-alloc vs svd:" in row and "+heal vs" not in row and "vs svd+heal" not in row

@@ -411,8 +411,8 @@ def _seeds(results) -> list[str]:
 
 def _trend(results) -> list[str]:
     """The files as points along one model's training: per point and budget, each variant's perplexity change
-    against that point's original, and the paired 95% intervals of the best MoLAE variant and of G = 1
-    (molae-alloc) against the best baseline. Does MoLAE's margin grow or shrink as the experts train?"""
+    against that point's original, and the paired 95% intervals of the best unhealed MoLAE variant and of G = 1
+    (molae-alloc) against the best unhealed baseline (healed runs, where a point has them, are tabled only). Does MoLAE's margin grow or shrink as the experts train?"""
     names = list(dict.fromkeys(x["variant"] for r in results for x in r["runs"]))
     lines = ["## Along training: the margin over the best baseline", "",
              "| point | original | budget | " + " | ".join(names) + " | best MoLAE vs best baseline | "
@@ -422,9 +422,10 @@ def _trend(results) -> list[str]:
         for i, b in enumerate(sorted({x["budget"] for x in r["runs"]}, reverse=True)):
             runs = {x["variant"]: x for x in r["runs"] if x["budget"] == b}
             cells = [f"{100 * (runs[n]['perplexity'] / o['perplexity'] - 1):+.2f}%" if n in runs else "" for n in names]
-            base = _best_baseline(runs.values())
+            plain = [x for n, x in runs.items() if n not in HEALED]  # the exports are converted unhealed
+            base = _best_baseline(plain)
             pairs = []
-            for mol in (_best(list(runs.values()), "molae"), runs.get("molae-alloc")):
+            for mol in (_best(plain, "molae"), runs.get("molae-alloc")):
                 if mol is None or base is None or "window_nll" not in mol:
                     pairs.append("")
                     continue

@@ -7,7 +7,9 @@
 # checkpoints are too large to come back from the GPU machine), then, in priority order, each landing in $OUT as
 # it finishes: `molae analyze` of it; `molae bench quality` with 1,048,576 held-out tokens and intervals, the
 # main methods healed and not at 50% and 25% (calibration seed 0); seed 1 for the best MoLAE variants and SVD;
-# the 75% and 35% points. SET="KEY=VALUE ..." adds training overrides (e.g. SET=compile_mode=reduce-overhead, once
+# the 75% and 35% points; last, quality along training ([10] part 3): the run is exported at a quarter and a half
+# of its steps too, and the unhealed main methods convert each export at 50% and 25%
+# (quality-NAME-quarter.json, quality-NAME-half.json). SET="KEY=VALUE ..." adds training overrides (e.g. SET=compile_mode=reduce-overhead, once
 # profile_train.sh has shown it faster with the same loss). Report, locally:
 #   python -m molae.cli bench quality-report FETCHED/quality-NAME*.json --out results/...
 source scripts/gpu/common.sh
@@ -16,13 +18,18 @@ PRESET=$1; NAME=$2; BUDGET=${3:-560}
 case $BUDGET in *steps) LENGTH=(--steps ${BUDGET%steps});; *) LENGTH=(--time-budget $BUDGET);; esac
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
 W=/tmp/q-$NAME; rm -rf $W; mkdir -p $W
-python3 -m molae.train --config $PRESET --data $DATA --out $W/run "${LENGTH[@]}" "${SETS[@]}" --no-progress 2>&1 \
+python3 -m molae.train --config $PRESET --data $DATA --out $W/run "${LENGTH[@]}" "${SETS[@]}" --export-at 0.25,0.5 \
+  --no-progress 2>&1 \
   | grep -E "^final|Error|error"
 cp $W/run/summary.json $OUT/train-summary-$NAME.json
 analyze_to $NAME $W/run/model
 CMD="COMMIT=${COMMIT:-unknown}${SET:+ SET=\"$SET\"} bash scripts/gpu/bg.sh start $NAME bash scripts/gpu/scratch_reference.sh $PRESET $NAME $BUDGET"
-q() { quality_1m "$NAME$1" $W/run/model $W/w$1 "$2" "$3" "$4" "$CMD"; }  # SUFFIX SEED METHODS BUDGETS
+q() { quality_1m "$NAME$1" ${5:-$W/run/model} $W/w$1 "$2" "$3" "$4" "$CMD"; }  # SUFFIX SEED METHODS BUDGETS [MODEL]
 q "" 0 $MAIN_METHODS 0.5,0.25
 q -seed1 1 molae-alloc,molae-alloc-g,svd 0.5,0.25
 q -75-35 0 molae-alloc,molae-alloc-g,molae-alloc-g+heal,svd,svd+heal,d2moe,mobe,mobe-lowrank,hcsmoe,prune-reap 0.75,0.35
+EXPORTS=($(ls -d $W/run/model-step* | sort -V))  # the quarter and the half
+ALONG=molae-alloc,molae-alloc-g,svd,mobe-lowrank,d2moe,hcsmoe,prune-reap  # [10] part 3: the main methods, unhealed
+q -quarter 0 $ALONG 0.5,0.25 ${EXPORTS[0]}
+q -half 0 $ALONG 0.5,0.25 ${EXPORTS[1]}
 echo "scratch_reference.sh done"
