@@ -248,10 +248,10 @@ def check_options(opts: ConvertOptions):
                          "routed-expert parameters)")
     if opts.group_by not in ("index", "similarity", "routing"):
         raise ValueError(f"--group-by {opts.group_by} is not known: allowed index, similarity or routing")
-    if opts.group_choices is not None and (opts.budget is None or opts.groups != 1 or opts.group_by != "index"
+    if opts.group_choices is not None and (opts.budget is None or opts.groups != 1 or opts.group_by == "routing"
                                            or not method.allocates):
         raise ValueError("--group-choices lets --budget choose G per layer: it needs --budget and the molae method, "
-                         "without --groups or --group-by")
+                         "without --groups or --group-by routing")
     if not 0 <= opts.error_power <= 1 or (opts.error_power != 1 and opts.budget is None):
         raise ValueError(f"--error-power {opts.error_power}: give a power from 0 to 1, with --budget (it weighs the "
                          "budget allocation's errors)")

@@ -459,7 +459,7 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     q = json.loads((tmp_path / "q.json").read_text())
     from molae.bench.quality import BASELINES
 
-    assert len(q["runs"]) == 8 + len(BASELINES) + 1  # every MoLAE variant, every other method, SVD healed
+    assert len(q["runs"]) == 10 + len(BASELINES) + 1  # every MoLAE variant, every other method, SVD healed
     healed = {r["variant"]: r for r in q["runs"] if "heal" in r}
     assert set(healed) == {"molae-alloc+heal", "molae-alloc-g+heal", "svd+heal"}
     assert healed["svd+heal"]["method"] == "svd"
@@ -475,7 +475,7 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     assert main(["bench", "quality", "--model", str(src), "--name", "tiny", "--data", str(data_dir), "--device", "cpu",
                  "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json"), "--resume", "--budgets", "0.5",
                  "--rank-ratios", "1", "--seq-len", "64", "--eval-tokens", "1024", "--calib-tokens", "512"]) == 0
-    assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 8 + len(BASELINES) + 1  # none run twice
+    assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 10 + len(BASELINES) + 1  # none run twice
     assert main(["analyze", str(src), "--out", str(tmp_path / "an")]) == 0  # the model's redundancy beside it
     capsys.readouterr()
     assert main(["bench", "quality-report", str(tmp_path / "q.json"), "--out", str(tmp_path / "r"),
@@ -678,6 +678,26 @@ def test_group_choices_let_the_budget_choose_g_per_layer(data_dir, tmp_path, cap
     assert "each choice is a whole number >= 1 or E" in capsys.readouterr().err
 
 
+def test_g_per_layer_with_groups_by_similarity_is_the_fixed_g_conversion_where_one_g_is_offered(data_dir, tmp_path):
+    """--group-choices with --group-by similarity (bench's molae-alloc-g-sim): offered one G, it writes what
+    --groups G --group-by similarity writes (same plan, same permuted factors)."""
+    from safetensors.torch import load_file
+
+    src = saved("mixtral", tmp_path / "src")  # 4 experts per layer
+    base = dict(budget=0.5, projections=("gate", "up", "down"), calibration=str(data_dir), calib_tokens=512,
+                calib_seq_len=64, group_by="similarity")
+    convert_checkpoint(src, tmp_path / "fixed", ConvertOptions(**base, groups=2))
+    convert_checkpoint(src, tmp_path / "chosen", ConvertOptions(**base, group_choices=(2,)))
+    cfg = lambda d: json.loads((tmp_path / d / "config.json").read_text())["molae"]["layers"]  # noqa: E731
+    assert cfg("chosen") == cfg("fixed") and all(v.get("permuted") for v in cfg("fixed").values())
+    a, b = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("fixed", "chosen"))
+    assert a.keys() == b.keys() and any("expert_slot" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    with pytest.raises(ValueError, match="without --groups or --group-by routing"):
+        convert_checkpoint(src, tmp_path / "bad", ConvertOptions(**dict(base, group_by="routing"), group_choices=(1,)))
+
+
 def test_report_also_sets_unhealed_against_unhealed(tmp_path):
     """Healed MoLAE ahead of a peer that cannot be healed (mobe-lowrank on the Qwen-style reference at 25%,
     64fc599), unhealed MoLAE behind it: the first verdict table says better, the unhealed one worse."""
@@ -716,3 +736,14 @@ def test_the_margin_along_training_sets_unhealed_against_unhealed(tmp_path):
     trend = (tmp_path / "out" / "quality.md").read_text().split("## Along training")[1]
     row = next(line for line in trend.splitlines() if line.startswith("| end |"))
     assert "molae-alloc vs svd:" in row and "+heal vs" not in row and "vs svd+heal" not in row
+
+
+def test_the_g_variants_choose_among_the_divisors_of_e():
+    from molae.bench.quality import GROUP_CHOICES, g_choices, variants
+
+    assert g_choices(GROUP_CHOICES, 24) == (1, 2, 4, 8, "E") and g_choices(None, 24) is None
+    assert g_choices("divisors", 24) == (1, 2, 3, 4, 6, 8, 12, "E")
+    assert g_choices("divisors", 8) == g_choices(GROUP_CHOICES, 8) == (1, 2, 4, "E")
+    spec = {name: s for name, _, s in variants([0.5], [1.0], {"molae-alloc-g-sim", "molae-alloc-g-div"})}
+    assert spec["molae-alloc-g-sim"]["group_by"] == "similarity"
+    assert spec["molae-alloc-g-div"]["group_choices"] == "divisors"

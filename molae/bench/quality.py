@@ -12,6 +12,8 @@ a fresh directory, is loaded back with transformers and scored on the same held-
       every other method of the registry (molae/methods): svd, d2moe, mobe, hcsmoe, prune-frequency, prune-reap
       svd+heal            SVD, then the same `molae heal` (the one peer whose written form keeps factors)
       molae-alloc-g(+heal) molae-alloc with G per layer chosen by the budget too (--group-choices 1,2,4,..,E)
+      molae-alloc(-g)-sqrt, molae-alloc-g-sim, molae-alloc-g-div   candidates measured against those two
+                          (--error-power 0.5; groups by similarity; every divisor of E as a choice)
 
 All MoLAE variants factorize gate, up and down with G = 1 (the budgets go below the third that a
 whole down projection would take). Every calibrated method gets the same calibration windows
@@ -50,10 +52,25 @@ BASELINES = tuple(name for name in METHODS if name != "molae")
 # (HC-SMoE, pruning); `molae heal` trains latent factors only, so they are reported unhealed.
 HEALED = {"molae-alloc+heal": "molae-alloc", "molae-alloc-g+heal": "molae-alloc-g", "svd+heal": "svd"}
 VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES, "svd+heal",
-            "molae-alloc-g", "molae-alloc-g+heal", "molae-alloc-sqrt", "molae-alloc-g-sqrt")  # --methods names
+            "molae-alloc-g", "molae-alloc-g+heal", "molae-alloc-sqrt", "molae-alloc-g-sqrt", "molae-alloc-g-sim",
+            "molae-alloc-g-div")  # --methods names
 # -sqrt: the budget allocation weighs each error by the square root of its energy (--error-power 0.5), not by the
 # energy (relative error): better on one CPU reference, slightly worse on the other (results/error_power/)
 GROUP_CHOICES = (1, 2, 4, 8, 16, "E")  # the G's molae-alloc-g's budget chooses among (the divisors of E of them)
+# Candidates for G per layer, measured against molae-alloc-g: -sim groups the experts by similarity (--group-by
+# similarity) rather than by index; -div chooses among every divisor of E (24 experts: also G = 3, 6, 12)
+G_VARIANTS = {"molae-alloc-g-sqrt": dict(group_choices=GROUP_CHOICES, error_power=0.5),
+              "molae-alloc-g-sim": dict(group_choices=GROUP_CHOICES, group_by="similarity"),
+              "molae-alloc-g-div": dict(group_choices="divisors")}
+
+
+def g_choices(choices, E: int) -> tuple | None:
+    """A variant's G choices for a layer of E experts: those of `choices` that divide E ("E": one latent per
+    expert), or every divisor of E for "divisors"."""
+    if choices is None:
+        return None
+    choices = (*range(1, E), "E") if choices == "divisors" else choices
+    return tuple(c for c in choices if c == "E" or (c < E and E % c == 0))
 
 
 def score(path, windows_WT: torch.Tensor, n_bytes: int, device, newline_V: torch.Tensor | None = None,
@@ -103,9 +120,10 @@ def variants(budgets, rank_ratios, methods) -> list[tuple[str, float, dict]]:
             out.append(("molae-alloc-g", f, dict(calibrated=True, budget=f, group_choices=GROUP_CHOICES)))
             if "molae-alloc-g+heal" in methods:
                 out.append(("molae-alloc-g+heal", f, dict(heal="molae-alloc-g")))
-        for name, choices in (("molae-alloc-sqrt", None), ("molae-alloc-g-sqrt", GROUP_CHOICES)):
-            if name in methods:
-                out.append((name, f, dict(calibrated=True, budget=f, group_choices=choices, error_power=0.5)))
+        if "molae-alloc-sqrt" in methods:
+            out.append(("molae-alloc-sqrt", f, dict(calibrated=True, budget=f, error_power=0.5)))
+        out += [(name, f, dict(calibrated=True, budget=f, **extra)) for name, extra in G_VARIANTS.items()
+                if name in methods]
     return out
 
 
@@ -155,11 +173,10 @@ def bench_quality(args):
             extra = dict(heal={k: info[k] for k in ("steps", "tokens", "kl_first", "kl_last", "held_out_kl_before",
                                                     "held_out_kl_after", "applied", "seconds")})
         else:
-            choices = spec.get("group_choices")  # the divisors of E among them
             opts = ConvertOptions(projections=KINDS, device=args.device, method=spec.get("method", "molae"),
                                   budget=spec.get("budget"), rank_ratio=spec.get("rank_ratio"),
-                                  group_choices=None if choices is None else tuple(
-                                      c for c in choices if c == "E" or (c < E and E % c == 0)),
+                                  group_choices=g_choices(spec.get("group_choices"), E),
+                                  group_by=spec.get("group_by", "index"),
                                   mobe_steps=args.mobe_steps, error_power=spec.get("error_power", 1.0),
                                   latent_dim=uniform_latent(f, E, m, n) if spec.get("uniform") else None,
                                   **(dict(calibration=str(args.data), calib_tokens=args.calib_tokens,
@@ -412,7 +429,8 @@ def _seeds(results) -> list[str]:
 def _trend(results) -> list[str]:
     """The files as points along one model's training: per point and budget, each variant's perplexity change
     against that point's original, and the paired 95% intervals of the best unhealed MoLAE variant and of G = 1
-    (molae-alloc) against the best unhealed baseline (healed runs, where a point has them, are tabled only). Does MoLAE's margin grow or shrink as the experts train?"""
+    (molae-alloc) against the best unhealed baseline (healed runs, where a point has them, are tabled only).
+    Does MoLAE's margin grow or shrink as the experts train?"""
     names = list(dict.fromkeys(x["variant"] for r in results for x in r["runs"]))
     lines = ["## Along training: the margin over the best baseline", "",
              "| point | original | budget | " + " | ".join(names) + " | best MoLAE vs best baseline | "

@@ -68,7 +68,7 @@ class MoLAE(Method):
     # ---- grouping
     def _perm(self, W, inputs, spec: dict, opts) -> torch.Tensor | None:
         """Slot order of the experts (similarity groups), computed once and kept in spec."""
-        if opts.group_by != "similarity" or spec["groups"] == 1:
+        if opts.group_by != "similarity" or spec["groups"] in (1, W["gate"].shape[0]):  # one group, or one each
             return None
         if "perm" not in spec:
             mats = []

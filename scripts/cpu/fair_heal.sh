@@ -1,5 +1,5 @@
 # [10] part 5 on the CPU: MoLAE and SVD, each without and with the same whole-model healing budget, on the two
-# CPU references of scripts/cpu/peers.sh (WORK holds them and their data: run that first):
+# CPU references of scripts/cpu/references.sh (WORK holds them and their data: run that first):
 #   COMMIT=<sha> bash scripts/cpu/fair_heal.sh WORK OUT [METHODS [SUFFIX]]
 # METHODS (default molae-alloc,molae-alloc+heal,svd,svd+heal) go to OUT/quality-cpu-MODEL[SUFFIX].json.
 set -euo pipefail

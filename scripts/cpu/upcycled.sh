@@ -1,6 +1,6 @@
 # [10] parts 2 and 7 on the CPU: does an upcycled MoE's expert redundancy look different from a scratch one's?
 #   COMMIT=<sha> bash scripts/cpu/upcycled.sh WORK OUT
-# WORK/data from scripts/cpu/peers.sh (standard-library code, 2048-token BPE). A dense Qwen2-family model (FFN
+# WORK/data from scripts/cpu/references.sh (standard-library code, 2048-token BPE). A dense Qwen2-family model (FFN
 # F = 512, every layer dense) is trained 400 steps; `--upcycle-from` it, 16 routed experts of m = 128 (4 shuffled
 # copies of 4 partitions, half of each expert's neurons re-initialised), top-4, a shared expert holding one whole
 # copy, trained 400 more steps; the same MoE from scratch, the same 400 steps and learning rate. Then `molae
