@@ -646,8 +646,8 @@ def test_reports_are_built_from_the_runs_files(data_dir, tmp_path):
     assert res["rows"][1]["efficiency"] == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_training_attention_is_causal_sdpa_without_a_mask_even_when_compiled_whole(compiled, monkeypatch):
+@pytest.mark.parametrize("family, compiled", [("qwen2_moe", False), ("qwen2_moe", True), ("deepseek_v3", False)])
+def test_training_attention_is_causal_sdpa_without_a_mask_even_when_compiled_whole(family, compiled, monkeypatch):
     """transformers 5.17 builds a boolean causal mask whenever dynamo traces (masking_utils._ignore_causal_mask_sdpa
     is False then), which sent the model compiled whole to SDPA's memory-efficient kernel (64fc599, H200). Planted
     here as that function returning False: the family's own SDPA passes the mask, use_causal_sdpa passes none and
@@ -665,7 +665,8 @@ def test_training_attention_is_causal_sdpa_without_a_mask_even_when_compiled_who
         return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    model = T.build_model(tiny_config(), 512).eval()
+    cfg = tiny_config(family=family, model=DEEPSEEK_TINY if family == "deepseek_v3" else dict(TINY))
+    model = T.build_model(cfg, 512).eval()
     x = torch.randint(0, 512, (2, 16))
     masked = model(input_ids=x).logits
     assert seen and set(seen) == {(False, False)}  # the plant holds: a mask, not is_causal
