@@ -646,15 +646,11 @@ def test_reports_are_built_from_the_runs_files(data_dir, tmp_path):
     assert res["rows"][1]["efficiency"] == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("family, compiled", [("qwen2_moe", False), ("qwen2_moe", True), ("deepseek_v3", False)])
-def test_training_attention_is_causal_sdpa_without_a_mask_even_when_compiled_whole(family, compiled, monkeypatch):
-    """transformers 5.17 builds a boolean causal mask whenever dynamo traces (masking_utils._ignore_causal_mask_sdpa
-    is False then), which sent the model compiled whole to SDPA's memory-efficient kernel (64fc599, H200). Planted
-    here as that function returning False: the family's own SDPA passes the mask, use_causal_sdpa passes none and
-    is_causal=True, with the same logits."""
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Plants what transformers 5.17 does while dynamo traces (masking_utils._ignore_causal_mask_sdpa False: a
+    boolean causal mask is built) and records each SDPA call as (no mask, is_causal)."""
     import transformers.masking_utils as MU
-
-    from molae.train.model import use_causal_sdpa
 
     monkeypatch.setattr(MU, "_ignore_causal_mask_sdpa", lambda *a, **k: False)
     seen = []
@@ -665,31 +661,32 @@ def test_training_attention_is_causal_sdpa_without_a_mask_even_when_compiled_who
         return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family, compiled", [("qwen2_moe", False), ("qwen2_moe", True), ("deepseek_v3", False)])
+def test_training_attention_is_causal_sdpa_without_a_mask_even_when_compiled_whole(family, compiled, sdpa_calls):
+    """The mask transformers 5.17 builds whenever dynamo traces sent the model compiled whole to SDPA's
+    memory-efficient kernel (64fc599, H200). With the plant (sdpa_calls) the family's own SDPA passes the mask,
+    use_causal_sdpa passes none and is_causal=True, with the same logits."""
+    from molae.train.model import use_causal_sdpa
+
     cfg = tiny_config(family=family, model=DEEPSEEK_TINY if family == "deepseek_v3" else dict(TINY))
     model = T.build_model(cfg, 512).eval()
     x = torch.randint(0, 512, (2, 16))
     masked = model(input_ids=x).logits
-    assert seen and set(seen) == {(False, False)}  # the plant holds: a mask, not is_causal
-    seen.clear()
+    assert sdpa_calls and set(sdpa_calls) == {(False, False)}  # the plant holds: a mask, not is_causal
+    sdpa_calls.clear()
     use_causal_sdpa(model)
     torch._dynamo.reset()
     run = torch.compile(model, backend="eager") if compiled else model
     with torch.autocast("cpu", dtype=torch.bfloat16) if compiled else contextlib.nullcontext():
         causal = run(input_ids=x).logits
-    assert seen and set(seen) == {(True, True)}
+    assert sdpa_calls and set(sdpa_calls) == {(True, True)}
     torch.testing.assert_close(causal.float(), masked, **({"atol": 0.05, "rtol": 0.05} if compiled else {}))
 
 
-def test_the_trainer_attends_without_a_mask(data_dir, tmp_path, monkeypatch):
-    """train() itself uses use_causal_sdpa (the plant of the test above: transformers building the mask)."""
-    import transformers.masking_utils as MU
-
-    monkeypatch.setattr(MU, "_ignore_causal_mask_sdpa", lambda *a, **k: False)
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, attn_mask=None, is_causal=False, **kw:
-                        seen.append((attn_mask is None, is_causal)) or sdpa(q, k, v, attn_mask=attn_mask,
-                                                                             is_causal=is_causal, **kw))
+def test_the_trainer_attends_without_a_mask(data_dir, tmp_path, sdpa_calls):
+    """train() itself uses use_causal_sdpa (under the same plant)."""
     T.train(tiny_config(steps=1, eval_every=1, ckpt_every=1), data_dir, tmp_path / "r", progress=False)
-    assert seen and set(seen) == {(True, True)}
+    assert sdpa_calls and set(sdpa_calls) == {(True, True)}

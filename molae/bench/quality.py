@@ -313,7 +313,7 @@ def report(files, out: Path, commit: str | None = None, note: str = "", trend: b
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines += ["", f"Cells: {what} [95% interval, bootstrap over the held-out windows, where recorded] "
                       "(routed-expert parameters kept).", ""]
-        lines += _verdict(r, budgets) + _verdict(r, budgets, unhealed=True) + _healing(r)
+        lines += _verdict(r, budgets) + _healing(r)
         lines += [f"- not run: {x['variant']} at {100 * x['budget']:g}%: {x['unreachable']}" for x in r["unreachable"]]
         failed = [x for x in r["runs"] if not math.isfinite(x["perplexity"])]
         lines += [f"- failed: {x['variant']} at {100 * x['budget']:g}%: non-finite held-out loss (left out of "
@@ -337,21 +337,21 @@ def _redundancy(analyses: dict[str, Path]) -> list[str]:
             analysis_summary(results), ""]
 
 
-def _verdict(r, budgets, unhealed: bool = False) -> list[str]:
+def _verdict(r, budgets) -> list[str]:
     """Per budget: the best MoLAE variant against the best baseline, and the gap to the original; where the
     runs recorded their windows' NLLs, the paired 95% interval of best MoLAE / best baseline - 1 and the
-    verdict it allows (better / tied / worse). unhealed: the same with every healed run left out, a second
-    table only where it differs from the first (a healed run was best somewhere): most peers cannot be healed
-    in their written form (MoBE, HC-SMoE, pruning), so "best of everything" alone would set healed MoLAE
-    against them unhealed."""
-    rows = [row for b in budgets if (row := _verdict_row(r, b, unhealed))]
-    if unhealed and rows == [row for b in budgets if (row := _verdict_row(r, b, False))]:
-        return []
+    verdict it allows (better / tied / worse). Then the same with every healed run left out, as a second
+    table where it differs from the first (a healed run was best somewhere): most peers cannot be healed in
+    their written form (MoBE, HC-SMoE, pruning), so "best of everything" alone would set healed MoLAE against
+    them unhealed."""
     paired = "window_nll" in r["original"]
-    return ((["Unhealed against unhealed (every healed run left out of both sides):", ""] if unhealed else [])
-            + ["| budget | best MoLAE | best baseline | MoLAE at or below every baseline | best MoLAE vs original |"
-               + (" best MoLAE vs best baseline (paired 95%) | verdict |" if paired else ""),
-               "|---:|---|---|---|---:|" + ("---:|---|" if paired else ""), *rows, ""])
+    head = ["| budget | best MoLAE | best baseline | MoLAE at or below every baseline | best MoLAE vs original |"
+            + (" best MoLAE vs best baseline (paired 95%) | verdict |" if paired else ""),
+            "|---:|---|---|---|---:|" + ("---:|---|" if paired else "")]
+    every, plain = ([row for b in budgets if (row := _verdict_row(r, b, unhealed))] for unhealed in (False, True))
+    return [*head, *every, ""] + ([] if plain == every else
+                                  ["Unhealed against unhealed (every healed run left out of both sides):", "",
+                                   *head, *plain, ""])
 
 
 def _verdict_row(r, b, unhealed: bool) -> str | None:

@@ -9,8 +9,8 @@
 # main methods healed and not at 50% and 25% (calibration seed 0); seed 1 for the best MoLAE variants and SVD;
 # the 75% and 35% points; last, quality along training ([10] part 3): the run is exported at a quarter and a half
 # of its steps too, and the unhealed main methods convert each export at 50% and 25%
-# (quality-NAME-quarter.json, quality-NAME-half.json). SET="KEY=VALUE ..." adds training overrides (e.g. SET=compile_mode=reduce-overhead, once
-# profile_train.sh has shown it faster with the same loss). Report, locally:
+# (quality-NAME-quarter.json, quality-NAME-half.json). SET="KEY=VALUE ..." adds training overrides (e.g.
+# SET=compile_mode=reduce-overhead, once profile_train.sh has shown it faster with the same loss). Report, locally:
 #   python -m molae.cli bench quality-report FETCHED/quality-NAME*.json --out results/...
 source scripts/gpu/common.sh
 set +e  # a background job: a failed step should not stop the ones after it

@@ -29,7 +29,7 @@ analysis = without_spectra(json.loads((args.fetched / f"analyze-{args.name}.json
 (args.dest / "analysis.md").write_text(f"# `molae analyze` of the {args.name} reference\n\n"
                                        f"{format_analysis(analysis)}\n")
 main = args.fetched / f"quality-{args.name}.json"  # first: the other files are compared against it
-along = [args.fetched / f"quality-{args.name}-{p}.json" for p in ALONG]
+along = [args.fetched / f"quality-{args.name}-{point}.json" for point in ALONG]
 along = [f for f in along if f.exists()]
 quality = [main, *sorted(set(args.fetched.glob(f"quality-{args.name}-*.json")) - set(along))]
 for f in [args.fetched / f"train-summary-{args.name}.json", *quality, *along]:
