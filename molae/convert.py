@@ -292,7 +292,10 @@ def _plan(ckpt, groups, opts: ConvertOptions, method) -> dict[str, dict]:
 def _allocate(plan: dict, spectra: dict, by_layer: dict, opts: ConvertOptions):
     """--budget: latent sizes per layer and kind with the least summed (whitened) error, each (layer, kind)'s over
     its energy to the power --error-power (1: relative); kinds kept whole count against the budget in full.
-    spectra: {(layer key, kind): sigma2}."""
+    spectra: {(layer key, kind): {G: sigma2}}. Across the G choices of one (layer, kind) only the relative errors
+    compare: each G's whitened energy differs (a group is whitened by its own experts' inputs, so G = E's energy
+    is about top-k / E of G = 1's), and weighing each by its own energy to a power below 1 would favour the G
+    with the least; so every G's error is relative to its own energy, times the smallest G's energy to 1 - power."""
     items, fixed, total = {}, 0, 0
     for key, spec in plan.items():
         g = by_layer[int(key)]
@@ -303,8 +306,9 @@ def _allocate(plan: dict, spectra: dict, by_layer: dict, opts: ConvertOptions):
                 fixed += dense
                 continue
             by_g = spectra[(key, kind)]  # {G: sigma2}
+            ref = max(by_g[min(by_g)].sum().item(), 1e-300) ** (opts.error_power - 1)  # one per (layer, kind)
             items[(key, kind)] = {G: dict(sigma2=s2, energy=s2.sum().item(), dense=dense,
-                                          scale=s2.sum().item() ** opts.error_power,
+                                          scale=s2.sum().item() * ref,
                                           cost=latent_cost(g.n_experts, g.inter, g.dim, G)) for G, s2 in by_g.items()}
     choices = {key: spec.pop("group_choices") for key, spec in plan.items() if "group_choices" in spec}
     if choices:  # G per layer first (factorize.choose_groups), then d for the chosen G's

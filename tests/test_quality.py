@@ -334,6 +334,39 @@ def test_error_power_moves_the_budget_towards_the_kinds_with_more_energy(data_di
         convert_checkpoint(tmp_path / "src", tmp_path / "x", ConvertOptions(latent_dim=8, error_power=0.5))
 
 
+def test_error_power_chooses_g_from_relative_errors_whatever_each_gs_energy():
+    """With G choices, each G's whitened energy differs (G = E whitens each expert by its own inputs: about
+    top-k / E of G = 1's energy); under --error-power 0.5 the G chosen must not depend on that: scaling one G's
+    spectrum (its errors and energy alike) by any factor leaves every choice as it was. Weighing each G by its
+    own energy^0.5 chose G = E everywhere on the DeepSeek-style reference (results/scratch/deepseek/)."""
+    from types import SimpleNamespace
+
+    from molae.convert import _allocate
+
+    E, m, n = 8, 64, 128
+    # G = 1's stack [E m, n] and G = E's per-expert [m, n] spectra: layer 1's shared latent decays fast (G = 1
+    # pays), layer 3's hardly (one latent per expert pays)
+    decay = {"1": 1.0, "2": 0.1, "3": 0.01}
+    spectra = {((key, kind), G): torch.exp(-(decay[key] if G == 1 else 0.3) * torch.arange(n if G == 1 else m,
+                                                                                          dtype=torch.float64))
+               for key in decay for kind in ("gate", "up", "down") for G in (1, E)}
+    by_layer = {int(k): SimpleNamespace(n_experts=E, inter=m, dim=n) for k in ("1", "2", "3")}
+
+    def choices(power, scale_e):
+        plan = {k: dict(latent={kind: None for kind in ("gate", "up", "down")}, groups=1, group_choices=(1, E))
+                for k in ("1", "2", "3")}
+        sp = {kk: {G: s2 * (scale_e if G == E else 1.0) for (k2, G), s2 in spectra.items() if k2 == kk}
+              for kk in {k for k, _ in spectra}}
+        _allocate(plan, sp, by_layer, ConvertOptions(budget=0.4, error_power=power))
+        return {k: (p["groups"], tuple(p["latent"].values())) for k, p in plan.items()}
+
+    for power in (1.0, 0.5):
+        base = choices(power, 1.0)
+        assert {G for G, _ in base.values()} == {1, E}, base  # a mix of choices, so that a bias would show
+        for factor in (1 / 64, 64.0):
+            assert choices(power, factor) == base, (power, factor)
+
+
 def test_calibration_statistics_match_a_direct_count(data_dir, tmp_path):
     """The layer-by-layer capture sees exactly what the experts of the whole model see, and every
     statistic LayerInputs derives equals a direct count over those inputs."""
