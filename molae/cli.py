@@ -73,7 +73,8 @@ def cmd_heal(args):
 
     s = heal(args.dst, args.teacher, args.data, args.tokens, args.seq_len, args.batch_size, args.lr,
              device=args.device, seed=args.seed)
-    verdict = "healed factors written" if s["applied"] else "held-out KL did not fall: converted factors kept"
+    what = "factors" if s["trained"] == "latent factors" else "experts"
+    verdict = f"healed {what} written" if s["applied"] else f"held-out KL did not fall: converted {what} kept"
     print(f"{args.dst}: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f} s; held-out KL "
           f"{s['held_out_kl_before']:.5f} -> {s['held_out_kl_after']:.5f} nats/token; {verdict}")
 
@@ -248,10 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MoBE: Adam steps per layer and kind (default 30000, its authors')")
 
     hl = add_command(sub, "heal", cmd_heal, outputs={"dst": "writable"}, devices=("device",),
-                     help="distil a converted model towards its original (latent factors only)",
-                     description="Train only the latent factors of a MoLAE checkpoint on KL(teacher || student) "
-                                 "over next-token distributions; the checkpoint is rewritten in place, atomically.")
-    hl.add_argument("dst", type=Path, help="a MoLAE checkpoint written by molae convert (rewritten)")
+                     help="distil a converted model towards its original (what the conversion stores)",
+                     description="Train what molae convert stored (a MoLAE checkpoint's latent factors; a peer "
+                                 "method's routed experts, merged ones tied) on KL(teacher || student) over "
+                                 "next-token distributions; the checkpoint is rewritten in place, atomically.")
+    hl.add_argument("dst", type=Path, help="a checkpoint written by molae convert, any --method (rewritten)")
     hl.add_argument("--teacher", required=True, help="the model it was converted from")
     hl.add_argument("--data", required=True, type=existing_path,
                     help="training text: a text file, a directory of text files (tokenized with the model's own "

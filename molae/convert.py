@@ -79,15 +79,18 @@ class ExpertGroup:
                 out[e] = t
         return out
 
+    def tensors(self, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{key: tensor} of whole expert weights ({gate, up: [E, m, n], down: [E, n, m]}) in this group's layout."""
+        if self.layout == "fused":
+            return {f"{self.prefix}.gate_up_proj": fuse_gate_up(dense["gate"], dense["up"]),
+                    f"{self.prefix}.down_proj": dense["down"]}
+        return {f"{self.prefix}.{e}.{self.names[kind]}.weight": dense[kind][e]
+                for kind in KINDS for e in range(self.n_experts)}
+
     def write(self, writer: ShardWriter, dense: dict[str, torch.Tensor]):
         """Write whole expert weights back in this group's source layout."""
-        if self.layout == "fused":
-            writer.add(f"{self.prefix}.gate_up_proj", fuse_gate_up(dense["gate"], dense["up"]))
-            writer.add(f"{self.prefix}.down_proj", dense["down"])
-            return
-        for kind in KINDS:
-            for e in range(self.n_experts):
-                writer.add(f"{self.prefix}.{e}.{self.names[kind]}.weight", dense[kind][e])
+        for key, t in self.tensors(dense).items():
+            writer.add(key, t)
 
 
 def find_expert_groups(ckpt: SourceCheckpoint) -> dict[str, ExpertGroup]:

@@ -482,6 +482,36 @@ def test_balancing_keeps_the_function_and_healing_lowers_the_kl(data_dir, tmp_pa
     assert (tmp_path / "m" / "heal.json").exists()
 
 
+@pytest.mark.parametrize("method,family", [("prune-reap", "qwen2_moe"), ("hcsmoe", "mixtral")])
+def test_heal_trains_a_dense_methods_experts_and_keeps_merged_ones_tied(method, family, data_dir, tmp_path):
+    """[10] part 5: a method that writes whole experts is healed in them, with MoLAE's budget: the held-out KL
+    falls, only the routed experts' tensors change, and experts HC-SMoE merged (bit-identical copies of one
+    cluster's expert) are still identical afterwards, so the healed model stores what the method stored."""
+    from molae.heal import identical_experts, whole_experts
+
+    src = saved(family, tmp_path / "src")
+    convert_checkpoint(src, tmp_path / "m", ConvertOptions(method=method, budget=0.5, calibration=str(data_dir),
+                                                           calib_tokens=512, calib_seq_len=64))
+    before = SourceCheckpoint(tmp_path / "m")
+    old = {k: before.read([k])[k] for k in before.keys()}
+    dense = whole_experts(AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")))
+    merged = {layer: identical_experts(dense[(layer, "gate_up_proj")], dense[(layer, "down_proj")])
+              for layer, k in dense if k == "down_proj"}
+    assert (method == "hcsmoe") == any(merged.values())  # HC-SMoE at 50% merges; pruning leaves distinct experts
+    info = heal(tmp_path / "m", src, data_dir, tokens=64 * 8 * 30, seq_len=64, batch_size=8, lr=3e-3,
+                progress=False)
+    assert info["trained"] == "whole experts" and info["applied"]
+    assert info["held_out_kl_after"] < info["held_out_kl_before"]
+    assert info["trained_params"] == info["stored_params"]  # pruned and merged experts: what the method stores
+    after = SourceCheckpoint(tmp_path / "m")
+    experts = {k for g in find_expert_groups(after).values() for k in g.keys}
+    changed = {k for k in after.keys() if not torch.equal(after.read([k])[k], old[k])}
+    assert changed and changed <= experts  # routers, attention, shared experts untouched
+    healed = whole_experts(AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")))
+    for layer, groups in merged.items():
+        assert identical_experts(healed[(layer, "gate_up_proj")], healed[(layer, "down_proj")]) == groups
+
+
 def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     src = saved("mixtral", tmp_path / "src")
     code = main(["bench", "quality", "--model", str(src), "--name", "tiny", "--data", str(data_dir), "--device", "cpu",
@@ -492,14 +522,18 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     q = json.loads((tmp_path / "q.json").read_text())
     from molae.bench.quality import BASELINES
 
-    assert len(q["runs"]) == 10 + len(BASELINES) + 1  # every MoLAE variant, every other method, SVD healed
+    assert len(q["runs"]) == 11 + 2 * len(BASELINES)  # every MoLAE variant, every other method, each healed
     healed = {r["variant"]: r for r in q["runs"] if "heal" in r}
-    assert set(healed) == {"molae-alloc+heal", "molae-alloc-g+heal", "svd+heal"}
+    assert set(healed) == {"molae-alloc+heal", "molae-alloc-g+heal", "molae-alloc-sqrt+heal",
+                           *(f"{b}+heal" for b in BASELINES if b != "mobe")}
     assert healed["svd+heal"]["method"] == "svd"
-    assert healed["svd+heal"]["heal"]["tokens"] == healed["molae-alloc+heal"]["heal"]["tokens"]  # the same budget
+    assert len({h["heal"]["tokens"] for h in healed.values()}) == 1  # the same budget for every method
+    trained = {v: h["heal"]["trained_params"] / h["heal"]["stored_params"] for v, h in healed.items()}
+    assert trained["prune-reap+heal"] == trained["hcsmoe+heal"] == 1  # the experts they keep
+    assert trained["d2moe+heal"] > 1 and trained["mobe-lowrank+heal"] > 1  # their weights, written multiplied out
     reached = [r for r in q["runs"] if "unreachable" not in r]
     assert all(math.isfinite(r["perplexity"]) for r in reached)
-    assert [r["variant"] for r in q["runs"] if "unreachable" in r] == ["mobe"]  # m > n: published MoBE cannot
+    assert [r["variant"] for r in q["runs"] if "unreachable" in r] == ["mobe", "mobe+heal"]  # m > n: MoBE cannot
     by_variant = {r["variant"]: r for r in reached}  # each run records G, d and the error per layer and kind
     for layer, kind, groups, d, _ in by_variant["molae-alloc-g"]["layers"]:
         assert kind in ("gate", "up", "down") and groups in (1, 2, 4) and (kind, d) in map(
@@ -508,7 +542,7 @@ def test_quality_bench_runs_and_reports(data_dir, tmp_path, capsys):
     assert main(["bench", "quality", "--model", str(src), "--name", "tiny", "--data", str(data_dir), "--device", "cpu",
                  "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json"), "--resume", "--budgets", "0.5",
                  "--rank-ratios", "1", "--seq-len", "64", "--eval-tokens", "1024", "--calib-tokens", "512"]) == 0
-    assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 10 + len(BASELINES) + 1  # none run twice
+    assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 11 + 2 * len(BASELINES)  # none run twice
     assert main(["analyze", str(src), "--out", str(tmp_path / "an")]) == 0  # the model's redundancy beside it
     capsys.readouterr()
     assert main(["bench", "quality-report", str(tmp_path / "q.json"), "--out", str(tmp_path / "r"),
@@ -669,7 +703,7 @@ def test_heal_refuses_a_model_that_is_not_molae(data_dir, tmp_path, capsys):
     capsys.readouterr()
     code = main(["heal", str(src), "--teacher", str(src), "--data", str(data_dir), "--tokens", "4096"])
     err = capsys.readouterr().err
-    assert code != 0 and "not a MoLAE checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert code != 0 and "not a MoLAE checkpoint nor a compressed one" in err and len(err.strip().splitlines()) == 1
 
 
 def test_next_line_exact_match_counts_the_lines_every_argmax_got_right():
@@ -732,7 +766,7 @@ def test_g_per_layer_with_groups_by_similarity_is_the_fixed_g_conversion_where_o
 
 
 def test_report_also_sets_unhealed_against_unhealed(tmp_path):
-    """Healed MoLAE ahead of a peer that cannot be healed (mobe-lowrank on the Qwen-style reference at 25%,
+    """Healed MoLAE ahead of a peer that was not healed (mobe-lowrank on the Qwen-style reference at 25%,
     64fc599), unhealed MoLAE behind it: the first verdict table says better, the unhealed one worse."""
     from molae.bench.quality import report
 

@@ -8,9 +8,10 @@ a fresh directory, is loaded back with transformers and scored on the same held-
       molae-free rr=R     the paper's data-free two-step conversion, uniform d, rank_ratio R
       molae-aware         activation-aware factorization, uniform d
       molae-alloc         activation-aware + d per layer and projection from --budget
-      molae-alloc+heal    the same, then `molae heal` (latent factors only, KL to the original)
+      molae-alloc+heal    the same, then `molae heal` (its latent factors, KL to the original)
       every other method of the registry (molae/methods): svd, d2moe, mobe, hcsmoe, prune-frequency, prune-reap
-      svd+heal            SVD, then the same `molae heal` (the one peer whose written form keeps factors)
+      METHOD+heal         each of them, then the same `molae heal` (what it stores: SVD's factors, the kept or
+                          merged experts; D2-MoE's and MoBE's whole written weights, more than they store)
       molae-alloc-g(+heal) molae-alloc with G per layer chosen by the budget too (--group-choices 1,2,4,..,E)
       molae-alloc(-g)-sqrt, molae-alloc-g-sim, molae-alloc-g-div   candidates measured against those two
                           (--error-power 0.5; groups by similarity; every divisor of E as a choice)
@@ -47,13 +48,14 @@ from ..command import (add_command, comma_list, existing_path, float_list, fract
                        positive_float, positive_int, progress_bar)
 
 BASELINES = tuple(name for name in METHODS if name != "molae")
-# "+heal": the same whole-model healing budget (`molae heal`) for every method whose written form keeps factors to
-# train: MoLAE and SVD (MoLAE experts with G = E). The others write whole matrices (D2-MoE, MoBE) or whole experts
-# (HC-SMoE, pruning); `molae heal` trains latent factors only, so they are reported unhealed.
-HEALED = {"molae-alloc+heal": "molae-alloc", "molae-alloc-g+heal": "molae-alloc-g", "svd+heal": "svd"}
-VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES, "svd+heal",
-            "molae-alloc-g", "molae-alloc-g+heal", "molae-alloc-sqrt", "molae-alloc-g-sqrt", "molae-alloc-g-sim",
-            "molae-alloc-g-div")  # --methods names
+# "+heal": the same whole-model healing budget (`molae heal`) for every method ([10] part 5): MoLAE's and SVD's
+# latent factors; the whole experts of the methods that write them (heal.py: merged experts trained tied; D2-MoE's
+# and MoBE's multiplied-out weights are more parameters than they store, an upper bound for them)
+HEALED = {"molae-alloc+heal": "molae-alloc", "molae-alloc-g+heal": "molae-alloc-g",
+          "molae-alloc-sqrt+heal": "molae-alloc-sqrt", **{f"{b}+heal": b for b in BASELINES}}
+VARIANTS = ("molae-free", "molae-aware", "molae-alloc", "molae-alloc+heal", *BASELINES,
+            *(f"{b}+heal" for b in BASELINES), "molae-alloc-g", "molae-alloc-g+heal", "molae-alloc-sqrt",
+            "molae-alloc-sqrt+heal", "molae-alloc-g-sqrt", "molae-alloc-g-sim", "molae-alloc-g-div")  # --methods
 # -sqrt: the budget allocation weighs each error by the square root of its energy (--error-power 0.5), not by the
 # energy (relative error): better on one CPU reference, slightly worse on the other (results/error_power/)
 GROUP_CHOICES = (1, 2, 4, 8, 16, "E")  # the G's molae-alloc-g's budget chooses among (the divisors of E of them)
@@ -114,14 +116,15 @@ def variants(budgets, rank_ratios, methods) -> list[tuple[str, float, dict]]:
         for b in BASELINES:
             if b in methods:
                 out.append((b, f, dict(method=b, budget=f, calibrated=METHODS[b].calibration != "none")))
-        if "svd+heal" in methods and "svd" in methods:
-            out.append(("svd+heal", f, dict(heal="svd", method="svd")))
+        out += [(f"{b}+heal", f, dict(heal=b, method=b)) for b in BASELINES if b in methods and f"{b}+heal" in methods]
         if "molae-alloc-g" in methods:  # G per layer chosen by the budget too, from 1 up to one latent per expert
             out.append(("molae-alloc-g", f, dict(calibrated=True, budget=f, group_choices=GROUP_CHOICES)))
             if "molae-alloc-g+heal" in methods:
                 out.append(("molae-alloc-g+heal", f, dict(heal="molae-alloc-g")))
         if "molae-alloc-sqrt" in methods:
             out.append(("molae-alloc-sqrt", f, dict(calibrated=True, budget=f, error_power=0.5)))
+            if "molae-alloc-sqrt+heal" in methods:
+                out.append(("molae-alloc-sqrt+heal", f, dict(heal="molae-alloc-sqrt")))
         out += [(name, f, dict(calibrated=True, budget=f, **extra)) for name, extra in G_VARIANTS.items()
                 if name in methods]
     return out
@@ -165,13 +168,20 @@ def bench_quality(args):
         t0 = time.perf_counter()
         if "heal" in spec:
             base = work / f"{spec['heal']}-{f:g}"
+            was = next((r for r in result["runs"] if (r["variant"], r["budget"]) == (spec["heal"], f)), {})
+            if "unreachable" in was:  # nothing to heal: say why, as for the conversion
+                result["runs"].append(dict(variant=name, budget=f, method=spec.get("method"),
+                                           unreachable=was["unreachable"]))
+                save()
+                continue
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(base, dst)
             info = heal(dst, src, args.data, args.heal_tokens, args.seq_len, args.heal_batch_size, args.heal_lr,
                         device=args.device, progress=False)
             summary = json.loads((base / "convert_summary.json").read_text())
-            extra = dict(heal={k: info[k] for k in ("steps", "tokens", "kl_first", "kl_last", "held_out_kl_before",
-                                                    "held_out_kl_after", "applied", "seconds")})
+            extra = dict(heal={k: info[k] for k in ("trained", "trained_params", "stored_params", "steps", "tokens",
+                                                    "kl_first", "kl_last", "held_out_kl_before", "held_out_kl_after",
+                                                    "applied", "seconds")})
         else:
             opts = ConvertOptions(projections=KINDS, device=args.device, method=spec.get("method", "molae"),
                                   budget=spec.get("budget"), rank_ratio=spec.get("rank_ratio"),
@@ -205,7 +215,7 @@ def bench_quality(args):
         run.update(score(dst, windows, n_bytes, device, newline_V))
         result["runs"].append(run)
         save()
-        if name not in HEALED.values():  # kept for its healed copy
+        if name not in {HEALED[h] for h in methods if h in HEALED}:  # else kept for its healed copy
             shutil.rmtree(dst, ignore_errors=True)
     return result
 
@@ -341,9 +351,8 @@ def _verdict(r, budgets) -> list[str]:
     """Per budget: the best MoLAE variant against the best baseline, and the gap to the original; where the
     runs recorded their windows' NLLs, the paired 95% interval of best MoLAE / best baseline - 1 and the
     verdict it allows (better / tied / worse). Then the same with every healed run left out, as a second
-    table where it differs from the first (a healed run was best somewhere): most peers cannot be healed in
-    their written form (MoBE, HC-SMoE, pruning), so "best of everything" alone would set healed MoLAE against
-    them unhealed."""
+    table where it differs from the first (a healed run was best somewhere): a job that healed MoLAE but not
+    every peer would otherwise set healed MoLAE against them unhealed."""
     paired = "window_nll" in r["original"]
     head = ["| budget | best MoLAE | best baseline | MoLAE at or below every baseline | best MoLAE vs original |"
             + (" best MoLAE vs best baseline (paired 95%) | verdict |" if paired else ""),
@@ -370,15 +379,18 @@ def _verdict_row(r, b, unhealed: bool) -> str | None:
 
 def _healing(r) -> list[str]:
     """Each healed variant against the same conversion unhealed, paired over the same windows: what the
-    healing budget bought each method (the same budget for every method that leaves parameters to train)."""
+    healing budget bought each method (the same budget for every method that leaves parameters to train), and
+    how many parameters it trained for each it stores (above 1: D2-MoE's and MoBE's written weights)."""
     rows = []
     for x in r["runs"]:
         y = next((y for y in r["runs"] if y["variant"] == HEALED.get(x["variant"]) and y["budget"] == x["budget"]),
                  None)
         if y is not None and "window_nll" in x and "window_nll" in y:
-            rows.append(f"| {x['variant']} | {100 * x['budget']:g}% | " + " | ".join(_paired(x, y)) + " |")
-    return ["| healed | budget | healed vs unhealed (paired 95%) | verdict |", "|---|---:|---:|---|", *rows,
-            ""] if rows else []
+            h = x.get("heal", {})
+            ratio = f"{h['trained_params'] / h['stored_params']:.2f}" if h.get("stored_params") else ""
+            rows.append(f"| {x['variant']} | {100 * x['budget']:g}% | " + " | ".join(_paired(x, y)) + f" | {ratio} |")
+    return ["| healed | budget | healed vs unhealed (paired 95%) | verdict | trained / stored parameters |",
+            "|---|---:|---:|---|---:|", *rows, ""] if rows else []
 
 
 def _across_models(results) -> list[str]:
