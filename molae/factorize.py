@@ -433,16 +433,20 @@ def gram_cosines(W_ERN: torch.Tensor, chunk_entries: int = 2**28) -> torch.Tenso
 def similarity_groups(W_list, groups: int, sweeps: int = 10) -> torch.Tensor:
     """Equal groups of experts with similar row spaces. W_list: per kind, [E, rows, n] matrices whose
     row spaces (in R^n) should be shared (gate/up as stored, down transposed). Affinity of experts i, j:
-    cosine of their Gram matrices, <W_i^T W_i, W_j^T W_j> / (|.| |.|) summed over kinds. Greedy seeding
-    (each group grown from the unplaced expert least like the rest, by mean affinity to its members),
-    then pairwise swaps while they raise the summed within-group affinity. Returns perm [E]: group g
-    holds experts perm[g*E/G:(g+1)*E/G]."""
-    E = W_list[0].shape[0]
+    cosine of their Gram matrices, <W_i^T W_i, W_j^T W_j> / (|.| |.|) summed over kinds (`gram_cosines`;
+    `group_by_affinity` takes the sum, for a caller that forms one kind's matrices at a time)."""
+    return group_by_affinity(sum(gram_cosines(W) for W in W_list), groups, sweeps)
+
+
+def group_by_affinity(aff: torch.Tensor, groups: int, sweeps: int = 10) -> torch.Tensor:
+    """Equal groups from a symmetric affinity [E, E]: greedy seeding (each group grown from the unplaced
+    expert least like the rest, by mean affinity to its members), then pairwise swaps while they raise the
+    summed within-group affinity (`_swap_sweeps`). Returns perm [E]: group g holds experts
+    perm[g*E/G:(g+1)*E/G]."""
+    aff = aff.double().cpu()
+    E = aff.shape[0]
     check_groups(groups, E)
     Eg = E // groups
-    aff = torch.zeros(E, E, dtype=torch.float64)
-    for W in W_list:
-        aff += gram_cosines(W)
     group_of = torch.full((E,), -1, dtype=torch.long)
     for g in range(groups):
         free = (group_of < 0).nonzero().squeeze(1)
@@ -454,22 +458,39 @@ def similarity_groups(W_list, groups: int, sweeps: int = 10) -> torch.Tensor:
             best = free[aff[free][:, members].mean(1).argmax()]
             members.append(int(best))
             group_of[best] = g
-    for _ in range(sweeps):  # swap i, j (different groups) when it raises within-group affinity
+    _swap_sweeps(aff, group_of, groups, sweeps)
+    return torch.argsort(group_of, stable=True)
+
+
+def _swap_sweeps(aff: torch.Tensor, group_of: torch.Tensor, groups: int, sweeps: int):
+    """In place: for i = 0..E-1, swap i with the next j > i of another group whose swap raises the summed
+    within-group affinity, and go on after j; up to `sweeps` passes, until one changes nothing. Each candidate
+    j's gain is read off S [E, G] (S[x, g]: summed affinity of x to group g's members), kept up to date by each
+    swap, so a pass costs O(E^2) arithmetic in E vector steps, not E^2 Python steps (256 experts, random
+    affinities, all sweeps: 0.16 s against 17 s pairwise on a 2-core CPU)."""
+    E = aff.shape[0]
+    S = aff @ torch.nn.functional.one_hot(group_of, groups).double()
+    diag = aff.diagonal()
+    for _ in range(sweeps):
         improved = False
         for i in range(E):
-            for j in range(i + 1, E):
-                gi, gj = group_of[i].item(), group_of[j].item()
-                if gi == gj:
-                    continue
-                in_i, in_j = group_of == gi, group_of == gj
-                delta = (aff[i, in_j].sum() - aff[i, j] - aff[i, in_i].sum() + aff[i, i]
-                         + aff[j, in_i].sum() - aff[j, i] - aff[j, in_j].sum() + aff[j, j])
-                if delta > 1e-12:
-                    group_of[i], group_of[j] = gj, gi
-                    improved = True
+            j0 = i + 1
+            while j0 < E:
+                gi, js = int(group_of[i]), torch.arange(j0, E)
+                gj = group_of[j0:]
+                gain = (S[i, gj] - aff[i, j0:] - S[i, gi] + diag[i] + S[j0:, gi] - aff[j0:, i] - S[js, gj]
+                        + diag[j0:])
+                hit = ((gain > 1e-12) & (gj != gi)).nonzero()
+                if len(hit) == 0:
+                    break
+                j = j0 + int(hit[0])
+                g2 = int(group_of[j])
+                S[:, gi] += aff[:, j] - aff[:, i]
+                S[:, g2] += aff[:, i] - aff[:, j]
+                group_of[i], group_of[j] = g2, gi
+                improved, j0 = True, j + 1
         if not improved:
             break
-    return torch.argsort(group_of, stable=True)
 
 
 def factorize_projection(W: torch.Tensor, kind: str, d: int | None, groups: int = 1,
@@ -591,6 +612,7 @@ __all__ = [
     "output_error",
     "spectrum",
     "allocate_latent",
+    "group_by_affinity",
     "similarity_groups",
     "factorize_projection",
     "factorize_experts",

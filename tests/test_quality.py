@@ -174,6 +174,41 @@ def test_similarity_groups_recover_planted_groups_and_make_them_exact():
     assert row_sim["rel_error"] < 1e-10 < 0.1 < row_idx["rel_error"]
 
 
+def _swap_sweeps_reference(aff, group_of, groups, sweeps):
+    """The obvious O(E^2)-Python-steps form of factorize._swap_sweeps: every pair's gain summed afresh."""
+    E = aff.shape[0]
+    for _ in range(sweeps):
+        improved = False
+        for i in range(E):
+            for j in range(i + 1, E):
+                gi, gj = group_of[i].item(), group_of[j].item()
+                if gi == gj:
+                    continue
+                in_i, in_j = group_of == gi, group_of == gj
+                delta = (aff[i, in_j].sum() - aff[i, j] - aff[i, in_i].sum() + aff[i, i]
+                         + aff[j, in_i].sum() - aff[j, i] - aff[j, in_j].sum() + aff[j, j])
+                if delta > 1e-12:
+                    group_of[i], group_of[j] = gj, gi
+                    improved = True
+        if not improved:
+            break
+
+
+@pytest.mark.parametrize("E,G,seed", [(8, 2, 0), (24, 4, 1), (48, 6, 2), (64, 16, 3)])
+def test_swap_sweeps_match_the_pairwise_reference(E, G, seed):
+    from molae.factorize import _swap_sweeps
+
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(E, 5, generator=gen, dtype=f64)
+    aff = X @ X.T  # symmetric, as gram cosines are
+    start = torch.randperm(E, generator=gen) % G
+    fast, slow = start.clone(), start.clone()
+    _swap_sweeps(aff, fast, G, 10)
+    _swap_sweeps_reference(aff, slow, G, 10)
+    assert torch.equal(fast, slow) and not torch.equal(fast, start)  # the same swaps, and some were made
+    assert torch.equal(torch.bincount(fast, minlength=G), torch.full((G,), E // G))  # groups stay equal
+
+
 def test_permuted_experts_fast_path_matches_reference_and_router_order():
     torch.manual_seed(7)
     ex = Experts(16, 8, 6, {"gate": 4, "up": 4, "down": 4}, groups=2, permuted=True).double()
