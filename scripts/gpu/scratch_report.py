@@ -1,7 +1,7 @@
 """results/scratch/NAME/ from scripts/gpu/scratch_reference.sh's fetched files:
     python scripts/gpu/scratch_report.py FETCHED NAME results/scratch/NAME --note NOTE.md
 
-Copies train-summary-NAME.json and quality-NAME*.json unchanged and analyze-NAME.json without its per-expert
+Copies train-summary-NAME.json (and train-log-NAME.jsonl) and quality-NAME*.json unchanged and analyze-NAME.json without its per-expert
 spectra; writes analysis.md (analyze.format_analysis) and quality.{json,md,png} (`molae bench quality-report`
 of the quality files, the analysis summarised last); the exports' files (quality-NAME-quarter/-half.json), with
 the end point, go to along/quality.{json,md,png} (the margin along training). NOTE: the provenance paragraph at
@@ -32,7 +32,8 @@ main = args.fetched / f"quality-{args.name}.json"  # first: the other files are 
 along = [args.fetched / f"quality-{args.name}-{point}.json" for point in ALONG]
 along = [f for f in along if f.exists()]
 quality = [main, *sorted(set(args.fetched.glob(f"quality-{args.name}-*.json")) - set(along))]
-for f in [args.fetched / f"train-summary-{args.name}.json", *quality, *along]:
+log = args.fetched / f"train-log-{args.name}.jsonl"  # the training log, where the job kept it
+for f in [args.fetched / f"train-summary-{args.name}.json", *([log] if log.exists() else []), *quality, *along]:
     shutil.copy(f, args.dest / f.name)
 report([args.dest / f.name for f in quality], args.dest, note=args.note.read_text(),
        analyses={args.name: args.dest / f"analyze-{args.name}.json"})
