@@ -55,8 +55,10 @@ def variant_rank(fraction: float, E: int, M: int, N: int, J: int) -> int:
     return min(k, M, N)
 
 
-def mobe(W_EMN: torch.Tensor, J: int, k: int, steps: int = 30000, lr: float = 0.07, check_every: int = 200):
-    """Fit one kind's experts (module notes). Returns (W_hat [E, M, N] float32, stored parameters, info)."""
+def mobe(W_EMN: torch.Tensor, J: int, k: int, steps: int = 30000, lr: float = 0.07, check_every: int = 200,
+         act=F.silu):
+    """Fit one kind's experts (module notes). Returns (W_hat [E, M, N] float32, stored parameters, info).
+    `act`: the nonlinearity on the mixed bases (the authors' SiLU; scripts/cpu/mobe_ablation.py swaps it)."""
     E, M, N = W_EMN.shape
     if E % J:
         raise ValueError(f"MoBE with {J} bases needs them to divide the {E} experts")
@@ -74,7 +76,7 @@ def mobe(W_EMN: torch.Tensor, J: int, k: int, steps: int = 30000, lr: float = 0.
 
     def reconstruct():
         mix = torch.einsum("ej,jkn->ekn", torch.softmax(params["w"], dim=1), params["B"])
-        return params["A"] @ F.silu(mix)  # in units of std
+        return params["A"] @ act(mix)  # in units of std
 
     opt = torch.optim.Adam(params.values(), lr=lr)
     best, best_state = float("inf"), None
