@@ -267,6 +267,26 @@ def test_mobe_fits_a_planted_mixture_of_bases_and_sets_its_bases_by_the_budget()
     assert published_bases(0.4, 16, 8, 64) is None  # below the published form's floor (46% here)
 
 
+def test_mobe_linear_is_a_shared_latent_of_its_bases_and_mobe_lowrank_is_not():
+    """mobe-linear (the SiLU ablated): every expert's rows lie in the span of the J bases' J k rows, one shared
+    latent for the layer; with SiLU (mobe-lowrank) the experts leave that span."""
+    from molae.methods.base import LayerShape
+
+    torch.manual_seed(10)
+    E, M, N = 8, 6, 64
+    W = {"gate": torch.randn(E, M, N), "up": torch.randn(E, M, N), "down": torch.randn(E, N, M)}
+    ranks = {}
+    for name in ("mobe-linear", "mobe-lowrank"):
+        method, opts = methods.get(name), ConvertOptions(method=name, budget=0.5, mobe_steps=50)
+        spec = dict(method.plan(LayerShape(0, E, M, N, 2), opts), layer=0)
+        out = method.convert(W, None, spec, opts)
+        info = out.rows[0]["info"]
+        span = spec["bases"] * info["rank"]
+        assert span < min(E * M, N)  # a bound that can bind
+        ranks[name] = (torch.linalg.matrix_rank(out.dense["gate"].reshape(E * M, N).double(), rtol=1e-6).item(), span)
+    assert ranks["mobe-linear"][0] <= ranks["mobe-linear"][1] < ranks["mobe-lowrank"][0]
+
+
 def test_hcsmoe_aligns_neurons_before_merging():
     """Two experts computing the same function with their intermediate neurons permuted merge into it
     exactly (HC-SMoE's fix-dom-same alignment), where averaging the weights as stored does not."""

@@ -13,7 +13,8 @@ The budget knob is J, as the authors set it: the most bases (a divisor of E, so 
 that fit the budget with down kept whole. Below the smallest budget the published form reaches (J = 1), or
 where m >= n (A_i alone is as large as W_i), `mobe` refuses; `mobe-lowrank` is a labelled variant that reaches
 any budget: the same model and fit with k < m chosen by the budget, J = E/4 (the authors' 128 experts to 32
-bases), and down fitted too (transposed, so that A_i is the smaller side).
+bases), and down fitted too (transposed, so that A_i is the smaller side); `mobe-linear` the same with the
+identity for SiLU (an ablation, results/mobe_ablation/).
 
 Deviations: float32 weights (the authors cast to float16 first); --mobe-steps can shorten the fit (default
 30,000); nothing else.
@@ -103,6 +104,7 @@ def mobe(W_EMN: torch.Tensor, J: int, k: int, steps: int = 30000, lr: float = 0.
 class MoBE(Method):
     name = "mobe"
     calibration = "none"
+    act = staticmethod(F.silu)  # on the mixed bases (the authors')
 
     def check(self, opts):
         if opts.budget is None:
@@ -126,7 +128,7 @@ class MoBE(Method):
                 continue
             fit = W[kind].transpose(1, 2) if kind == "down" else W[kind]  # A_i the smaller side
             rank = spec["rank"] or variant_rank(opts.budget, *fit.shape, spec["bases"])
-            W_hat, stored[kind], info[kind] = mobe(fit, spec["bases"], rank, opts.mobe_steps)
+            W_hat, stored[kind], info[kind] = mobe(fit, spec["bases"], rank, opts.mobe_steps, act=self.act)
             out[kind] = (W_hat.transpose(1, 2) if kind == "down" else W_hat).to(W[kind].dtype)
         return LayerOutput(rows=dense_rows(spec.get("layer"), self.name, W, out, stored, info), dense=out,
                            module=standard_module(out, W["gate"].dtype))
@@ -142,5 +144,15 @@ class MoBELowRank(MoBE):
         return dict(bases=J, rank=None, kinds=check_projections(opts.projections))
 
 
+class MoBELinear(MoBELowRank):
+    """`mobe-lowrank` with the identity for SiLU: W_i ~ A_i sum_j softmax(w_i)_j B_j, a shared linear latent of J
+    bases that each expert mixes with its own weights (MoLAE's groups are the one-hot case). Not a published
+    method: the ablation of results/mobe_ablation/, in perplexity."""
+
+    name = "mobe-linear"
+    act = staticmethod(lambda x: x)
+
+
 register(MoBE())
 register(MoBELowRank())
+register(MoBELinear())
