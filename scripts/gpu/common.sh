@@ -27,7 +27,7 @@ print(json.dumps(s))" "$@"
 }
 # [10]'s conversion-quality runs (scripts/gpu/upcycled.sh, scratch_reference.sh): the main methods, healed and not
 # (mobe-lowrank: MoBE where its published form cannot reach the budget, as at m > n: Mixtral)
-MAIN_METHODS=molae-alloc,molae-alloc+heal,molae-alloc-g,molae-alloc-g+heal,molae-alloc-sqrt,molae-alloc-sqrt+heal,molae-alloc-g-sqrt,molae-alloc-g-sim,molae-alloc-g-div,svd,svd+heal,d2moe,d2moe+heal,mobe,mobe+heal,mobe-lowrank,mobe-lowrank+heal,hcsmoe,hcsmoe+heal,prune-reap,prune-reap+heal
+MAIN_METHODS=molae-alloc,molae-alloc+heal,molae-alloc-g,molae-alloc-g+heal,molae-alloc-sqrt,molae-alloc-sqrt+heal,molae-alloc-g-sqrt,molae-alloc-g-sim,molae-alloc-g-div,svd,svd+heal,d2moe,d2moe+heal,mobe,mobe+heal,mobe-lowrank,mobe-lowrank+heal,mobe-linear,hcsmoe,hcsmoe+heal,prune-reap,prune-reap+heal
 quality_1m() {  # NAME MODEL WORKDIR SEED METHODS BUDGETS COMMAND -> $OUT/quality-NAME.json (1,048,576 held-out tokens)
   python3 -m molae.cli bench quality --model "$2" --name "$1" --data $DATA --device $DEVICE --workdir "$3" \
     --json $OUT/quality-$1.json --eval-tokens $EVAL_TOKENS --heal-tokens $HEAL_TOKENS --mobe-steps $MOBE_STEPS \
