@@ -377,6 +377,26 @@ def _size(path: Path) -> int:
 
 
 @contextmanager
+def deferred_interrupt():
+    """Ctrl-C (SIGINT) inside the block takes effect at its end, as KeyboardInterrupt: what the block writes and
+    the record of it stay one step (a checkpoint renamed into place and the step that says so). Outside the main
+    thread, where no handler can be set, the block runs as it is."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = signal.signal(signal.SIGINT, lambda *_: got.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt
+
+
+@contextmanager
 def removed_on_error(tmp: Path, resumable: bool = True):
     """Delete the partial output when the run fails for good. A resumable run keeps it when it is
     interrupted (re-raised as `Interrupted`, naming the directory and how to continue or remove it)

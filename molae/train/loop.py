@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..checkpoint import write_json_atomically
+from ..checkpoint import deferred_interrupt, write_json_atomically
 from ..command import Interrupted, error_record, progress_bar
 from ..data import TokenData
 from ..evaluate import efficiency, window_bytes, windows_nll
@@ -243,8 +243,9 @@ def _train(cfg, data, out, resume, run, progress, on_disk):
                                 tokens=step * cfg.tokens_per_step * run.world), bar)
             run.barrier()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run, experts)
-            on_disk["step"] = step
+            with deferred_interrupt():  # a Ctrl-C between the rename and the record would misname the step
+                save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, cfg, run, experts)
+                on_disk["step"] = step
             window["t0"] = time.perf_counter()  # checkpoint time is not training throughput
     prof.at(step)
     bar.close()
