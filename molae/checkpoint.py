@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,8 +382,6 @@ def deferred_interrupt():
     """Ctrl-C (SIGINT) inside the block takes effect at its end, as KeyboardInterrupt: what the block writes and
     the record of it stay one step (a checkpoint renamed into place and the step that says so). Outside the main
     thread, where no handler can be set, the block runs as it is."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -64,7 +64,10 @@ def identical_experts(*stacks_E: torch.Tensor) -> list[list[int]]:
     reps: list[list[int]] = []
     for e in range(stacks_E[0].shape[0]):
         same = next((g for g in reps if all(torch.equal(t[g[0]], t[e]) for t in stacks_E)), None)
-        (same.append(e) if same is not None else reps.append([e]))
+        if same is None:
+            reps.append([e])
+        else:
+            same.append(e)
     return [g for g in reps if len(g) > 1]
 
 

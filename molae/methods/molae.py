@@ -20,13 +20,13 @@ from ..layers import KINDS, Experts, check_groups, check_latent_dim, check_proje
 from .base import LayerOutput, LayerShape, Method, register
 
 
-
 def _whitened(M_ERN: torch.Tensor, S_NN: torch.Tensor) -> torch.Tensor:
     """M_e @ S for every expert, one product at a time in S's dtype, into a stack of M's dtype."""
     out = torch.empty_like(M_ERN)
     for e in range(M_ERN.shape[0]):
         out[e] = (M_ERN[e].to(S_NN.dtype) @ S_NN).to(out.dtype)
     return out
+
 
 class MoLAE(Method):
     name = "molae"
