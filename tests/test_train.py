@@ -596,6 +596,10 @@ def test_the_first_nonfinite_step_is_located_where_the_backward_made_it(data_dir
     assert origin["reproduced"] and origin["loss_finite"] and origin["forward_first_nonfinite"] is None
     assert origin["backward_last_finite_before"] in ("model.layers.1.self_attn.o_proj", "model.layers.1.self_attn")
     assert origin["backward_first_nonfinite"].startswith("model.layers.1.self_attn.")
+    *_, last_finite, first_bad = origin["backward_trail"]  # o_proj's input gradient finite, then the planted NaN
+    assert last_finite["name"] == "model.layers.1.self_attn.o_proj<" and last_finite["finite"]
+    assert 0 < last_finite["absmax"] < 1e30 and not first_bad["finite"] and first_bad["absmax"] is None
+    assert first_bad["name"].startswith("model.layers.1.self_attn.")
     assert origin["params"]["deepest"][-1].startswith("model.layers.1.")  # nothing above layer 1
     assert origin["params"]["first"][0] == "model.embed_tokens.weight" and np.isfinite(summary["final_val_loss"])
 

@@ -106,18 +106,31 @@ def locate_nonfinite(model, step) -> dict:
     it runs eagerly (torch.compile's stance forced to eager) with a hook on every module's output: the first
     module, in forward order, whose output is non-finite, and in backward order the first module whose output
     gradient is non-finite with the last one before it whose gradient was finite: the non-finite value arose
-    in the operations between the two (the first one's output is consumed there). Costs one extra step with a
-    host sync per module, so the trainer calls it once per run, on the first skipped step."""
+    in the operations between the two (the first one's output is consumed there). backward_trail narrows it:
+    the gradients of modules' outputs and of their inputs ("NAME<" : what reaches NAME's input, which tells a
+    module's own backward from the code between modules) in the order they arrived, each with its largest
+    magnitude (a finite value near bf16's 3.4e38 is an overflow, a small one a NaN from elsewhere), the last
+    eight up to the first non-finite one. Costs one extra step with a host sync per module, so the trainer
+    calls it once per run, on the first skipped step."""
     names = {m: n for n, m in model.named_modules() if n}
-    forward_bad, grads = [], []
+    forward_bad, grads, trail = [], [], []
+
+    def record(name, g, output):
+        finite = bool(torch.isfinite(g).all())
+        if output:
+            grads.append((name, finite))
+        trail.append((name if output else name + "<", finite, float(g.float().abs().amax()) if finite else None))
 
     def hook(module, args, out):
-        ts = _tensors(out)
+        ts, n = _tensors(out), names[module]
         if not forward_bad and any(not torch.isfinite(t).all() for t in ts):
-            forward_bad.append(names[module])
+            forward_bad.append(n)
+        for t in _tensors(args):
+            if t.requires_grad:
+                t.register_hook(lambda g, n=n: record(n, g, False))
         for t in ts:
             if t.requires_grad:
-                t.register_hook(lambda g, n=names[module]: grads.append((n, bool(torch.isfinite(g).all()))))
+                t.register_hook(lambda g, n=n: record(n, g, True))
 
     handles = [m.register_forward_hook(hook) for m in names]
     model.zero_grad(set_to_none=True)
@@ -130,10 +143,13 @@ def locate_nonfinite(model, step) -> dict:
     params = nonfinite_summary(model)
     first = next((i for i, (_, ok) in enumerate(grads) if not ok), None)
     before = None if first is None else next((n for n, ok in reversed(grads[:first]) if ok), None)
+    end = next((i for i, (_, ok, _) in enumerate(trail) if not ok), None)
     return dict(reproduced=params["count"] > 0, loss_finite=bool(torch.isfinite(loss)),
                 forward_first_nonfinite=forward_bad[0] if forward_bad else None,
                 backward_first_nonfinite=None if first is None else grads[first][0],
-                backward_last_finite_before=before, params=params)
+                backward_last_finite_before=before, params=params,
+                backward_trail=[] if end is None else [dict(name=n, finite=ok, absmax=a)
+                                                        for n, ok, a in trail[max(0, end - 7):end + 1]])
 
 
 def update_router_bias(model, counts: dict[int, torch.Tensor], speed: float):
