@@ -247,9 +247,10 @@ def _decode_op(name: str, call, fake):
     capture it) instead of tracing into Triton's launcher; eager calls skip the op's dispatch."""
     op = torch.library.custom_op(f"molae::{name}", call, mutates_args=())
     op.register_fake(fake)
+    overload = getattr(torch.ops.molae, name).default  # the OpOverload itself: what Dynamo traces most plainly
 
     def run(*args):
-        return op(*args) if torch.compiler.is_compiling() else call(*args)
+        return overload(*args) if torch.compiler.is_compiling() else call(*args)
     run.__doc__ = (globals()[f"{name}_reference"].__doc__ or "") + " The Triton kernel where it runs."
     return run
 

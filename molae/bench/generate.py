@@ -175,6 +175,8 @@ def bench_generate(specs, impls, prefill, batches, new_tokens, device, dtype, bu
                 if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
+                if compile_:  # each implementation compiles from scratch: no recompile limit left over, no
+                    torch._dynamo.reset()  # guards or cached graphs of the one before it
                 model = build(spec, impl, device, dtype, budget)
                 e = efficiency(model)  # decode bytes: what a batch-1 step reads, the active parameters
                 row.update(params=e["total_params"],

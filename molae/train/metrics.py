@@ -109,11 +109,13 @@ def locate_nonfinite(model, step) -> dict:
     in the operations between the two (the first one's output is consumed there). backward_trail narrows it:
     the gradients of modules' outputs and of their inputs ("NAME<" : what reaches NAME's input, which tells a
     module's own backward from the code between modules) in the order they arrived, each with its largest
-    magnitude (a finite value near bf16's 3.4e38 is an overflow, a small one a NaN from elsewhere), the last
-    eight up to the first non-finite one. Costs one extra step with a host sync per module, so the trainer
-    calls it once per run, on the first skipped step."""
+    magnitude (a finite value near bf16's 3.4e38 is an overflow, a small one a NaN from elsewhere), every one
+    up to the first non-finite (a few hundred entries: where the magnitudes grow is where an explosion starts).
+    forward_absmax: each module's largest output magnitude in forward order (an activation that explodes shows
+    there). Costs one extra step with a host sync per module, so the trainer calls it once per run, on the
+    first skipped step."""
     names = {m: n for n, m in model.named_modules() if n}
-    forward_bad, grads, trail = [], [], []
+    forward_bad, grads, trail, forward_absmax = [], [], [], []
 
     def record(name, g, output):
         finite = bool(torch.isfinite(g).all())
@@ -125,6 +127,8 @@ def locate_nonfinite(model, step) -> dict:
         ts, n = _tensors(out), names[module]
         if not forward_bad and any(not torch.isfinite(t).all() for t in ts):
             forward_bad.append(n)
+        if ts:
+            forward_absmax.append(dict(name=n, absmax=max(float(t.detach().float().abs().amax()) for t in ts)))
         for t in _tensors(args):
             if t.requires_grad:
                 t.register_hook(lambda g, n=n: record(n, g, False))
@@ -148,8 +152,8 @@ def locate_nonfinite(model, step) -> dict:
                 forward_first_nonfinite=forward_bad[0] if forward_bad else None,
                 backward_first_nonfinite=None if first is None else grads[first][0],
                 backward_last_finite_before=before, params=params,
-                backward_trail=[] if end is None else [dict(name=n, finite=ok, absmax=a)
-                                                        for n, ok, a in trail[max(0, end - 7):end + 1]])
+                backward_trail=[] if end is None else [dict(name=n, finite=ok, absmax=a) for n, ok, a in trail[:end + 1]],
+                forward_absmax=forward_absmax)
 
 
 def update_router_bias(model, counts: dict[int, torch.Tensor], speed: float):
