@@ -152,7 +152,8 @@ def locate_nonfinite(model, step) -> dict:
                 forward_first_nonfinite=forward_bad[0] if forward_bad else None,
                 backward_first_nonfinite=None if first is None else grads[first][0],
                 backward_last_finite_before=before, params=params,
-                backward_trail=[] if end is None else [dict(name=n, finite=ok, absmax=a) for n, ok, a in trail[:end + 1]],
+                backward_trail=[] if end is None else [dict(name=n, finite=ok, absmax=a)
+                                                        for n, ok, a in trail[:end + 1]],
                 forward_absmax=forward_absmax)
 
 
