@@ -240,6 +240,26 @@ def test_load_meter_adds_every_forward_since_the_last_take_into_tensors_of_its_o
     assert meter.take() == {}
 
 
+def test_load_meter_hook_compiles_without_a_graph_break():
+    """The hook runs inside compiled layers: a graph break there (bincount's data-dependent shape, a list
+    Dynamo cannot follow) splits every MoE layer's graph and recompiles each step (seen on the GPU, torch 2.11)."""
+    from molae.train.metrics import LoadMeter
+
+    meter = LoadMeter(T.build_model(tiny_config(), 512))
+    hook = meter._hook(0, 8)
+
+    def f(idx):
+        hook(None, (None, idx), None)
+        return idx + 1
+
+    idx = torch.randint(0, 8, (16, 2))
+    explained = torch._dynamo.explain(f)(idx)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    meter.discard()
+    torch.compile(f, fullgraph=True)(idx)
+    assert torch.equal(meter.take()[0], torch.bincount(idx.reshape(-1), minlength=8))
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -362,6 +382,25 @@ def test_each_decoder_layer_compiles_into_one_graph(family, section):
     cfg = tiny_config(family=family, model=DEEPSEEK_TINY if family == "deepseek_v3" else dict(TINY), molae=section)
     explained = explain_last_layer(T.build_model(cfg, 512))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_the_end_of_text_token_is_trained_and_a_window_starting_with_it_keeps_a_live_residual():
+    """Token 0 (end-of-text) as pad id made it the embedding's padding_idx: a zero row, never trained, so a
+    window starting with it carried an exactly zero residual row through every layer, whose gradient each
+    RMSNorm multiplied by 1/sqrt(eps) (ref-deepseek-v3's non-finite steps). `model.pad_token_id=0` brings that back."""
+    cfg = tiny_config(family="deepseek_v3", model=DEEPSEEK_TINY)
+    ids = torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.randint(1, 512, (2, 15))], 1)
+
+    def first_position(cfg):  # |residual| at position 0 after each layer, and token 0's embedding gradient
+        model = T.build_model(cfg, 512)
+        out = model(input_ids=ids, output_hidden_states=True)
+        out.logits.float().pow(2).mean().backward()
+        return [float(h[:, 0].abs().max()) for h in out.hidden_states], model.model.embed_tokens.weight.grad[0]
+
+    live, grad = first_position(cfg)
+    assert min(live) > 0 and grad.abs().max() > 0
+    dead, grad = first_position(T.apply_overrides(cfg, ["model.pad_token_id=0"]))
+    assert max(dead) == 0 and grad.abs().max() == 0
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
@@ -607,6 +646,8 @@ def test_the_first_nonfinite_step_is_located_where_the_backward_made_it(data_dir
     fwd = [r["name"] for r in origin["forward_absmax"]]  # every module's output magnitude, in forward order
     assert fwd[0] == "model.embed_tokens" and "lm_head" in fwd
     assert all(r["absmax"] > 0 for r in origin["forward_absmax"])
+    norms = [r for r in origin["forward_absmax"] if r["name"].endswith("layernorm")]
+    assert len(norms) == 2 * 2 and all(r["input_min_rms"] > 0 and 0 <= r["position"] < 64 for r in norms)
     assert origin["params"]["first"][0] == "model.embed_tokens.weight" and np.isfinite(summary["final_val_loss"])
 
 

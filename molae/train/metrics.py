@@ -41,9 +41,12 @@ class LoadMeter:
                 self.handles.append(m.register_forward_hook(self._hook(layer_index(name), m.n_experts)))
 
     def _hook(self, layer, E):
-        def hook(module, args, output):
+        def hook(module, args, output):  # traceable whole (bincount's shape depends on the data: a graph break)
             idx = args[1].detach().reshape(-1)
-            self.pending.setdefault(layer, []).append(torch.bincount(idx, minlength=E))
+            count_E = torch.zeros(E, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+            if layer not in self.pending:
+                self.pending[layer] = []
+            self.pending[layer].append(count_E)
         return hook
 
     def settle(self):
@@ -112,10 +115,12 @@ def locate_nonfinite(model, step) -> dict:
     magnitude (a finite value near bf16's 3.4e38 is an overflow, a small one a NaN from elsewhere), every one
     up to the first non-finite (a few hundred entries: where the magnitudes grow is where an explosion starts).
     forward_absmax: each module's largest output magnitude in forward order (an activation that explodes shows
-    there). Costs one extra step with a host sync per module, so the trainer calls it once per run, on the
-    first skipped step."""
+    there), and for norms the smallest root-mean-square of an input row with its token id and position (a norm
+    multiplies the gradient of a row by up to weight / max(rms, sqrt(eps)): a vanishing row amplifies it).
+    Costs one extra step with a host sync per module, so the trainer calls it once per run, on the first
+    skipped step."""
     names = {m: n for n, m in model.named_modules() if n}
-    forward_bad, grads, trail, forward_absmax = [], [], [], []
+    forward_bad, grads, trail, forward_absmax, token_ids = [], [], [], [], []
 
     def record(name, g, output):
         finite = bool(torch.isfinite(g).all())
@@ -127,8 +132,14 @@ def locate_nonfinite(model, step) -> dict:
         ts, n = _tensors(out), names[module]
         if not forward_bad and any(not torch.isfinite(t).all() for t in ts):
             forward_bad.append(n)
+        if isinstance(module, torch.nn.Embedding):
+            token_ids.append(args[0])
         if ts:
             forward_absmax.append(dict(name=n, absmax=max(float(t.detach().float().abs().amax()) for t in ts)))
+            if "Norm" in type(module).__name__ and args and torch.is_tensor(args[0]):  # its smallest input row
+                ms = args[0].detach().float().pow(2).mean(-1).reshape(-1)
+                i = int(ms.argmin())
+                forward_absmax[-1].update(input_min_rms=float(ms[i].sqrt()), row=i)
         for t in _tensors(args):
             if t.requires_grad:
                 t.register_hook(lambda g, n=n: record(n, g, False))
@@ -145,6 +156,11 @@ def locate_nonfinite(model, step) -> dict:
         for h in handles:
             h.remove()
     params = nonfinite_summary(model)
+    if token_ids:  # a norm's smallest row as (token id, position in its sequence)
+        flat, T = token_ids[0].reshape(-1), token_ids[0].shape[-1]
+        for r in forward_absmax:
+            if r.get("row", flat.numel()) < flat.numel():
+                r.update(token=int(flat[r["row"]]), position=r["row"] % T)
     first = next((i for i, (_, ok) in enumerate(grads) if not ok), None)
     before = None if first is None else next((n for n, ok in reversed(grads[:first]) if ok), None)
     end = next((i for i, (_, ok, _) in enumerate(trail) if not ok), None)

@@ -64,14 +64,20 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     molae = layer_spec(cfg, vocab_size)
-    kwargs = {**cfg.model, "vocab_size": vocab_size, "initializer_range": cfg.init_std, "molae": molae,
-              "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    # Token 0 is the end-of-text token (after each document). It is not the pad token: a pad id becomes the
+    # embedding's padding_idx, whose row starts at zero and is never trained. A window that began with it then
+    # carried an exactly zero residual row through every layer, and each RMSNorm multiplied that row's gradient
+    # by 1/sqrt(eps) = 1000: ref-deepseek-v3's two norms in series per layer (input, kv_a) overflowed bf16 in
+    # layer 0 (its non-finite steps, [11]). Training has no padding; --set model.pad_token_id=0 brings it back.
+    kwargs = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None, **cfg.model, "vocab_size": vocab_size,
+              "initializer_range": cfg.init_std, "molae": molae}
     aux = cfg.aux_loss_coef > 0 and FAMILIES[cfg.family].balancing == "aux-loss" and bool(molae["layers"])  # a
     # dense model (no MoE layers) has no router to balance
     kwargs.update(output_router_logits=aux, router_aux_loss_coef=cfg.aux_loss_coef)
     config = AutoConfig.for_model(f"molae_{cfg.family}", **kwargs)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = 0  # generate pads a batch with end-of-text (the embedding is not told)
     for _, m in find_experts(model):
         m.reset_parameters(cfg.init_std)
     return model

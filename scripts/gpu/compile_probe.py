@@ -6,6 +6,7 @@ with the last user frames. A model whose experts break the graph recompiles tran
 guards on layer_idx) and soon hits Dynamo's recompile limit, after which it runs eagerly."""
 
 import json
+import os
 import sys
 
 import torch
@@ -15,7 +16,7 @@ from molae.bench.generate import build
 specs = sys.argv[2:] or ["qwen3-30b-a3b:2", "deepseek-v3:1"]
 rows = []
 for spec in specs:
-    for impl in ("hf-grouped_mm", "moe", "molae"):
+    for impl in os.environ.get("PROBE_IMPLS", "hf-grouped_mm,moe,molae").split(","):
         torch._dynamo.reset()
         model = build(spec, impl, "cuda", torch.bfloat16, 0.5)
         for T in (1, 8):
