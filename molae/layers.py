@@ -499,7 +499,7 @@ class Experts(nn.Module):
         x_TD, param = _autocast(x_TD, self)
         r = Routing(self.slot(idx_TK), self.n_experts, self.groups)  # from here on, experts are slots
         gl = lambda x, w: grouped_linear(x, w, r.offs_E, backend)  # noqa: E731
-        factorized_in = self.latent.keys() & {"gate", "up"}
+        factorized_in = [k for k in ("gate", "up") if k in self.latent]  # (set ops on dict keys: a graph break in 2.11)
         x_S = r.slots_from_tokens(x_TD) if len(factorized_in) < 2 else None  # a kind kept whole reads x
         x_P = r.pairs_from_tokens(x_TD) if self.groups > 1 and factorized_in else None
 
@@ -543,7 +543,8 @@ class Experts(nn.Module):
                 return group_gemv(x_TD, param(f"{kind}_B"), s_TK, per), per
             return x_TD[:, None, :], E
 
-        if {"gate", "up"} <= self.latent.keys() and self.latent["gate"] == self.latent["up"]:  # one launch for both
+        if "gate" in self.latent and self.latent.get("up") == self.latent["gate"]:  # one launch for both (no set
+            # ops on dict keys: Dynamo 2.11 cannot compare a set with them, a graph break per layer)
             z_gate, z_up = group_gemv_pair(x_TD, param("gate_B"), param("up_B"), s_TK, per)
             per_gate = per_up = per
         else:
