@@ -6,13 +6,14 @@
 # each measurement prints a line as it ends.
 source scripts/gpu/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# GEN_IMPLS: the compiled pass's implementations (default below); MODES="compile eager" (the default order: the compiled pass, what a server runs, first) or either alone
+# MODELS: the models (default below); GEN_IMPLS: the compiled pass's implementations (default below); MODES="compile eager" (the default order: the compiled pass, what a server runs, first) or either alone
 for m in ${MODES:-compile eager}; do
   mode=; [ "$m" = eager ] || mode=--compile
   dir=$OUT/results/generate${mode:+-compile}
   # hf-batched_mm left out of the compiled pass: eager, it ran out of memory at 2048 prefill tokens (1f6f682)
   impls=(); [ -z "$mode" ] || impls=(--impls ${GEN_IMPLS:-hf-grouped_mm,moe,molae,moe/grouped,molae/grouped})
-  python3 -m molae.cli bench generate --model qwen3-30b-a3b:4 --model deepseek-v3:2 --out $dir $mode "${impls[@]}" \
-    --commit "${COMMIT:-unknown}" --command "COMMIT=${COMMIT:-unknown} MODES='${MODES:-compile eager}' GEN_IMPLS='${GEN_IMPLS:-}' bash scripts/gpu/generate.sh $*" "$@" 2>&1 \
+  models=(); for x in ${MODELS:-qwen3-30b-a3b:4 deepseek-v3:2}; do models+=(--model $x); done
+  python3 -m molae.cli bench generate "${models[@]}" --out $dir $mode "${impls[@]}" \
+    --commit "${COMMIT:-unknown}" --command "COMMIT=${COMMIT:-unknown} MODES='${MODES:-compile eager}' GEN_IMPLS='${GEN_IMPLS:-}' MODELS='${MODELS:-}' bash scripts/gpu/generate.sh $*" "$@" 2>&1 \
     | grep --line-buffered -v "Warning\|warn(" || true
 done
