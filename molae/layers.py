@@ -681,11 +681,18 @@ def group_limited(choice_TE: torch.Tensor, n_group: int, topk_group: int, rule: 
     return c_TGE.masked_fill(~keep_TG[..., None], float("-inf")).view_as(choice_TE)
 
 
+def expert_counts(idx_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[E] int64: how many routed slots each expert received. A scatter-add, not torch.bincount: bincount's
+    output shape depends on the data, which breaks a compiled graph wherever it runs."""
+    idx = idx_TK.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+
+
 def load_balancing_loss(probs_TE, idx_TK):
     """Switch-Transformer auxiliary loss E * sum_e f_e * P_e: f_e the share of routed slots
     sent to expert e, P_e its mean router probability. 1.0 when perfectly balanced."""
     E = probs_TE.shape[-1]
-    f_E = torch.bincount(idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype) / idx_TK.numel()
+    f_E = expert_counts(idx_TK, E).to(probs_TE.dtype) / idx_TK.numel()
     return E * (f_E * probs_TE.mean(0)).sum()
 
 
@@ -765,6 +772,7 @@ __all__ = [
     "SwiGLU",
     "MoE",
     "MoLAE",
+    "expert_counts",
     "load_balancing_loss",
     "multiply_out",
     "n_params",

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..expert_parallel import ExpertParallelExperts
-from ..layers import Experts
+from ..layers import Experts, expert_counts
 from ..models import find_experts, layer_index
 
 
@@ -41,12 +41,10 @@ class LoadMeter:
                 self.handles.append(m.register_forward_hook(self._hook(layer_index(name), m.n_experts)))
 
     def _hook(self, layer, E):
-        def hook(module, args, output):  # traceable whole (bincount's shape depends on the data: a graph break)
-            idx = args[1].detach().reshape(-1)
-            count_E = torch.zeros(E, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
-            if layer not in self.pending:
+        def hook(module, args, output):  # traceable whole: it runs inside the compiled layers
+            if layer not in self.pending:  # (not setdefault(...).append: Dynamo cannot follow that list)
                 self.pending[layer] = []
-            self.pending[layer].append(count_E)
+            self.pending[layer].append(expert_counts(args[1].detach(), E))
         return hook
 
     def settle(self):
@@ -159,7 +157,7 @@ def locate_nonfinite(model, step) -> dict:
     if token_ids:  # a norm's smallest row as (token id, position in its sequence)
         flat, T = token_ids[0].reshape(-1), token_ids[0].shape[-1]
         for r in forward_absmax:
-            if r.get("row", flat.numel()) < flat.numel():
+            if "row" in r and r["row"] < flat.numel():  # (a norm over other rows than the tokens': left as is)
                 r.update(token=int(flat[r["row"]]), position=r["row"] % T)
     first = next((i for i, (_, ok) in enumerate(grads) if not ok), None)
     before = None if first is None else next((n for n, ok in reversed(grads[:first]) if ok), None)
