@@ -291,6 +291,8 @@ def main(argv=None) -> int:
     fx.add_argument("--shape", action="append", choices=list(FRONTIER), default=None, help="default: both")
     fx.add_argument("--commit", required=True)
     fx.add_argument("--gpu-command", required=True)
+    fx.add_argument("--manifest", type=Path, default=None,
+                    help="the data's manifest.json: adds each run's passes over the training split")
     for q in (ref, pre, sc, fx):
         q.add_argument("--out", type=Path, default=Path("results"))
         q.add_argument("--device", required=True)
@@ -315,7 +317,7 @@ def main(argv=None) -> int:
             return
         elif a.command == "frontier":
             frontier_report(a.runs, a.shape or list(FRONTIER), a.out, a.commit, a.device, a.date, a.gpu_command,
-                            a.notes.read_text() if a.notes else "")
+                            a.notes.read_text() if a.notes else "", a.manifest)
         else:
             scaling_report(a.jsonl, a.out, a.commit, a.device, a.date, a.gpu_command)
         print(f"wrote {a.command} report under {a.out}")

@@ -3,18 +3,20 @@
 The plan (FRONTIER) is declarative: per shape, a base preset (train/config.py: frontier-nm, n = m; frontier-n4m,
 n = 4m) and named variants as `--set` overrides. Standard MoEs vary the expert count E (a shape's n/m is the
 point of having two shapes, so m stays), MoLAE varies the latent d at the base E (up+gate, and all three
-projections at one d), LatentMoE runs at one size, and the main pair (base MoE, middle MoLAE) has a second seed.
+projections at one d), LatentMoE runs at one size; the main pair (`reference` MoE, middle MoLAE) and every
+standard MoE have a second seed (the seed-1 sweep gives the slope a second, independent estimate).
 Every seed-0 run sees the same batches in the same order. Batches are a function of (seed, step), so a second
-seed draws both another initialisation and another data order: the variation a seed interval should cover.
+seed draws both another initialisation and another data order, shared by every run of that seed.
 
 run_frontier trains the variants one after another into OUT/SHAPE/NAME (a finished run is skipped, an
 interrupted one resumed), so a background job collected across GPU calls can stop anywhere and continue.
 
-fit_frontier fits validation loss = a + b ln(P) over the standard MoEs (P: non-embedding parameters; every seed
-a point) by least squares, and reads each other run's equivalent standard-MoE size P' = exp((L - a) / b) with a
-95% interval from a parametric bootstrap over the fit's covariance and the seed noise of L (estimated from the
-runs that differ only in seed). Active parameters are the same for every standard MoE of the sweep (E varies at
-fixed top-k), so they cannot be fitted against; each run's active parameters and training FLOPs are reported.
+fit_frontier fits validation loss = a_seed + b ln(P) over the standard MoEs (P: non-embedding parameters; one
+intercept per seed, since a seed's data order moves all its runs alike) by least squares, and reads each other
+run's equivalent standard-MoE size P' = exp((L - a_seed) / b), and its loss minus the reference MoE's at the same
+seeds, with 95% intervals from the fit's posterior (the residual noise drawn with its degrees of freedom).
+Active parameters are the same for every standard MoE of the sweep (E varies at fixed top-k), so they cannot be
+fitted against; each run's active parameters and training FLOPs are reported.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 FRONTIER: dict[str, dict] = {
-    "n=m": dict(base="frontier-nm", variants={
+    "n=m": dict(base="frontier-nm", reference="moe-e16", variants={
         "moe-e4": ["molae=null", "model.num_experts=4"],
         "moe-e8": ["molae=null", "model.num_experts=8"],
         "moe-e16": ["molae=null"],
@@ -38,8 +40,11 @@ FRONTIER: dict[str, dict] = {
         "latentmoe-l96": ["molae.latent_moe_dim=96", "model.num_experts=32", "model.num_experts_per_tok=4"],
         "moe-e16-seed1": ["molae=null", "seed=1"],
         "molae-d96-seed1": ["molae.latent_dim=96", "seed=1"],
+        "moe-e4-seed1": ["molae=null", "model.num_experts=4", "seed=1"],
+        "moe-e8-seed1": ["molae=null", "model.num_experts=8", "seed=1"],
+        "moe-e32-seed1": ["molae=null", "model.num_experts=32", "seed=1"],
     }),
-    "n=4m": dict(base="frontier-n4m", variants={
+    "n=4m": dict(base="frontier-n4m", reference="moe-e32", variants={
         "moe-e8": ["molae=null", "model.num_experts=8"],
         "moe-e16": ["molae=null", "model.num_experts=16"],
         "moe-e32": ["molae=null"],
@@ -51,6 +56,9 @@ FRONTIER: dict[str, dict] = {
         "latentmoe-l128": ["molae.latent_moe_dim=128", "model.num_experts=64", "model.num_experts_per_tok=8"],
         "moe-e32-seed1": ["molae=null", "seed=1"],
         "molae-d64-seed1": ["molae.latent_dim=64", "seed=1"],
+        "moe-e8-seed1": ["molae=null", "model.num_experts=8", "seed=1"],
+        "moe-e16-seed1": ["molae=null", "model.num_experts=16", "seed=1"],
+        "moe-e64-seed1": ["molae=null", "model.num_experts=64", "seed=1"],
     }),
 }
 
@@ -105,13 +113,13 @@ def base_name(name: str) -> str:
     return name.split("-seed")[0]
 
 
-def _ols(x: np.ndarray, y: np.ndarray):
-    """y = a + b x: (a, b), their covariance, the residual standard deviation."""
-    X = np.stack([np.ones_like(x), x], 1)
+def _ols(X: np.ndarray, y: np.ndarray):
+    """y = X coef + noise: coef, (X'X)^-1 (the covariance per unit noise variance), the residual standard deviation
+    and its degrees of freedom (nan and 0 when the points do not over-determine the fit)."""
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-    dof = len(x) - 2
+    dof = len(y) - X.shape[1]
     s2 = float(((y - X @ coef) ** 2).sum() / dof) if dof > 0 else float("nan")
-    return coef, s2 * np.linalg.inv(X.T @ X), math.sqrt(s2) if dof > 0 else float("nan")
+    return coef, np.linalg.pinv(X.T @ X), math.sqrt(s2) if dof > 0 else float("nan"), dof
 
 
 def seed_noise(runs: dict[str, dict]) -> tuple[float | None, int]:
@@ -124,49 +132,84 @@ def seed_noise(runs: dict[str, dict]) -> tuple[float | None, int]:
     return math.sqrt(sum((a - b) ** 2 / 2 for a, b in pairs) / len(pairs)), len(pairs)
 
 
-def fit_frontier(runs: dict[str, dict], draws: int = 20000, seed: int = 0) -> dict:
-    """The standard-MoE fit and every other variant's equivalent MoE size (module notes)."""
+def _seed(r: dict) -> int:
+    return int(r["config"]["seed"])
+
+
+def fit_frontier(runs: dict[str, dict], draws: int = 20000, seed: int = 0, reference: str | None = None) -> dict:
+    """The standard-MoE fit and every other variant's equivalent MoE size and paired difference (module notes).
+
+    loss = a_seed + b ln(P): one intercept per seed, because a seed fixes the data order (and the initial draws)
+    of every run that carries it (results/pretrain_frontier.md: both seed-1 runs of n = m's main pair land
+    0.011-0.016 below their seed-0 twins, as far apart as the sizes of the sweep). A variant's run at seed s is
+    read against a_s. The noise left after size and seed (the fit's residual sd, with dof degrees of freedom) is
+    every run's own noise; the intervals draw it from its scaled-inverse-chi-square posterior, so few degrees of
+    freedom give wide (t-like) intervals.
+    `reference` (a standard MoE of the plan): each variant's loss minus the reference's at the same seeds."""
     moe = {n: r for n, r in runs.items() if base_name(n).startswith("moe-")}
-    P = np.array([r["params"]["non_embedding"] for r in moe.values()], float)
-    L = np.array([r["final_val_loss"] for r in moe.values()], float)
     if len({base_name(n) for n in moe}) < 3:
         raise ValueError(f"the fit needs standard MoEs of at least three sizes; finished: {sorted(moe) or 'none'}")
-    coef, cov, resid = _ols(np.log(P), L)
-    sigma, n_pairs = seed_noise(runs)
+    seeds = sorted({_seed(r) for r in moe.values()})
+    X = np.array([[float(_seed(r) == s) for s in seeds] + [math.log(r["params"]["non_embedding"])]
+                  for r in moe.values()])
+    L = np.array([r["final_val_loss"] for r in moe.values()], float)
+    coef, unit_cov, resid, dof = _ols(X, L)
     rng = np.random.default_rng(seed)
-    ab = rng.multivariate_normal(coef, cov, size=draws) if np.isfinite(cov).all() else np.tile(coef, (draws, 1))
-    b_lo, b_hi = np.percentile(ab[:, 1], [2.5, 97.5])
-    out = dict(a=float(coef[0]), b=float(coef[1]), b_95=[float(b_lo), float(b_hi)], residual_sd=resid,
-               points=len(P), seed_sd=sigma, seed_pairs=n_pairs, parameter_limited=bool(b_hi < 0), equivalents={})
+    if dof > 0:  # sigma | data ~ resid * sqrt(dof / chi2(dof)); coef | sigma ~ N(coef, sigma^2 (X'X)^-1)
+        sig = resid * np.sqrt(dof / rng.chisquare(dof, size=draws))
+        coefs = coef + sig[:, None] * (rng.standard_normal((draws, len(coef))) @ np.linalg.cholesky(
+            unit_cov + 1e-12 * np.eye(len(coef))).T)
+    else:
+        sig, coefs = np.zeros(draws), np.tile(coef, (draws, 1))
+    a_of = dict(zip(seeds, range(len(seeds))))
+    b_lo, b_hi = np.percentile(coefs[:, -1], [2.5, 97.5])
+    seed_sd, n_pairs = seed_noise(runs)
+    out = dict(a={str(s): float(coef[i]) for s, i in a_of.items()}, b=float(coef[-1]), b_95=[float(b_lo), float(b_hi)],
+               residual_sd=resid, dof=dof, points=len(L), seed_sd=seed_sd, seed_pairs=n_pairs,
+               parameter_limited=bool(b_hi < 0), reference=reference, equivalents={})
     for name in dict.fromkeys(base_name(n) for n in runs if not base_name(n).startswith("moe-")):
-        seeds = [r for n, r in runs.items() if base_name(n) == name]
-        loss = float(np.mean([r["final_val_loss"] for r in seeds]))
-        Ls = loss + (sigma or 0.0) / math.sqrt(len(seeds)) * rng.standard_normal(draws)
-        lnP = (Ls - ab[:, 0]) / ab[:, 1]
-        p = seeds[0]["params"]["non_embedding"]
-        eq = math.exp((loss - coef[0]) / coef[1])
+        own = [r for n, r in runs.items() if base_name(n) == name and _seed(r) in a_of]
+        if not own:
+            continue  # no standard MoE at its seeds: nothing to read it against
+        Ls = np.array([r["final_val_loss"] for r in own])
+        idx = [a_of[_seed(r)] for r in own]
+        lnP_hat = float(np.mean((Ls - coef[idx]) / coef[-1]))
+        noisy = Ls[None, :] + sig[:, None] * rng.standard_normal((draws, len(own)))
+        lnP = ((noisy - coefs[:, idx]) / coefs[:, -1:]).mean(1)
+        p = own[0]["params"]["non_embedding"]
+        eq = math.exp(lnP_hat)
         lo, hi = np.exp(np.percentile(lnP, [2.5, 97.5]))
-        out["equivalents"][name] = dict(loss=loss, seeds=len(seeds), params=p, equivalent=eq,
-                                        equivalent_95=[float(lo), float(hi)], ratio=eq / p,
-                                        ratio_95=[float(lo) / p, float(hi) / p])
+        e = dict(loss=float(Ls.mean()), seeds=len(own), params=p, equivalent=eq, equivalent_95=[float(lo), float(hi)],
+                 ratio=eq / p, ratio_95=[float(lo) / p, float(hi) / p])
+        ref = {_seed(r): r["final_val_loss"] for n, r in runs.items() if base_name(n) == reference}
+        diffs = [r["final_val_loss"] - ref[_seed(r)] for r in own if _seed(r) in ref]
+        if diffs:  # each difference carries two runs' noise; the mean over k seeds sqrt(2 / k) of one's
+            d = float(np.mean(diffs))
+            spread = sig * math.sqrt(2 / len(diffs)) * rng.standard_normal(draws)
+            e["vs_reference"] = dict(diff=d, per_seed=diffs, diff_95=[float(d + v) for v in
+                                                                      np.percentile(spread, [2.5, 97.5])])
+        out["equivalents"][name] = e
     return out
 
 
 def frontier_report(out: Path, shapes: list[str], dest: Path, commit: str, device: str, date: str,
-                    command: str, notes: str = "") -> dict:
-    """pretrain_frontier.{json,md,png} under dest from the finished runs under out."""
+                    command: str, notes: str = "", manifest: Path | None = None) -> dict:
+    """pretrain_frontier.{json,md,png} under dest from the finished runs under out; `manifest` (the data's
+    manifest.json) adds each run's passes over the training split."""
     from .checkpoint import write_json_atomically, write_text_atomically
 
-    result = dict(commit=commit, device=device, date=date, command=command, shapes={})
+    train_tokens = json.loads(Path(manifest).read_text())["tokens"]["train"] if manifest else None
+    result = dict(commit=commit, device=device, date=date, command=command, train_tokens=train_tokens, shapes={})
     for shape in shapes:
         runs = load_runs(out, shape)
         rows = {n: dict(params=r["params"], tokens=r["tokens"],
                         tokens_per_param=r["tokens"] / r["params"]["non_embedding"], final_val_loss=r["final_val_loss"],
                         train_flops=r["train_flops"], tokens_per_s=r["tokens_per_s"],
                         peak_memory_gb=r.get("peak_memory_gb"), skipped_steps=r.get("skipped_steps", 0),
-                        seed=r["config"]["seed"]) for n, r in runs.items()}
+                        seed=r["config"]["seed"], passes=r["tokens"] / train_tokens if train_tokens else None)
+                for n, r in runs.items()}
         try:
-            fit = fit_frontier(runs)
+            fit = fit_frontier(runs, reference=FRONTIER[shape].get("reference"))
         except ValueError as e:
             fit = dict(error=str(e))
         result["shapes"][shape] = dict(base=FRONTIER[shape]["base"], runs=rows, fit=fit)
@@ -184,32 +227,39 @@ def frontier_markdown(result: dict) -> str:
              ""]
     for shape, s in result["shapes"].items():
         lines += [f"## {shape} (`{s['base']}`)", "",
-                  "| run | non-emb params | active | tokens / non-emb param | val loss | train FLOPs | tokens/s | "
-                  "peak GB | skipped |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| run | non-emb params | active | tokens / non-emb param | passes over the data | val loss | "
+                  "train FLOPs | tokens/s | peak GB | skipped |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n, r in sorted(s["runs"].items(), key=lambda kv: kv[1]["params"]["non_embedding"]):
             gb = "" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
+            passes = "" if r.get("passes") is None else f"{r['passes']:.2f}"
             lines.append(f"| {n} | {r['params']['non_embedding'] / 1e6:.2f}M | {r['params']['active'] / 1e6:.2f}M | "
-                         f"{r['tokens_per_param']:.0f} | {r['final_val_loss']:.4f} | {r['train_flops']:.3g} | "
+                         f"{r['tokens_per_param']:.0f} | {passes} | "
+                         f"{r['final_val_loss']:.4f} | {r['train_flops']:.3g} | "
                          f"{r['tokens_per_s']:,.0f} | {gb} | {r['skipped_steps']} |")
         f = s["fit"]
         if "error" in f:
             lines += ["", f"No fit: {f['error']}.", ""]
             continue
-        noise = (f"seed noise {f['seed_sd']:.4f} nats (from {f['seed_pairs']} pair(s) of seeds)" if f["seed_sd"]
-                 is not None else "no seed pairs: the intervals hold the fit's error only")
-        lines += ["", f"Fit over the standard MoEs ({f['points']} runs): loss = {f['a']:.4f} "
-                  f"{'-' if f['b'] < 0 else '+'} {abs(f['b']):.4f} ln(P), "
-                  f"b 95% [{f['b_95'][0]:.4f}, {f['b_95'][1]:.4f}], residual sd {f['residual_sd']:.4f}; {noise}. "
+        noise = (f"seed noise {f['seed_sd']:.4f} nats (pooled from {f['seed_pairs']} pair(s) of seeds, shared by "
+                 "every run of a seed, so the fit takes it out)" if f["seed_sd"] is not None else "one seed")
+        icpt = ", ".join(f"a_{s_} = {a:.4f}" for s_, a in f["a"].items())
+        ref = f.get("reference")
+        lines += ["", f"Fit over the standard MoEs ({f['points']} runs): loss = a_seed "
+                  f"{'-' if f['b'] < 0 else '+'} {abs(f['b']):.4f} ln(P) ({icpt}), "
+                  f"b 95% [{f['b_95'][0]:.4f}, {f['b_95'][1]:.4f}], residual sd {f['residual_sd']:.4f} "
+                  f"({f['dof']} degrees of freedom); {noise}. "
                   f"Parameter-limited (b's interval below zero: larger MoEs lower the loss): "
                   f"{'yes' if f['parameter_limited'] else 'no'}.", "",
                   "| run | non-emb params | val loss (seeds) | equivalent standard MoE [95%] | "
-                  "equivalent / own params |",
-                  "|---|---:|---:|---:|---:|"]
+                  f"equivalent / own params | loss - {ref or 'reference'} at the same seeds [95%] |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for n, e in f["equivalents"].items():
             lo, hi = (v / 1e6 for v in e["equivalent_95"])
+            v = e.get("vs_reference")
+            vs = (f"{v['diff']:+.4f} [{v['diff_95'][0]:+.4f}, {v['diff_95'][1]:+.4f}]" if v else "")
             lines.append(f"| {n} | {e['params'] / 1e6:.2f}M | {e['loss']:.4f} ({e['seeds']}) | "
                          f"{e['equivalent'] / 1e6:.2f}M [{lo:.2f}, {hi:.2f}] | {e['ratio']:.2f}x "
-                         f"[{e['ratio_95'][0]:.2f}, {e['ratio_95'][1]:.2f}] |")
+                         f"[{e['ratio_95'][0]:.2f}, {e['ratio_95'][1]:.2f}] | {vs} |")
         lines += ["", "A ratio above 1 whose interval excludes 1: the run matches a standard MoE larger than itself "
                   "(it saves parameters at equal loss); below 1: it needs more.", ""]
     return "\n".join(lines) + "\n"
@@ -220,6 +270,7 @@ def plot_frontier(result: dict, path: Path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     shapes = list(result["shapes"].items())
     fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 4.5), squeeze=False)
@@ -227,13 +278,16 @@ def plot_frontier(result: dict, path: Path):
         for n, r in s["runs"].items():
             moe = base_name(n).startswith("moe-")
             ax.plot(r["params"]["non_embedding"] / 1e6, r["final_val_loss"], "ks" if moe else "o", ms=6,
-                    label=None if moe else n)
+                    mfc="none" if moe and r["seed"] else None, label=None if moe else n)  # open: seed 1
         f = s["fit"]
         if "error" not in f:
             P = np.geomspace(min(r["params"]["non_embedding"] for r in s["runs"].values()),
                              max(r["params"]["non_embedding"] for r in s["runs"].values()), 50)
-            ax.plot(P / 1e6, f["a"] + f["b"] * np.log(P), "k--", lw=1, label="standard MoE fit")
+            for (s_, a), style in zip(f["a"].items(), ["k--", "k:", "k-."]):
+                ax.plot(P / 1e6, a + f["b"] * np.log(P), style, lw=1, label=f"standard MoE fit, seed {s_}")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("non-embedding parameters (M)")
         ax.set_ylabel("validation loss")
         ax.set_title(f"{shape} ({s['base']})")

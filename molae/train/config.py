@@ -220,14 +220,15 @@ PRESETS: dict[str, TrainConfig] = {
                                       steps=4000, lr=1e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
                                       compile=True),
     # [11] the loss-against-parameters frontier (experiments.FRONTIER varies E and sets `molae`), small enough
-    # for 13-80 tokens per non-embedding parameter at the default 6000 steps (197M tokens): n = m (16 experts of
-    # 192 x 192, top-2: 7.7M non-embedding) and n = 4m (DeepSeek-V3 has n = 3.5m: 32 experts of 64 x 256, top-4:
-    # 7.3M).
+    # for 11-69 tokens per non-embedding parameter at the default 2500 steps of 128 x 512 (164M tokens, 1.6 passes
+    # over the 104M-token corpus): n = m (16 experts of 192 x 192, top-2: 7.7M non-embedding) and n = 4m
+    # (DeepSeek-V3 has n = 3.5m: 32 experts of 64 x 256, top-4: 7.3M). 128 rows a step, not 64: these models
+    # leave the GPU idle most of a 64-row step (results/profile/profile.md), so twice the rows cost little more.
     "frontier-nm": TrainConfig(name="frontier-nm", family="qwen2_moe", model=_qwen2_moe(192, 4, 4, 16, 2, 192, 0),
-                               seq_len=512, batch_size=64, steps=6000, lr=2e-3, warmup=200, log_every=50,
+                               seq_len=512, batch_size=128, steps=2500, lr=2e-3, warmup=200, log_every=50,
                                eval_every=1000, ckpt_every=1000, compile=True),
     "frontier-n4m": TrainConfig(name="frontier-n4m", family="qwen2_moe", model=_qwen2_moe(256, 4, 4, 32, 4, 64, 0),
-                                seq_len=512, batch_size=64, steps=6000, lr=2e-3, warmup=200, log_every=50,
+                                seq_len=512, batch_size=128, steps=2500, lr=2e-3, warmup=200, log_every=50,
                                 eval_every=1000, ckpt_every=1000, compile=True),
     # The pretraining comparison's base (results/pretrain.md): n = m, 16 experts, top-2; variants set `molae`.
     "pretrain-moe": TrainConfig(name="pretrain-moe", family="qwen2_moe", model=_qwen2_moe(512, 6, 8, 16, 2, 512, 0),

@@ -1,6 +1,8 @@
 # [11] The pretraining frontier (molae/frontier.py's plan), one background job collected across GPU calls:
 #   COMMIT=<sha> bash scripts/gpu/bg.sh start frontier bash scripts/gpu/frontier.sh [STEPS [SHAPES...]]
-#   WAIT=540 bash scripts/gpu/bg.sh wait frontier        (later calls, while the machine stays warm)
+#   WAIT=540 bash scripts/gpu/bg.sh wait frontier        (later calls, while the machine stays warm; one frontier.tgz)
+# FROM=DIR (e.g. results/frontier/runs, which travels with the checkout): runs finished in an earlier session are
+# copied in first and so skipped; only the plan's other variants train.
 # Each variant in plan order (standard MoEs first, so a partial job still gives a fit), STEPS steps of 64 x 512
 # tokens (default the presets' 6000: 197M tokens); after each, its summary.json and log.jsonl land in
 # $OUT/runs/SHAPE/VARIANT (the checkpoints stay on the machine). A finished run is skipped if the job is started
@@ -15,9 +17,10 @@ set +e  # a background job: a failed variant should not stop the ones after it
 STEPS=${1:-6000}; shift || true
 SHAPES=("$@"); [ ${#SHAPES[@]} -gt 0 ] || SHAPES=("n=m" "n=4m")
 R=/tmp/frontier-runs
+[ -z "${FROM:-}" ] || { mkdir -p $R && cp -rn "$FROM"/. $R/; }
 [ -f $DATA/manifest.json ] || prepare_data results/data/tokenizer 2>&1 | tail -1
 cp $DATA/manifest.json $OUT/manifest.json
-PARALLEL=${PARALLEL:-4}; echo "$PARALLEL variants at a time on one GPU; overrides: ${SET:-none}" > $OUT/parallel.txt
+PARALLEL=${PARALLEL:-4}; echo "$PARALLEL variants at a time on one GPU; overrides: ${SET:-none}; earlier runs from: ${FROM:-none}" > $OUT/parallel.txt
 run_one() {  # SHAPE VARIANT
   local dir=${1/=/}
   python3 -m molae.experiments frontier-run "$1" --data $DATA --runs $R --steps $STEPS --only $2 "${SETS[@]}" --no-progress \
