@@ -307,11 +307,13 @@ def test_cudnn_attention_is_off_while_training_unless_asked_and_restored_after(c
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
-@pytest.mark.parametrize("scope", ["layer", "model"])
+@pytest.mark.parametrize("scope", ["layer", pytest.param("model", marks=pytest.mark.slow)])
 def test_compiled_training_follows_the_eager_loss_curve(scope, data_dir, tmp_path):
     """`compile` (each decoder layer or the whole model, and the loss) trains as eager does: the same seed and
     batches give the same losses within bfloat16's rounding, in bfloat16 autocast (the grouped_mm path; CPU
-    compilation takes bfloat16)."""
+    compilation takes bfloat16). The whole-model scope (opt-in, not the default) is `slow`: its graphs are
+    checked by test_the_whole_model_compiles_into_at_most_two_graphs, and its minute of CPU compilation kept CI
+    over its 15 minutes."""
     cfg = tiny_config(steps=4, eval_every=4, ckpt_every=4, log_every=1, dtype="bfloat16")
     T.train(cfg, data_dir, tmp_path / "eager", progress=False)
     T.train(replace(cfg, compile=True, compile_scope=scope), data_dir, tmp_path / "compiled", progress=False)
@@ -537,8 +539,8 @@ def test_fsdp2_two_gloo_processes_match_one_process_with_accumulation(data_dir, 
                          ids=["standard", "molae-g2"])
 def test_expert_parallel_training_matches_one_process(data_dir, tmp_path, section):
     """--ep 2 in two gloo processes (each MoE layer's experts split over them, FSDP2 for the rest) reproduces one
-    process with grad_accum 2, step for step within 1e-4 relative in float32; also across an EP checkpoint and
-    --resume; the exported model holds every expert."""
+    process with grad_accum 2, step for step within 1e-4 relative in float32 (for the latent layer also across an
+    EP checkpoint and --resume); the exported model holds every expert."""
     cfg = write_config(tmp_path / "cfg.json", steps=6, ckpt_every=3, eval_every=6, molae=section)
     two_processes(cfg, data_dir, tmp_path / "ep", "--ep", 2)
     r = cli("train", "--config", cfg, "--data", data_dir, "--out", tmp_path / "one", "--grad-accum", "2", "--no-progress")
@@ -557,6 +559,8 @@ def test_expert_parallel_training_matches_one_process(data_dir, tmp_path, sectio
     assert saved.keys() == ref.keys()
     for k in saved:
         assert saved[k].shape == ref[k].shape, k
+    if section is None:
+        return  # resuming an EP checkpoint: once, on the layer with the most to gather (latent, 2 groups)
     part = tmp_path / "part"
     two_processes(cfg, data_dir, part, "--ep", 2, "--steps", 3)
     two_processes(cfg, data_dir, part, "--ep", 2, "--resume")
