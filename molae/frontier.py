@@ -102,10 +102,15 @@ def run_frontier(shape: str, data, out: Path, steps: int | None = None, only: li
 
 
 def load_runs(out: Path, shape: str) -> dict[str, dict]:
-    """{variant: summary.json} of the finished runs under out/SHAPE/."""
+    """{variant: summary.json} of the finished runs under out/SHAPE/, each with `load_imbalance`: the last
+    logged mean over MoE layers of the busiest expert's load over the mean load (None without a log)."""
+    from .train import read_log
+
     runs = {}
     for p in sorted((Path(out) / shape_dir(shape)).glob("*/summary.json")):
-        runs[p.parent.name] = json.loads(p.read_text())
+        log = p.parent / "log.jsonl"
+        loads = [r["load_imbalance"] for r in read_log(log) if r.get("load_imbalance")] if log.exists() else []
+        runs[p.parent.name] = {**json.loads(p.read_text()), "load_imbalance": loads[-1] if loads else None}
     return runs
 
 
@@ -206,7 +211,8 @@ def frontier_report(out: Path, shapes: list[str], dest: Path, commit: str, devic
                         tokens_per_param=r["tokens"] / r["params"]["non_embedding"], final_val_loss=r["final_val_loss"],
                         train_flops=r["train_flops"], tokens_per_s=r["tokens_per_s"],
                         peak_memory_gb=r.get("peak_memory_gb"), skipped_steps=r.get("skipped_steps", 0),
-                        seed=r["config"]["seed"], passes=r["tokens"] / train_tokens if train_tokens else None)
+                        seed=r["config"]["seed"], passes=r["tokens"] / train_tokens if train_tokens else None,
+                        load_imbalance=r.get("load_imbalance"))
                 for n, r in runs.items()}
         try:
             fit = fit_frontier(runs, reference=FRONTIER[shape].get("reference"))
@@ -228,13 +234,15 @@ def frontier_markdown(result: dict) -> str:
     for shape, s in result["shapes"].items():
         lines += [f"## {shape} (`{s['base']}`)", "",
                   "| run | non-emb params | active | tokens / non-emb param | passes over the data | val loss | "
-                  "train FLOPs | tokens/s | peak GB | skipped |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "busiest expert / mean load | train FLOPs | tokens/s | peak GB | skipped |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n, r in sorted(s["runs"].items(), key=lambda kv: kv[1]["params"]["non_embedding"]):
             gb = "" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
             passes = "" if r.get("passes") is None else f"{r['passes']:.2f}"
+            load = "" if r.get("load_imbalance") is None else f"{r['load_imbalance']:.2f}"
             lines.append(f"| {n} | {r['params']['non_embedding'] / 1e6:.2f}M | {r['params']['active'] / 1e6:.2f}M | "
                          f"{r['tokens_per_param']:.0f} | {passes} | "
-                         f"{r['final_val_loss']:.4f} | {r['train_flops']:.3g} | "
+                         f"{r['final_val_loss']:.4f} | {load} | {r['train_flops']:.3g} | "
                          f"{r['tokens_per_s']:,.0f} | {gb} | {r['skipped_steps']} |")
         f = s["fit"]
         if "error" in f:

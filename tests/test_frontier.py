@@ -97,5 +97,8 @@ def test_a_tiny_frontier_trains_resumes_and_reports(data_dir, tmp_path, monkeypa
     train_tokens = json.loads((data_dir / "manifest.json").read_text())["tokens"]["train"]
     r = result["shapes"]["tiny"]["runs"]["moe-e2"]
     assert r["passes"] == runs["moe-e2"]["tokens"] / train_tokens and f"| {r['passes']:.2f} |" in md
+    last = [x["load_imbalance"] for x in map(json.loads, (tmp_path / "runs" / "tiny" / "moe-e2" / "log.jsonl")
+                                             .read_text().splitlines()) if x.get("load_imbalance")][-1]
+    assert r["load_imbalance"] == last >= 1.0 and f"| {last:.2f} |" in md  # the busiest expert's share, last logged
     assert f"{abs(fit['b']):.4f} ln(P)" in md and "| molae-d8 |" in md and "Commit `abc`" in md
     assert (tmp_path / "res" / "pretrain_frontier.png").stat().st_size > 0
