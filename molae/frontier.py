@@ -141,6 +141,40 @@ def _seed(r: dict) -> int:
     return int(r["config"]["seed"])
 
 
+def _posterior(coef, unit_cov, resid: float, dof: int, draws: int, rng):
+    """Draws of (noise sd [draws], coefficients [draws, p]) of a least-squares fit: sigma ~ resid sqrt(dof /
+    chi2(dof)), coef | sigma ~ N(coef, sigma^2 (X'X)^-1); the point fit itself, noise 0, without dof."""
+    if dof <= 0:
+        return np.zeros(draws), np.tile(coef, (draws, 1))
+    sig = resid * np.sqrt(dof / rng.chisquare(dof, size=draws))
+    chol = np.linalg.cholesky(unit_cov + 1e-12 * np.eye(len(coef)))
+    return sig, coef + sig[:, None] * (rng.standard_normal((draws, len(coef))) @ chol.T)
+
+
+def _equivalent(own: list[dict], coef, sig, coefs, a_of: dict, rng) -> dict:
+    """A variant's equivalent standard-MoE size from its runs `own` (each read against its seed's intercept,
+    ln P' averaged over seeds), with the 95% interval of the posterior draws (the fit's, and each run's noise)."""
+    Ls = np.array([r["final_val_loss"] for r in own])
+    idx = [a_of[_seed(r)] for r in own]
+    eq = math.exp(float(np.mean((Ls - coef[idx]) / coef[-1])))
+    noisy = Ls[None, :] + sig[:, None] * rng.standard_normal((len(sig), len(own)))
+    lo, hi = np.exp(np.percentile(((noisy - coefs[:, idx]) / coefs[:, -1:]).mean(1), [2.5, 97.5]))
+    p = own[0]["params"]["non_embedding"]
+    return dict(loss=float(Ls.mean()), seeds=len(own), params=p, equivalent=eq, equivalent_95=[float(lo), float(hi)],
+                ratio=eq / p, ratio_95=[float(lo) / p, float(hi) / p])
+
+
+def _against(own: list[dict], ref: dict[int, float], sig, rng) -> dict | None:
+    """Loss minus the reference's at each shared seed, their mean and its 95% interval (a difference carries two
+    runs' noise; the mean over k seeds sqrt(2 / k) of one run's); None without a shared seed."""
+    diffs = [r["final_val_loss"] - ref[_seed(r)] for r in own if _seed(r) in ref]
+    if not diffs:
+        return None
+    d = float(np.mean(diffs))
+    lo, hi = np.percentile(sig * math.sqrt(2 / len(diffs)) * rng.standard_normal(len(sig)), [2.5, 97.5])
+    return dict(diff=d, per_seed=diffs, diff_95=[d + float(lo), d + float(hi)])
+
+
 def fit_frontier(runs: dict[str, dict], draws: int = 20000, seed: int = 0, reference: str | None = None) -> dict:
     """The standard-MoE fit and every other variant's equivalent MoE size and paired difference (module notes).
 
@@ -155,44 +189,25 @@ def fit_frontier(runs: dict[str, dict], draws: int = 20000, seed: int = 0, refer
     if len({base_name(n) for n in moe}) < 3:
         raise ValueError(f"the fit needs standard MoEs of at least three sizes; finished: {sorted(moe) or 'none'}")
     seeds = sorted({_seed(r) for r in moe.values()})
+    a_of = {s: i for i, s in enumerate(seeds)}  # seed -> its intercept's column
     X = np.array([[float(_seed(r) == s) for s in seeds] + [math.log(r["params"]["non_embedding"])]
                   for r in moe.values()])
-    L = np.array([r["final_val_loss"] for r in moe.values()], float)
-    coef, unit_cov, resid, dof = _ols(X, L)
+    coef, unit_cov, resid, dof = _ols(X, np.array([r["final_val_loss"] for r in moe.values()], float))
     rng = np.random.default_rng(seed)
-    if dof > 0:  # sigma | data ~ resid * sqrt(dof / chi2(dof)); coef | sigma ~ N(coef, sigma^2 (X'X)^-1)
-        sig = resid * np.sqrt(dof / rng.chisquare(dof, size=draws))
-        coefs = coef + sig[:, None] * (rng.standard_normal((draws, len(coef))) @ np.linalg.cholesky(
-            unit_cov + 1e-12 * np.eye(len(coef))).T)
-    else:
-        sig, coefs = np.zeros(draws), np.tile(coef, (draws, 1))
-    a_of = dict(zip(seeds, range(len(seeds))))
+    sig, coefs = _posterior(coef, unit_cov, resid, dof, draws, rng)
     b_lo, b_hi = np.percentile(coefs[:, -1], [2.5, 97.5])
     seed_sd, n_pairs = seed_noise(runs)
     out = dict(a={str(s): float(coef[i]) for s, i in a_of.items()}, b=float(coef[-1]), b_95=[float(b_lo), float(b_hi)],
-               residual_sd=resid, dof=dof, points=len(L), seed_sd=seed_sd, seed_pairs=n_pairs,
+               residual_sd=resid, dof=dof, points=len(moe), seed_sd=seed_sd, seed_pairs=n_pairs,
                parameter_limited=bool(b_hi < 0), reference=reference, equivalents={})
+    ref = {_seed(r): r["final_val_loss"] for n, r in runs.items() if base_name(n) == reference}
     for name in dict.fromkeys(base_name(n) for n in runs if not base_name(n).startswith("moe-")):
         own = [r for n, r in runs.items() if base_name(n) == name and _seed(r) in a_of]
         if not own:
             continue  # no standard MoE at its seeds: nothing to read it against
-        Ls = np.array([r["final_val_loss"] for r in own])
-        idx = [a_of[_seed(r)] for r in own]
-        lnP_hat = float(np.mean((Ls - coef[idx]) / coef[-1]))
-        noisy = Ls[None, :] + sig[:, None] * rng.standard_normal((draws, len(own)))
-        lnP = ((noisy - coefs[:, idx]) / coefs[:, -1:]).mean(1)
-        p = own[0]["params"]["non_embedding"]
-        eq = math.exp(lnP_hat)
-        lo, hi = np.exp(np.percentile(lnP, [2.5, 97.5]))
-        e = dict(loss=float(Ls.mean()), seeds=len(own), params=p, equivalent=eq, equivalent_95=[float(lo), float(hi)],
-                 ratio=eq / p, ratio_95=[float(lo) / p, float(hi) / p])
-        ref = {_seed(r): r["final_val_loss"] for n, r in runs.items() if base_name(n) == reference}
-        diffs = [r["final_val_loss"] - ref[_seed(r)] for r in own if _seed(r) in ref]
-        if diffs:  # each difference carries two runs' noise; the mean over k seeds sqrt(2 / k) of one's
-            d = float(np.mean(diffs))
-            spread = sig * math.sqrt(2 / len(diffs)) * rng.standard_normal(draws)
-            e["vs_reference"] = dict(diff=d, per_seed=diffs, diff_95=[float(d + v) for v in
-                                                                      np.percentile(spread, [2.5, 97.5])])
+        e = _equivalent(own, coef, sig, coefs, a_of, rng)
+        if (v := _against(own, ref, sig, rng)) is not None:
+            e["vs_reference"] = v
         out["equivalents"][name] = e
     return out
 
