@@ -1,0 +1,75 @@
+"""[12] Where a compiled decode step's time goes, per implementation: python3 scripts/gpu/decode_probe.py OUT.json
+[SPEC] (default qwen3-30b-a3b:4; bench generate's NAME:LAYERS, or a saved model's path).
+
+`molae bench generate --compile` measured MoLAE decoding at batch 1 slower than our standard experts (541 against
+646 tokens/s at Qwen3-30B-A3B:4, 8596ade) although it reads fewer bytes. For each implementation (PROBE_IMPLS,
+default moe,molae) this runs bench generate's compiled greedy decode (static cache, reduce-overhead) until its speed
+settles, then profiles one more generate call and reports per decode step: wall time, device time, the launches
+the host made (CUDA graph replays against single kernels: what tells whether the step ran as one graph) and the
+kernels by device time. With TORCH_LOGS=perf_hints (decode_probe.sh) Inductor says in the log when and why it
+skipped CUDA graphs."""
+
+import json
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from molae.bench.generate import build, settle
+
+LAUNCHES = ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def generate(model, ids, new: int, compile_: bool):
+    return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                          cache_implementation="static", disable_compile=not compile_)
+
+
+def probe(spec: str, impl: str, device: str, new: int = 33) -> dict:
+    torch._dynamo.reset()  # each implementation compiles from scratch (as bench generate does)
+    model = build(spec, impl, device, torch.bfloat16, 0.5)
+    ids = torch.randint(1, model.config.vocab_size, (1, 32), device=device)
+    compile_ = device == "cuda"
+    with torch.no_grad():
+        warm = settle(lambda: generate(model, ids, new, compile_))
+        sync = torch.cuda.synchronize if compile_ else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        generate(model, ids, new, compile_)
+        sync()
+        wall = time.perf_counter() - t0
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if compile_ else [])
+        with profile(activities=acts) as prof:
+            generate(model, ids, new, compile_)
+            sync()
+    events = prof.key_averages()
+    steps = new - 1  # decode steps after the prompt's forward (which the counts below include once)
+    launches = {e.key: e.count for e in events if e.key in LAUNCHES}
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: -e.self_device_time_total)
+    device_us = sum(e.self_device_time_total for e in kernels)
+    row = dict(model=spec, impl=impl, new_tokens=new, warmup_calls=warm, wall_ms_per_token=wall / new * 1e3,
+               device_ms_per_token=device_us / new / 1e3, launches_per_token={k: v / new for k, v in launches.items()},
+               top_kernels=[dict(name=e.key[:120], calls_per_token=e.count / new,
+                                 us_per_token=e.self_device_time_total / new) for e in kernels[:15]],
+               params=sum(p.numel() for p in model.parameters()), torch=torch.__version__, steps=steps)
+    return row  # the model goes with this frame
+
+
+if __name__ == "__main__":
+    out, spec = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "qwen3-30b-a3b:4")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for impl in os.environ.get("PROBE_IMPLS", "moe,molae").split(","):
+        rows.append(probe(spec, impl, device))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        r = rows[-1]
+        print(f"{spec} {impl}: {r['wall_ms_per_token']:.3f} ms/token wall, {r['device_ms_per_token']:.3f} on the "
+              f"device; launches/token {json.dumps({k: round(v, 1) for k, v in r['launches_per_token'].items()})}",
+              flush=True)
+        for k in r["top_kernels"][:8]:
+            print(f"  {k['us_per_token']:8.1f} us/token  {k['calls_per_token']:6.1f}/token  {k['name']}", flush=True)
+    json.dump(rows, open(out, "w"), indent=1)
