@@ -226,7 +226,7 @@ def frontier_report(out: Path, shapes: list[str], dest: Path, commit: str, devic
                         tokens_per_param=r["tokens"] / r["params"]["non_embedding"], final_val_loss=r["final_val_loss"],
                         train_flops=r["train_flops"], tokens_per_s=r["tokens_per_s"],
                         peak_memory_gb=r.get("peak_memory_gb"), skipped_steps=r.get("skipped_steps", 0),
-                        seed=r["config"]["seed"], passes=r["tokens"] / train_tokens if train_tokens else None,
+                        seed=_seed(r), passes=r["tokens"] / train_tokens if train_tokens else None,
                         load_imbalance=r.get("load_imbalance"))
                 for n, r in runs.items()}
         try:

@@ -13,10 +13,6 @@ from molae.train import PRESETS
 from test_train import data_dir, tiny_config  # noqa: F401  (the session's prepared corpus)
 
 
-def _seed(r):
-    return r["config"]["seed"]
-
-
 def summary(P, loss, seed=0):
     return dict(params=dict(non_embedding=P, active=P // 4, total=P + 1000), final_val_loss=loss, tokens=10 * P,
                 train_flops=1e12, tokens_per_s=1e5, config=dict(seed=seed))
@@ -44,7 +40,7 @@ def test_fit_recovers_a_planted_frontier_and_reads_equivalent_sizes():
     assert v["diff_95"][0] < v["diff"] < v["diff_95"][1] < 0
     pooled = FR.fit_frontier({n: {**r, "config": dict(seed=0)} for n, r in runs.items()})  # the shift as noise
     assert pooled["residual_sd"] > 5 * fit["residual_sd"]
-    flat = {n: summary(r["params"]["non_embedding"], 3.0 + 0.001 * (-1) ** i, _seed(r))
+    flat = {n: summary(r["params"]["non_embedding"], 3.0 + 0.001 * (-1) ** i, FR._seed(r))
             for i, (n, r) in enumerate(runs.items()) if n.startswith("moe-")}
     assert not FR.fit_frontier(flat)["parameter_limited"]  # no gain from size: not the regime the issue asks for
     with pytest.raises(ValueError, match="at least three sizes"):

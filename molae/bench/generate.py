@@ -134,6 +134,13 @@ class StepClock:
         return scores
 
 
+def greedy(model, ids, new: int, compile_: bool, **kwargs):
+    """Exactly `new` greedy tokens after ids through transformers' generate with a static cache; compile_:
+    generate compiles its decode step (CompileConfig's reduce-overhead), else it is kept eager."""
+    return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                          cache_implementation="static", disable_compile=not compile_, **kwargs)
+
+
 def time_decode(model, B: int, new: int, device, compile_: bool = False, repeats: int = 3,
                 prompt: int = 32) -> tuple[dict, torch.Tensor]:
     """Greedy generate with a static cache: decode tokens/s from the first generated token to the last (see the
@@ -146,9 +153,7 @@ def time_decode(model, B: int, new: int, device, compile_: bool = False, repeats
 
     def run():  # (seconds of the new - 1 decode steps, the output)
         clock = StepClock(device)
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             cache_implementation="static", disable_compile=not compile_,
-                             logits_processor=LogitsProcessorList([clock]))
+        out = greedy(model, ids, new, compile_, logits_processor=LogitsProcessorList([clock]))
         assert len(clock.times) == new, (len(clock.times), new)
         return clock.times[-1] - clock.times[0], out
 

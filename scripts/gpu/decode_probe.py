@@ -17,14 +17,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from molae.bench.generate import build, settle
+from molae.bench.generate import build, greedy, settle
+from molae.bench.layer import _sync
 
 LAUNCHES = ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
-
-
-def generate(model, ids, new: int, compile_: bool):
-    return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                          cache_implementation="static", disable_compile=not compile_)
 
 
 def probe(spec: str, impl: str, device: str, new: int = 33) -> dict:
@@ -33,19 +29,17 @@ def probe(spec: str, impl: str, device: str, new: int = 33) -> dict:
     ids = torch.randint(1, model.config.vocab_size, (1, 32), device=device)
     compile_ = device == "cuda"
     with torch.no_grad():
-        warm = settle(lambda: generate(model, ids, new, compile_))
-        sync = torch.cuda.synchronize if compile_ else (lambda: None)
-        sync()
+        warm = settle(lambda: greedy(model, ids, new, compile_))
+        _sync(device)
         t0 = time.perf_counter()
-        generate(model, ids, new, compile_)
-        sync()
+        greedy(model, ids, new, compile_)
+        _sync(device)
         wall = time.perf_counter() - t0
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if compile_ else [])
         with profile(activities=acts) as prof:
-            generate(model, ids, new, compile_)
-            sync()
-    events = prof.key_averages()
-    steps = new - 1  # decode steps after the prompt's forward (which the counts below include once)
+            greedy(model, ids, new, compile_)
+            _sync(device)
+    events = prof.key_averages()  # per token: over the prompt's forward and the new - 1 decode steps
     launches = {e.key: e.count for e in events if e.key in LAUNCHES}
     kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: -e.self_device_time_total)
@@ -54,7 +48,7 @@ def probe(spec: str, impl: str, device: str, new: int = 33) -> dict:
                device_ms_per_token=device_us / new / 1e3, launches_per_token={k: v / new for k, v in launches.items()},
                top_kernels=[dict(name=e.key[:120], calls_per_token=e.count / new,
                                  us_per_token=e.self_device_time_total / new) for e in kernels[:15]],
-               params=sum(p.numel() for p in model.parameters()), torch=torch.__version__, steps=steps)
+               params=sum(p.numel() for p in model.parameters()), torch=torch.__version__)
     return row  # the model goes with this frame
 
 

@@ -3,8 +3,8 @@
 #   WAIT=540 bash scripts/gpu/bg.sh wait frontier        (later calls, while the machine stays warm; one frontier.tgz)
 # FROM=DIR (e.g. results/frontier/runs, which travels with the checkout): runs finished in an earlier session are
 # copied in first and so skipped; only the plan's other variants train.
-# Each variant in plan order (standard MoEs first, so a partial job still gives a fit), STEPS steps of 64 x 512
-# tokens (default the presets' 6000: 197M tokens); after each, its summary.json and log.jsonl land in
+# Each variant in plan order (standard MoEs first, so a partial job still gives a fit), STEPS steps (default the
+# presets': 2500 of 128 x 512 tokens, 164M); after each, its summary.json and log.jsonl land in
 # $OUT/runs/SHAPE/VARIANT (the checkpoints stay on the machine). A finished run is skipped if the job is started
 # again on the same machine. Then, here: python -m molae.experiments frontier --runs FETCHED/runs ...
 # SET="KEY=VALUE ..." adds TrainConfig overrides for every variant (e.g. SET=compile_mode=reduce-overhead).
@@ -14,7 +14,7 @@
 # sharing the GPU (recorded in $OUT/parallel.txt; for throughput, see scripts/gpu/profile_train.sh).
 source scripts/gpu/common.sh
 set +e  # a background job: a failed variant should not stop the ones after it
-STEPS=${1:-6000}; shift || true
+STEPS=${1:-}; shift || true
 SHAPES=("$@"); [ ${#SHAPES[@]} -gt 0 ] || SHAPES=("n=m" "n=4m")
 R=/tmp/frontier-runs
 [ -z "${FROM:-}" ] || { mkdir -p $R && cp -rn "$FROM"/. $R/; }
@@ -23,7 +23,7 @@ cp $DATA/manifest.json $OUT/manifest.json
 PARALLEL=${PARALLEL:-4}; echo "$PARALLEL variants at a time on one GPU; overrides: ${SET:-none}; earlier runs from: ${FROM:-none}" > $OUT/parallel.txt
 run_one() {  # SHAPE VARIANT
   local dir=${1/=/}
-  python3 -m molae.experiments frontier-run "$1" --data $DATA --runs $R --steps $STEPS --only $2 "${SETS[@]}" --no-progress \
+  python3 -m molae.experiments frontier-run "$1" --data $DATA --runs $R ${STEPS:+--steps $STEPS} --only $2 "${SETS[@]}" --no-progress \
     2>&1 | grep -E "final validation|nonfinite|Error|error" | sed "s|^|$dir/$2: |"
   mkdir -p $OUT/runs/$dir/$2 && cp $R/$dir/$2/summary.json $R/$dir/$2/log.jsonl $OUT/runs/$dir/$2/ 2>/dev/null
 }
