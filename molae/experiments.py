@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import write_json_atomically
-from .frontier import FRONTIER, frontier_report, run_frontier
+from .frontier import FRONTIER, batch_runs, frontier_report, run_frontier
 from .train import read_log
 
 
@@ -260,6 +260,21 @@ def scaling_report(jsonl: Path, out: Path, commit: str, device: str, date: str, 
     return result
 
 
+def frontier_batches(a) -> list[dict]:
+    """`experiments frontier`'s provenance: --batches FILE (each batch's runs read from its log), or one batch."""
+    if a.batches:
+        batches = json.loads(a.batches.read_text())
+        for b in batches:
+            if "log" in b:
+                b["runs"] = batch_runs((a.batches.parent / b.pop("log")).read_text())
+        return batches
+    missing = [f"--{k.replace('_', '-')}" for k in ("commit", "gpu_command", "device", "date") if not getattr(a, k)]
+    if missing:
+        raise ValueError(f"frontier: {', '.join(missing)} missing: give --batches FILE, or --commit, --gpu-command, "
+                         "--device and --date for one batch")
+    return [dict(commit=a.commit, device=a.device, date=a.date, command=a.gpu_command)]
+
+
 def main(argv=None) -> int:
     from .cli import Parser, run_command
 
@@ -289,14 +304,18 @@ def main(argv=None) -> int:
     fx = sub.add_parser("frontier", help="[11] results/pretrain_frontier.{json,md,png} from finished frontier runs")
     fx.add_argument("--runs", type=Path, required=True, help="the RUNS directory of frontier-run")
     fx.add_argument("--shape", action="append", choices=list(FRONTIER), default=None, help="default: both")
-    fx.add_argument("--commit", required=True)
-    fx.add_argument("--gpu-command", required=True)
+    fx.add_argument("--batches", type=Path, default=None,
+                    help="a JSON list of the GPU batches that trained the runs, each {commit, device, date, command, "
+                         "log} (log: frontier.sh's log beside the file, naming the runs it trained); or one batch "
+                         "as --commit, --gpu-command, --device and --date")
+    fx.add_argument("--commit")
+    fx.add_argument("--gpu-command")
     fx.add_argument("--manifest", type=Path, default=None,
-                    help="the data's manifest.json: adds each run's passes over the training split")
+                    help="the data's manifest.json: adds each run's passes over the training split and first-pass loss")
     for q in (ref, pre, sc, fx):
         q.add_argument("--out", type=Path, default=Path("results"))
-        q.add_argument("--device", required=True)
-        q.add_argument("--date", required=True)
+        q.add_argument("--device", required=q is not fx)
+        q.add_argument("--date", required=q is not fx)
         q.add_argument("--notes", type=Path, default=None, help="a markdown file appended to the report (reading, caveats)")
     args = p.parse_args(argv)
 
@@ -316,7 +335,7 @@ def main(argv=None) -> int:
             print(f"{a.shape}: {len(done)} runs finished under {a.runs}")
             return
         elif a.command == "frontier":
-            frontier_report(a.runs, a.shape or list(FRONTIER), a.out, a.commit, a.device, a.date, a.gpu_command,
+            frontier_report(a.runs, a.shape or list(FRONTIER), a.out, frontier_batches(a),
                             a.notes.read_text() if a.notes else "", a.manifest)
         else:
             scaling_report(a.jsonl, a.out, a.commit, a.device, a.date, a.gpu_command)

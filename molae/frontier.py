@@ -17,12 +17,17 @@ run's equivalent standard-MoE size P' = exp((L - a_seed) / b), and its loss minu
 seeds, with 95% intervals from the fit's posterior (the residual noise drawn with its degrees of freedom).
 Active parameters are the same for every standard MoE of the sweep (E varies at fixed top-k), so they cannot be
 fitted against; each run's active parameters and training FLOPs are reported.
+
+A second reading fits the first-pass loss the same way (first_pass_loss): the training loss over the last third of
+the first pass over the training split, tokens no run has seen before, from the same files as training (the
+validation split is other packages: a shifted distribution) and about a hundred times more of them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -108,10 +113,24 @@ def load_runs(out: Path, shape: str) -> dict[str, dict]:
 
     runs = {}
     for p in sorted((Path(out) / shape_dir(shape)).glob("*/summary.json")):
-        log = p.parent / "log.jsonl"
-        loads = [r["load_imbalance"] for r in read_log(log) if r.get("load_imbalance")] if log.exists() else []
-        runs[p.parent.name] = {**json.loads(p.read_text()), "load_imbalance": loads[-1] if loads else None}
+        log = read_log(p.parent / "log.jsonl") if (p.parent / "log.jsonl").exists() else []
+        loads = [r["load_imbalance"] for r in log if r.get("load_imbalance")]
+        runs[p.parent.name] = {**json.loads(p.read_text()), "load_imbalance": loads[-1] if loads else None, "log": log}
     return runs
+
+
+def first_pass_loss(log: list[dict], train_tokens: int, start: float = 2 / 3) -> tuple[float, int] | None:
+    """(mean training loss, tokens) over the logged windows (each the mean of its steps' losses) that lie inside
+    [start, 1] of the first pass over a training split of train_tokens: tokens the model meets for the first time,
+    so an in-distribution held-out loss, read at a point of the schedule every run of a plan shares. None when no
+    window lies there (a run shorter than the pass, or a log too sparse)."""
+    recs = [r for r in log if "loss" in r and r.get("tokens") and "event" not in r]
+    inside = [(b["loss"], b["tokens"] - a["tokens"]) for a, b in zip(recs, recs[1:])
+              if a["tokens"] >= start * train_tokens and b["tokens"] <= train_tokens]
+    if not inside:
+        return None
+    tokens = sum(t for _, t in inside)
+    return sum(loss * t for loss, t in inside) / tokens, tokens
 
 
 def base_name(name: str) -> str:
@@ -127,10 +146,10 @@ def _ols(X: np.ndarray, y: np.ndarray):
     return coef, np.linalg.pinv(X.T @ X), math.sqrt(s2) if dof > 0 else float("nan"), dof
 
 
-def seed_noise(runs: dict[str, dict]) -> tuple[float | None, int]:
+def seed_noise(runs: dict[str, dict], metric: str = "final_val_loss") -> tuple[float | None, int]:
     """The standard deviation of one run's final loss from runs that differ only in seed (pooled), and the
     number of such pairs; None without any."""
-    pairs = [(runs[base_name(n)]["final_val_loss"], r["final_val_loss"]) for n, r in runs.items()
+    pairs = [(runs[base_name(n)][metric], r[metric]) for n, r in runs.items()
              if "-seed" in n and base_name(n) in runs]
     if not pairs:
         return None, 0
@@ -151,10 +170,10 @@ def _posterior(coef, unit_cov, resid: float, dof: int, draws: int, rng):
     return sig, coef + sig[:, None] * (rng.standard_normal((draws, len(coef))) @ chol.T)
 
 
-def _equivalent(own: list[dict], coef, sig, coefs, a_of: dict, rng) -> dict:
+def _equivalent(own: list[dict], coef, sig, coefs, a_of: dict, rng, metric: str) -> dict:
     """A variant's equivalent standard-MoE size from its runs `own` (each read against its seed's intercept,
     ln P' averaged over seeds), with the 95% interval of the posterior draws (the fit's, and each run's noise)."""
-    Ls = np.array([r["final_val_loss"] for r in own])
+    Ls = np.array([r[metric] for r in own])
     idx = [a_of[_seed(r)] for r in own]
     eq = math.exp(float(np.mean((Ls - coef[idx]) / coef[-1])))
     noisy = Ls[None, :] + sig[:, None] * rng.standard_normal((len(sig), len(own)))
@@ -164,10 +183,10 @@ def _equivalent(own: list[dict], coef, sig, coefs, a_of: dict, rng) -> dict:
                 ratio=eq / p, ratio_95=[float(lo) / p, float(hi) / p])
 
 
-def _against(own: list[dict], ref: dict[int, float], sig, rng) -> dict | None:
+def _against(own: list[dict], ref: dict[int, float], sig, rng, metric: str) -> dict | None:
     """Loss minus the reference's at each shared seed, their mean and its 95% interval (a difference carries two
     runs' noise; the mean over k seeds sqrt(2 / k) of one run's); None without a shared seed."""
-    diffs = [r["final_val_loss"] - ref[_seed(r)] for r in own if _seed(r) in ref]
+    diffs = [r[metric] - ref[_seed(r)] for r in own if _seed(r) in ref]
     if not diffs:
         return None
     d = float(np.mean(diffs))
@@ -175,7 +194,8 @@ def _against(own: list[dict], ref: dict[int, float], sig, rng) -> dict | None:
     return dict(diff=d, per_seed=diffs, diff_95=[d + float(lo), d + float(hi)])
 
 
-def fit_frontier(runs: dict[str, dict], draws: int = 20000, seed: int = 0, reference: str | None = None) -> dict:
+def fit_frontier(runs: dict[str, dict], draws: int = 20000, seed: int = 0, reference: str | None = None,
+                 metric: str = "final_val_loss") -> dict:
     """The standard-MoE fit and every other variant's equivalent MoE size and paired difference (module notes).
 
     loss = a_seed + b ln(P): one intercept per seed, because a seed fixes the data order (and the initial draws)
@@ -184,7 +204,10 @@ def fit_frontier(runs: dict[str, dict], draws: int = 20000, seed: int = 0, refer
     read against a_s. The noise left after size and seed (the fit's residual sd, with dof degrees of freedom) is
     every run's own noise; the intervals draw it from its scaled-inverse-chi-square posterior, so few degrees of
     freedom give wide (t-like) intervals.
-    `reference` (a standard MoE of the plan): each variant's loss minus the reference's at the same seeds."""
+    `reference` (a standard MoE of the plan): each variant's loss minus the reference's at the same seeds.
+    `metric`: the runs' key fitted (final_val_loss; frontier_report adds first_pass_loss); runs without it are left
+    out."""
+    runs = {n: r for n, r in runs.items() if r.get(metric) is not None}
     moe = {n: r for n, r in runs.items() if base_name(n).startswith("moe-")}
     if len({base_name(n) for n in moe}) < 3:
         raise ValueError(f"the fit needs standard MoEs of at least three sizes; finished: {sorted(moe) or 'none'}")
@@ -192,48 +215,66 @@ def fit_frontier(runs: dict[str, dict], draws: int = 20000, seed: int = 0, refer
     a_of = {s: i for i, s in enumerate(seeds)}  # seed -> its intercept's column
     X = np.array([[float(_seed(r) == s) for s in seeds] + [math.log(r["params"]["non_embedding"])]
                   for r in moe.values()])
-    coef, unit_cov, resid, dof = _ols(X, np.array([r["final_val_loss"] for r in moe.values()], float))
+    coef, unit_cov, resid, dof = _ols(X, np.array([r[metric] for r in moe.values()], float))
     rng = np.random.default_rng(seed)
     sig, coefs = _posterior(coef, unit_cov, resid, dof, draws, rng)
     b_lo, b_hi = np.percentile(coefs[:, -1], [2.5, 97.5])
-    seed_sd, n_pairs = seed_noise(runs)
+    seed_sd, n_pairs = seed_noise(runs, metric)
     out = dict(a={str(s): float(coef[i]) for s, i in a_of.items()}, b=float(coef[-1]), b_95=[float(b_lo), float(b_hi)],
                residual_sd=resid, dof=dof, points=len(moe), seed_sd=seed_sd, seed_pairs=n_pairs,
-               parameter_limited=bool(b_hi < 0), reference=reference, equivalents={})
-    ref = {_seed(r): r["final_val_loss"] for n, r in runs.items() if base_name(n) == reference}
+               parameter_limited=bool(b_hi < 0), reference=reference, metric=metric, equivalents={})
+    ref = {_seed(r): r[metric] for n, r in runs.items() if base_name(n) == reference}
     for name in dict.fromkeys(base_name(n) for n in runs if not base_name(n).startswith("moe-")):
         own = [r for n, r in runs.items() if base_name(n) == name and _seed(r) in a_of]
         if not own:
             continue  # no standard MoE at its seeds: nothing to read it against
-        e = _equivalent(own, coef, sig, coefs, a_of, rng)
-        if (v := _against(own, ref, sig, rng)) is not None:
+        e = _equivalent(own, coef, sig, coefs, a_of, rng, metric)
+        if (v := _against(own, ref, sig, rng, metric)) is not None:
             e["vs_reference"] = v
         out["equivalents"][name] = e
     return out
 
 
-def frontier_report(out: Path, shapes: list[str], dest: Path, commit: str, device: str, date: str,
-                    command: str, notes: str = "", manifest: Path | None = None) -> dict:
-    """pretrain_frontier.{json,md,png} under dest from the finished runs under out; `manifest` (the data's
-    manifest.json) adds each run's passes over the training split."""
+READINGS = {"final_val_loss": "validation loss", "first_pass_loss": "first-pass loss"}
+
+
+def batch_runs(log: str) -> list[str]:
+    """The runs a GPU batch trained ("SHAPE/VARIANT"), from frontier.sh's log (its "nm/moe-e4: ... final
+    validation loss" lines)."""
+    return [m.group(1) for m in re.finditer(r"^(\w+/[\w.-]+): .*final validation loss", log, re.M)]
+
+
+def frontier_report(out: Path, shapes: list[str], dest: Path, batches: list[dict], notes: str = "",
+                    manifest: Path | None = None) -> dict:
+    """pretrain_frontier.{json,md,png} under dest from the finished runs under out. `batches`: the GPU batches
+    that trained them, each {commit, device, date, command, runs} (runs: "SHAPE/VARIANT"s); `manifest` (the
+    data's manifest.json) adds each run's passes over the training split and its first-pass loss."""
     from .checkpoint import write_json_atomically, write_text_atomically
 
     train_tokens = json.loads(Path(manifest).read_text())["tokens"]["train"] if manifest else None
-    result = dict(commit=commit, device=device, date=date, command=command, train_tokens=train_tokens, shapes={})
+    result = dict(batches=batches, train_tokens=train_tokens, shapes={})
     for shape in shapes:
         runs = load_runs(out, shape)
+        for r in runs.values():
+            fp = first_pass_loss(r["log"], train_tokens) if train_tokens else None
+            r["first_pass_loss"], r["first_pass_tokens"] = fp if fp else (None, None)
         rows = {n: dict(params=r["params"], tokens=r["tokens"],
                         tokens_per_param=r["tokens"] / r["params"]["non_embedding"], final_val_loss=r["final_val_loss"],
-                        train_flops=r["train_flops"], tokens_per_s=r["tokens_per_s"],
-                        peak_memory_gb=r.get("peak_memory_gb"), skipped_steps=r.get("skipped_steps", 0),
-                        seed=_seed(r), passes=r["tokens"] / train_tokens if train_tokens else None,
+                        val_tokens=r.get("val_tokens"), first_pass_loss=r["first_pass_loss"],
+                        first_pass_tokens=r["first_pass_tokens"], train_flops=r["train_flops"],
+                        tokens_per_s=r["tokens_per_s"], peak_memory_gb=r.get("peak_memory_gb"),
+                        skipped_steps=r.get("skipped_steps", 0), seed=_seed(r),
+                        passes=r["tokens"] / train_tokens if train_tokens else None,
                         load_imbalance=r.get("load_imbalance"))
                 for n, r in runs.items()}
-        try:
-            fit = fit_frontier(runs, reference=FRONTIER[shape].get("reference"))
-        except ValueError as e:
-            fit = dict(error=str(e))
-        result["shapes"][shape] = dict(base=FRONTIER[shape]["base"], runs=rows, fit=fit)
+        fits = {}
+        for metric in READINGS:
+            try:
+                fits[metric] = fit_frontier(runs, reference=FRONTIER[shape].get("reference"), metric=metric)
+            except ValueError as e:
+                fits[metric] = dict(error=str(e), metric=metric)
+        result["shapes"][shape] = dict(base=FRONTIER[shape]["base"], runs=rows, fit=fits["final_val_loss"],
+                                       fit_first_pass=fits["first_pass_loss"])
     dest.mkdir(parents=True, exist_ok=True)
     write_json_atomically(dest / "pretrain_frontier.json", result)
     write_text_atomically(dest / "pretrain_frontier.md", frontier_markdown(result) + (f"\n{notes}" if notes else ""))
@@ -241,54 +282,76 @@ def frontier_report(out: Path, shapes: list[str], dest: Path, commit: str, devic
     return result
 
 
+def _cell(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def _batch_lines(batches: list[dict]) -> list[str]:
+    lines = []
+    for b in batches:
+        runs = ", ".join(b["runs"]) if b.get("runs") else "every run"
+        lines.append(f"- Commit `{b['commit']}`, {b['device']}, {b['date']}: `{b['command']}` ({runs}).")
+    return lines
+
+
+def _fit_lines(f: dict, what: str) -> list[str]:
+    """A fit's line and its table of equivalent sizes and paired differences."""
+    if "error" in f:
+        return ["", f"No fit of the {what}: {f['error']}.", ""]
+    noise = (f"seed noise {f['seed_sd']:.4f} nats (pooled from {f['seed_pairs']} pair(s) of seeds, shared by "
+             "every run of a seed, so the fit takes it out)" if f["seed_sd"] is not None else "one seed")
+    icpt = ", ".join(f"a_{s_} = {a:.4f}" for s_, a in f["a"].items())
+    ref = f.get("reference")
+    lines = ["", f"Fit of the {what} over the standard MoEs ({f['points']} runs): {what} = a_seed "
+             f"{'-' if f['b'] < 0 else '+'} {abs(f['b']):.4f} ln(P) ({icpt}), "
+             f"b 95% [{f['b_95'][0]:.4f}, {f['b_95'][1]:.4f}], residual sd {f['residual_sd']:.4f} "
+             f"({f['dof']} degrees of freedom); {noise}. "
+             f"Parameter-limited (b's interval below zero: larger MoEs lower the loss): "
+             f"{'yes' if f['parameter_limited'] else 'no'}.", "",
+             f"| run | non-emb params | {what} (seeds) | equivalent standard MoE [95%] | "
+             f"equivalent / own params | {what} - {ref or 'reference'} at the same seeds [95%] |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for n, e in f["equivalents"].items():
+        lo, hi = (v / 1e6 for v in e["equivalent_95"])
+        v = e.get("vs_reference")
+        vs = (f"{v['diff']:+.4f} [{v['diff_95'][0]:+.4f}, {v['diff_95'][1]:+.4f}]" if v else "")
+        lines.append(f"| {n} | {e['params'] / 1e6:.2f}M | {e['loss']:.4f} ({e['seeds']}) | "
+                     f"{e['equivalent'] / 1e6:.2f}M [{lo:.2f}, {hi:.2f}] | {e['ratio']:.2f}x "
+                     f"[{e['ratio_95'][0]:.2f}, {e['ratio_95'][1]:.2f}] | {vs} |")
+    return lines
+
+
 def frontier_markdown(result: dict) -> str:
     lines = ["# [11] Pretraining frontier: validation loss against parameters, MoLAE against standard MoE", "",
-             f"Commit `{result['commit']}`, {result['device']}, {result['date']}. Command: `{result['command']}`.",
-             "Every run of a shape: the same preset, steps and batches (molae/frontier.py has the plan and the fit).",
-             ""]
+             "Runs from these GPU batches (their commands, with `bash scripts/gpu/bg.sh wait frontier` calls to "
+             "collect them):", *_batch_lines(result["batches"]),
+             "Every run of a shape: the same preset, steps and batches (molae/frontier.py has the plan and the fit). "
+             "Validation loss: the held-out packages (a different distribution from training). First-pass loss: the "
+             "training loss over the last third of the first pass over the training split, tokens no run had seen "
+             "(molae/frontier.py: first_pass_loss).", ""]
     for shape, s in result["shapes"].items():
         lines += [f"## {shape} (`{s['base']}`)", "",
                   "| run | non-emb params | active | tokens / non-emb param | passes over the data | val loss | "
-                  "busiest expert / mean load | train FLOPs | tokens/s | peak GB | skipped |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "first-pass loss | busiest expert / mean load | train FLOPs | tokens/s | peak GB | skipped |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n, r in sorted(s["runs"].items(), key=lambda kv: kv[1]["params"]["non_embedding"]):
-            gb = "" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
-            passes = "" if r.get("passes") is None else f"{r['passes']:.2f}"
-            load = "" if r.get("load_imbalance") is None else f"{r['load_imbalance']:.2f}"
             lines.append(f"| {n} | {r['params']['non_embedding'] / 1e6:.2f}M | {r['params']['active'] / 1e6:.2f}M | "
-                         f"{r['tokens_per_param']:.0f} | {passes} | "
-                         f"{r['final_val_loss']:.4f} | {load} | {r['train_flops']:.3g} | "
-                         f"{r['tokens_per_s']:,.0f} | {gb} | {r['skipped_steps']} |")
-        f = s["fit"]
-        if "error" in f:
-            lines += ["", f"No fit: {f['error']}.", ""]
-            continue
-        noise = (f"seed noise {f['seed_sd']:.4f} nats (pooled from {f['seed_pairs']} pair(s) of seeds, shared by "
-                 "every run of a seed, so the fit takes it out)" if f["seed_sd"] is not None else "one seed")
-        icpt = ", ".join(f"a_{s_} = {a:.4f}" for s_, a in f["a"].items())
-        ref = f.get("reference")
-        lines += ["", f"Fit over the standard MoEs ({f['points']} runs): loss = a_seed "
-                  f"{'-' if f['b'] < 0 else '+'} {abs(f['b']):.4f} ln(P) ({icpt}), "
-                  f"b 95% [{f['b_95'][0]:.4f}, {f['b_95'][1]:.4f}], residual sd {f['residual_sd']:.4f} "
-                  f"({f['dof']} degrees of freedom); {noise}. "
-                  f"Parameter-limited (b's interval below zero: larger MoEs lower the loss): "
-                  f"{'yes' if f['parameter_limited'] else 'no'}.", "",
-                  "| run | non-emb params | val loss (seeds) | equivalent standard MoE [95%] | "
-                  f"equivalent / own params | loss - {ref or 'reference'} at the same seeds [95%] |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for n, e in f["equivalents"].items():
-            lo, hi = (v / 1e6 for v in e["equivalent_95"])
-            v = e.get("vs_reference")
-            vs = (f"{v['diff']:+.4f} [{v['diff_95'][0]:+.4f}, {v['diff_95'][1]:+.4f}]" if v else "")
-            lines.append(f"| {n} | {e['params'] / 1e6:.2f}M | {e['loss']:.4f} ({e['seeds']}) | "
-                         f"{e['equivalent'] / 1e6:.2f}M [{lo:.2f}, {hi:.2f}] | {e['ratio']:.2f}x "
-                         f"[{e['ratio_95'][0]:.2f}, {e['ratio_95'][1]:.2f}] | {vs} |")
+                         f"{r['tokens_per_param']:.0f} | {_cell(r.get('passes'), '.2f')} | "
+                         f"{r['final_val_loss']:.4f} | {_cell(r.get('first_pass_loss'), '.4f')} | "
+                         f"{_cell(r.get('load_imbalance'), '.2f')} | {r['train_flops']:.3g} | "
+                         f"{r['tokens_per_s']:,.0f} | {_cell(r['peak_memory_gb'], '.1f')} | {r['skipped_steps']} |")
+        toks = sorted({(r.get("val_tokens"), r.get("first_pass_tokens")) for r in s["runs"].values()}, key=str)
+        lines += ["", "Tokens behind each run's loss (validation, first pass): "
+                  + "; ".join(f"{_cell(v, ',')} and {_cell(t, ',')}" for v, t in toks) + "."]
+        lines += _fit_lines(s["fit"], "validation loss")
+        lines += _fit_lines(s.get("fit_first_pass", dict(error="not computed")), "first-pass loss")
         lines += ["", "A ratio above 1 whose interval excludes 1: the run matches a standard MoE larger than itself "
                   "(it saves parameters at equal loss); below 1: it needs more.", ""]
     return "\n".join(lines) + "\n"
 
 
 def plot_frontier(result: dict, path: Path):
+    """One column per shape; rows: validation loss, first-pass loss (each with its fit)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,26 +359,33 @@ def plot_frontier(result: dict, path: Path):
     import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     shapes = list(result["shapes"].items())
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 4.5), squeeze=False)
-    for ax, (shape, s) in zip(axes[0], shapes):
-        for n, r in s["runs"].items():
-            moe = base_name(n).startswith("moe-")
-            ax.plot(r["params"]["non_embedding"] / 1e6, r["final_val_loss"], "ks" if moe else "o", ms=6,
-                    mfc="none" if moe and r["seed"] else None, label=None if moe else n)  # open: seed 1
-        f = s["fit"]
-        if "error" not in f:
-            P = np.geomspace(min(r["params"]["non_embedding"] for r in s["runs"].values()),
-                             max(r["params"]["non_embedding"] for r in s["runs"].values()), 50)
-            for (s_, a), style in zip(f["a"].items(), ["k--", "k:", "k-."]):
-                ax.plot(P / 1e6, a + f["b"] * np.log(P), style, lw=1, label=f"standard MoE fit, seed {s_}")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xlabel("non-embedding parameters (M)")
-        ax.set_ylabel("validation loss")
-        ax.set_title(f"{shape} ({s['base']})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(2, len(shapes), figsize=(6.5 * len(shapes), 9), squeeze=False)
+    for col, (shape, s) in enumerate(shapes):
+        for ax, (metric, what), f in zip(axes[:, col], READINGS.items(), (s["fit"], s.get("fit_first_pass", {}))):
+            _plot_reading(ax, s, metric, f, f"{shape} ({s['base']}): {what}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_reading(ax, s: dict, metric: str, f: dict, title: str):
+    import matplotlib.ticker
+
+    runs = {n: r for n, r in s["runs"].items() if r.get(metric) is not None}
+    for n, r in runs.items():
+        moe = base_name(n).startswith("moe-")
+        ax.plot(r["params"]["non_embedding"] / 1e6, r[metric], "ks" if moe else "o", ms=6,
+                mfc="none" if moe and r["seed"] else None, label=None if moe else n)  # open: seed 1
+    if runs and "error" not in f:
+        P = np.geomspace(min(r["params"]["non_embedding"] for r in runs.values()),
+                         max(r["params"]["non_embedding"] for r in runs.values()), 50)
+        for (s_, a), style in zip(f["a"].items(), ["k--", "k:", "k-."]):
+            ax.plot(P / 1e6, a + f["b"] * np.log(P), style, lw=1, label=f"standard MoE fit, seed {s_}")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("non-embedding parameters (M)")
+    ax.set_ylabel(READINGS[metric])
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

@@ -47,6 +47,30 @@ def test_fit_recovers_a_planted_frontier_and_reads_equivalent_sizes():
         FR.fit_frontier({"moe-e4": runs["moe-e4"], "moe-e8": runs["moe-e8"]})
 
 
+def test_first_pass_loss_averages_the_windows_in_the_last_third_of_the_first_pass():
+    step_tokens = 100  # windows of 10 steps: 1,000 tokens each; a training split of 9,000 tokens
+    log = [dict(step=0, event="start")] + [dict(step=10 * i, loss=10.0 - i, tokens=1000 * i) for i in range(1, 13)]
+    log.insert(5, dict(step=40, event="nonfinite_grad", loss=99.0, tokens=40 * step_tokens))  # not a window
+    loss, tokens = FR.first_pass_loss(log, 9000)
+    # windows ending at 7,000, 8,000, 9,000 start at or after 6,000 (two thirds) and end inside the pass
+    assert tokens == 3000 and loss == pytest.approx((3.0 + 2.0 + 1.0) / 3)
+    # at 9,500 the last third starts at 6,333: the window from 6,000 is out, the one ending at 10,000 too
+    assert FR.first_pass_loss(log, 9500) == pytest.approx(((2.0 + 1.0) / 2, 2000))
+    assert FR.first_pass_loss(log[:4], 9000) is None  # the run stopped before the pass's last third
+    runs = {f"moe-e{E}": {**summary(P, 3.0), "first_pass_loss": 4.0 - 0.1 * math.log(P)}
+            for E, P in [(4, 1e6), (8, 2e6), (16, 4e6)]}
+    runs["molae-d8"] = {**summary(2e6, 3.0), "first_pass_loss": None}  # no first pass: left out of that fit
+    fit = FR.fit_frontier(runs, metric="first_pass_loss")
+    assert fit["b"] == pytest.approx(-0.1) and fit["metric"] == "first_pass_loss" and not fit["equivalents"]
+    assert not FR.fit_frontier(runs)["parameter_limited"]  # the validation losses are flat
+
+
+def test_batch_runs_reads_the_runs_a_frontier_log_names():
+    log = ("/tmp/molae-data: train 104 tokens\nnm/moe-e4: n=m moe-e4: final validation loss 2.0972 after 1 tokens\n"
+           "n4m/molae-d64-seed1: n=4m molae-d64-seed1: final validation loss 2.05 after 1 tokens\nfrontier.sh done\n")
+    assert FR.batch_runs(log) == ["nm/moe-e4", "n4m/molae-d64-seed1"]
+
+
 def test_the_plans_are_valid_configs_whose_standard_moes_span_4x():
     for shape, plan in FR.FRONTIER.items():
         sizes = {}
@@ -64,7 +88,7 @@ def test_the_plans_are_valid_configs_whose_standard_moes_span_4x():
             **{**vars(FR.variant_config(shape, name)), "compile_mode": "reduce-overhead"})
 
 
-def test_a_tiny_frontier_trains_resumes_and_reports(data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_tiny_frontier_trains_resumes_and_reports(data_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
     base = tmp_path / "tiny.json"
     base.write_text(json.dumps(asdict(tiny_config(molae=None, steps=4, eval_every=4, ckpt_every=4, log_every=2))))
     plan = {"tiny": dict(base=str(base), reference="moe-e8", variants={
@@ -98,3 +122,14 @@ def test_a_tiny_frontier_trains_resumes_and_reports(data_dir, tmp_path, monkeypa
     assert r["load_imbalance"] == last >= 1.0 and f"| {last:.2f} |" in md  # the busiest expert's share, last logged
     assert f"{abs(fit['b']):.4f} ln(P)" in md and "| molae-d8 |" in md and "Commit `abc`" in md
     assert (tmp_path / "res" / "pretrain_frontier.png").stat().st_size > 0
+    (tmp_path / "b.log").write_text("tiny/moe-e2: tiny moe-e2: final validation loss 9.0 after 4 tokens\n")
+    (tmp_path / "batches.json").write_text(json.dumps([dict(commit="c1", device="cpu", date="d1", command="go",
+                                                           log="b.log")]))
+    assert experiments(["frontier", "--runs", str(tmp_path / "runs"), "--shape", "tiny", "--out", str(tmp_path / "r2"),
+                        "--batches", str(tmp_path / "batches.json")]) == 0
+    assert json.loads((tmp_path / "r2" / "pretrain_frontier.json").read_text())["batches"] == [
+        dict(commit="c1", device="cpu", date="d1", command="go", runs=["tiny/moe-e2"])]
+    assert "Commit `c1`, cpu, d1: `go` (tiny/moe-e2)" in (tmp_path / "r2" / "pretrain_frontier.md").read_text()
+    assert experiments(["frontier", "--runs", str(tmp_path / "runs"), "--shape", "tiny", "--out",
+                        str(tmp_path / "r3"), "--commit", "abc"]) == 2  # no provenance: a one-line error
+    assert "--gpu-command, --device, --date missing" in capsys.readouterr().err and not (tmp_path / "r3").exists()
