@@ -170,9 +170,9 @@ def pretrain_report(jsonl: Path, out: Path, commit: str, device: str, date: str,
     result = dict(commit=commit, device=device, date=date, command=command, steps=base["config"]["steps"],
                   tokens=base["tokens"], base_config=base["config"], data=base["data"], rows=rows)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(out / "pretrain.json", result)
-    (out / "pretrain.md").write_text(pretrain_markdown(result) + _notes(notes))
-    plot_pretrain(rows, out / "pretrain.png")
+    write_json_atomically(out / "pretrain_same_tokens.json", result)
+    (out / "pretrain_same_tokens.md").write_text(pretrain_markdown(result) + _notes(notes))
+    plot_pretrain(rows, out / "pretrain_same_tokens.png")
     return result
 
 
@@ -198,8 +198,8 @@ def pretrain_markdown(result: dict) -> str:
                      f"{r['final_val_loss']:.4f} | {r['val_bits_per_byte']:.4f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tokens_per_s_vs_moe']:.2f}x |")
     lines += ["", "Command:", "", "```bash", result["command"], "```", "",
-              f"Plot: pretrain.png (validation loss against total, non-embedding and active parameters and against "
-              f"training FLOPs; validation curves). Base MoE validation loss {base['final_val_loss']:.4f}."]
+              "Plot: pretrain_same_tokens.png (validation loss against total, non-embedding and active parameters and "
+              f"against training FLOPs; validation curves). Base MoE validation loss {base['final_val_loss']:.4f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     ref.add_argument("--run", action="append", required=True, metavar="NAME=DIR@COMMIT",
                      help="a run directory (summary.json, log.jsonl, bigram.json) and the commit that produced it")
     ref.add_argument("--gpu-command", required=True, help="the GPU command(s) that produced the runs")
-    pre = sub.add_parser("pretrain", help="results/pretrain.{json,md,png}")
+    pre = sub.add_parser("pretrain", help="[4]'s same-tokens comparison: results/pretrain_same_tokens.{json,md,png}")
     pre.add_argument("jsonl", type=Path, help="the pretrain.jsonl that scripts/gpu/pretrain.sh wrote")
     pre.add_argument("--commit", required=True)
     pre.add_argument("--gpu-command", required=True)
@@ -312,6 +312,8 @@ def main(argv=None) -> int:
     fx.add_argument("--gpu-command")
     fx.add_argument("--manifest", type=Path, default=None,
                     help="the data's manifest.json: adds each run's passes over the training split and first-pass loss")
+    fx.add_argument("--conclusion", type=Path, default=None,
+                    help="a markdown reading: also writes OUT/pretrain.md, the generated verdict table and the reading")
     for q in (ref, pre, sc, fx):
         q.add_argument("--out", type=Path, default=Path("results"))
         q.add_argument("--device", required=q is not fx)
@@ -336,7 +338,8 @@ def main(argv=None) -> int:
             return
         elif a.command == "frontier":
             frontier_report(a.runs, a.shape or list(FRONTIER), a.out, frontier_batches(a),
-                            a.notes.read_text() if a.notes else "", a.manifest)
+                            a.notes.read_text() if a.notes else "", a.manifest,
+                            a.conclusion.read_text() if a.conclusion else None)
         else:
             scaling_report(a.jsonl, a.out, a.commit, a.device, a.date, a.gpu_command)
         print(f"wrote {a.command} report under {a.out}")

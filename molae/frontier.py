@@ -245,10 +245,11 @@ def batch_runs(log: str) -> list[str]:
 
 
 def frontier_report(out: Path, shapes: list[str], dest: Path, batches: list[dict], notes: str = "",
-                    manifest: Path | None = None) -> dict:
+                    manifest: Path | None = None, conclusion: str | None = None) -> dict:
     """pretrain_frontier.{json,md,png} under dest from the finished runs under out. `batches`: the GPU batches
     that trained them, each {commit, device, date, command, runs} (runs: "SHAPE/VARIANT"s); `manifest` (the
-    data's manifest.json) adds each run's passes over the training split and its first-pass loss."""
+    data's manifest.json) adds each run's passes over the training split and its first-pass loss; `conclusion`
+    (markdown prose) writes dest/pretrain.md: the verdict table generated from the fits, then the prose."""
     from .checkpoint import write_json_atomically, write_text_atomically
 
     train_tokens = json.loads(Path(manifest).read_text())["tokens"]["train"] if manifest else None
@@ -279,7 +280,41 @@ def frontier_report(out: Path, shapes: list[str], dest: Path, batches: list[dict
     write_json_atomically(dest / "pretrain_frontier.json", result)
     write_text_atomically(dest / "pretrain_frontier.md", frontier_markdown(result) + (f"\n{notes}" if notes else ""))
     plot_frontier(result, dest / "pretrain_frontier.png")
+    if conclusion is not None:
+        write_text_atomically(dest / "pretrain.md", conclusion_markdown(result) + f"\n{conclusion}")
     return result
+
+
+def verdict(ratio_95: list[float]) -> str:
+    """What an equivalent-size interval (equivalent / own parameters) says."""
+    lo, hi = ratio_95
+    return "saves parameters" if lo > 1 else "needs more parameters" if hi < 1 else "tied (interval includes 1)"
+
+
+def conclusion_markdown(result: dict) -> str:
+    """The table behind [11]'s answer: every non-standard run's equivalent standard-MoE size on both readings."""
+    lines = ["# [11] Does MoLAE trained from scratch save parameters at equal loss?", "",
+             "The table is generated from [pretrain_frontier.json](pretrain_frontier.json) by `python -m "
+             "molae.experiments frontier ... --conclusion FILE` (runs, fits, commands, devices and commits: "
+             "[pretrain_frontier.md](pretrain_frontier.md)); the reading below it is FILE. Equivalent / own: the "
+             "size of the standard MoE that the fit says reaches the run's loss, over the run's own non-embedding "
+             "parameters, with its 95% interval.", "",
+             "| shape | run | non-emb params | of the reference MoE's | equivalent / own, validation [95%] | "
+             "reading | equivalent / own, first pass [95%] | reading |", "|---|---|---:|---:|---:|---|---:|---|"]
+    for shape, s in result["shapes"].items():
+        ref = s["fit"].get("reference") or s.get("fit_first_pass", {}).get("reference")
+        ref_p = s["runs"][ref]["params"]["non_embedding"] if ref in s["runs"] else None
+        fits = [s["fit"].get("equivalents", {}), s.get("fit_first_pass", {}).get("equivalents", {})]
+        for name in dict.fromkeys([*fits[0], *fits[1]]):
+            cells = []
+            for eqs in fits:
+                e = eqs.get(name)
+                lo, hi = e["ratio_95"] if e else (None, None)
+                cells += [f"{e['ratio']:.2f}x [{lo:.2f}, {hi:.2f}]", verdict([lo, hi])] if e else ["", ""]
+            p = (fits[0].get(name) or fits[1][name])["params"]
+            share = f"{100 * p / ref_p:.0f}% of {ref}" if ref_p else ""
+            lines.append(f"| {shape} | {name} | {p / 1e6:.2f}M | {share} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(v, fmt: str) -> str:

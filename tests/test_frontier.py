@@ -125,8 +125,16 @@ def test_a_tiny_frontier_trains_resumes_and_reports(data_dir, tmp_path, monkeypa
     (tmp_path / "b.log").write_text("tiny/moe-e2: tiny moe-e2: final validation loss 9.0 after 4 tokens\n")
     (tmp_path / "batches.json").write_text(json.dumps([dict(commit="c1", device="cpu", date="d1", command="go",
                                                            log="b.log")]))
+    (tmp_path / "reading.md").write_text("## Reading\n\nno savings here\n")
     assert experiments(["frontier", "--runs", str(tmp_path / "runs"), "--shape", "tiny", "--out", str(tmp_path / "r2"),
-                        "--batches", str(tmp_path / "batches.json")]) == 0
+                        "--batches", str(tmp_path / "batches.json"), "--conclusion", str(tmp_path / "reading.md")]) == 0
+    e = json.loads((tmp_path / "r2" / "pretrain_frontier.json").read_text())["shapes"]["tiny"]["fit"]["equivalents"]
+    row = f"| tiny | molae-d8 | {e['molae-d8']['params'] / 1e6:.2f}M |"
+    conclusion = (tmp_path / "r2" / "pretrain.md").read_text()
+    assert row in conclusion and FR.verdict(e["molae-d8"]["ratio_95"]) in conclusion
+    assert conclusion.endswith("no savings here\n")
+    assert [FR.verdict(r) for r in ([1.1, 2.0], [0.2, 0.9], [0.5, 1.5])] == [
+        "saves parameters", "needs more parameters", "tied (interval includes 1)"]
     assert json.loads((tmp_path / "r2" / "pretrain_frontier.json").read_text())["batches"] == [
         dict(commit="c1", device="cpu", date="d1", command="go", runs=["tiny/moe-e2"])]
     assert "Commit `c1`, cpu, d1: `go` (tiny/moe-e2)" in (tmp_path / "r2" / "pretrain_frontier.md").read_text()

@@ -230,7 +230,8 @@ PRESETS: dict[str, TrainConfig] = {
     "frontier-n4m": TrainConfig(name="frontier-n4m", family="qwen2_moe", model=_qwen2_moe(256, 4, 4, 32, 4, 64, 0),
                                 seq_len=512, batch_size=128, steps=2500, lr=2e-3, warmup=200, log_every=50,
                                 eval_every=1000, ckpt_every=1000, compile=True),
-    # The pretraining comparison's base (results/pretrain.md): n = m, 16 experts, top-2; variants set `molae`.
+    # [4]'s pretraining comparison's base (results/pretrain_same_tokens.md): n = m, 16 experts, top-2; variants set
+    # `molae`.
     "pretrain-moe": TrainConfig(name="pretrain-moe", family="qwen2_moe", model=_qwen2_moe(512, 6, 8, 16, 2, 512, 0),
                                 seq_len=512, batch_size=64, steps=1500, lr=2e-3, warmup=100, log_every=25,
                                 eval_every=500, ckpt_every=500),

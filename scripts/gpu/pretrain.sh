@@ -1,4 +1,4 @@
-# The pretraining comparison (results/pretrain.md): the same tokens (seed, steps, batch) for every
+# [4]'s pretraining comparison (results/pretrain_same_tokens.md): the same tokens (seed, steps, batch) for every
 # variant of the pretrain-moe preset, one after another on one GPU.
 source scripts/gpu/common.sh
 STEPS=${1:-550}
