@@ -7,7 +7,10 @@ default moe,molae) this runs bench generate's compiled greedy decode (static cac
 settles, then profiles one more generate call and reports per decode step: wall time, device time, the launches
 the host made (CUDA graph replays against single kernels: what tells whether the step ran as one graph) and the
 kernels by device time. With TORCH_LOGS=perf_hints (decode_probe.sh) Inductor says in the log when and why it
-skipped CUDA graphs."""
+skipped CUDA graphs.
+
+Here, after a run: python3 scripts/gpu/decode_probe.py --report OUT.json MD COMMIT DEVICE DATE COMMAND writes the
+markdown table of a probe's JSON."""
 
 import json
 import os
@@ -52,7 +55,29 @@ def probe(spec: str, impl: str, device: str, new: int = 33) -> dict:
     return row  # the model goes with this frame
 
 
-if __name__ == "__main__":
+def markdown(rows: list[dict], commit: str, device: str, date: str, command: str) -> str:
+    lines = [f"# [12] Compiled batch-1 decode: where a token's time goes ({rows[0]['model']})", "",
+             f"Commit `{commit}`, {device}, {date}, torch {rows[0]['torch']}. Command: `{command}`.", "",
+             "Per generated token, over one settled `generate` call of "
+             f"{rows[0]['new_tokens']} new tokens after a 32-token prompt (the prompt's forward included).", "",
+             "| impl | params | wall ms/token | device ms/token | CUDA graph replays/token | single launches/token |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lp = r["launches_per_token"]
+        single = sum(v for k, v in lp.items() if k != "cudaGraphLaunch")
+        lines.append(f"| {r['impl']} | {r['params'] / 1e9:.2f}B | {r['wall_ms_per_token']:.3f} | "
+                     f"{r['device_ms_per_token']:.3f} | {lp.get('cudaGraphLaunch', 0):.2f} | {single:.1f} |")
+    for r in rows:
+        lines += ["", f"Top kernels, {r['impl']}:", "", "| kernel | device us/token | calls/token |", "|---|---:|---:|"]
+        lines += [f"| `{k['name'][:70]}` | {k['us_per_token']:.1f} | {k['calls_per_token']:.1f} |"
+                  for k in r["top_kernels"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__" and sys.argv[1] == "--report":
+    src, md, *meta = sys.argv[2:]
+    open(md, "w").write(markdown(json.load(open(src)), *meta))
+elif __name__ == "__main__":
     out, spec = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "qwen3-30b-a3b:4")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
