@@ -3,6 +3,8 @@ transformers, and a measured conversion writes its JSON and markdown."""
 
 import json
 
+import pytest
+
 import molae  # noqa: F401
 from molae.bench.convert import DEEPSEEK_V3_LAYER, QWEN15_MOE_A27B, bench_convert, synthetic_checkpoint, write_convert_results
 
@@ -123,6 +125,9 @@ def test_bench_generate_times_each_implementation_of_a_saved_model(tmp_path, cap
         assert "error" not in x, x
         assert [p["tokens"] for p in x["prefill"]] == [8, 16] and all(p["tokens_per_s"] > 0 for p in x["prefill"])
         assert [d["batch"] for d in x["decode"]] == [1, 2] and all(d["tokens_per_s"] > 0 for d in x["decode"])
+        assert [d["batch"] for d in x["decode_graph"]] == [1, 2] and all(d["tokens_per_s"] > 0
+                                                                          for d in x["decode_graph"])
+        assert x["graph_same_tokens"] is True, impl  # the graph loop decodes the same greedy tokens as generate
     assert rows["moe"]["same_tokens_as_reference"] is True  # our standard experts: the same function
     assert rows["moe/grouped"]["same_tokens_as_reference"] is True and rows["moe"]["tokens_reference"] == "hf-eager"
     assert asked and all(a is True for a in asked) and "partial" not in r
@@ -131,7 +136,9 @@ def test_bench_generate_times_each_implementation_of_a_saved_model(tmp_path, cap
     assert rows["molae"]["decode_bytes"] < rows["moe"]["decode_bytes"] == rows["hf-eager"]["decode_bytes"]
     assert rows["molae"]["params"] < rows["moe"]["params"]
     md = (tmp_path / "r" / "generate.md").read_text()
-    assert "MoLAE speed-up" in md and "decode B=2" in md and r["commit"] and r["command"]
+    assert "MoLAE speed-up" in md and "decode B=2" in md and "| graph B=2 |" in md and r["commit"] and r["command"]
+    ran = sum("error" not in x for x in r["rows"])
+    assert f"Graph loop's tokens = generate's: {ran} of {ran} implementations" in md
 
 
 def test_bench_generate_models_are_real_shapes_or_directories(tmp_path, capsys):
@@ -144,3 +151,23 @@ def test_bench_generate_models_are_real_shapes_or_directories(tmp_path, capsys):
     assert main(["bench", "generate", "--model", "nope:3", "--device", "cpu", "--out", str(tmp_path / "o")]) != 0
     err = capsys.readouterr().err
     assert "neither NAME:LAYERS" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_graph_decoder_compiled_decodes_what_generate_decodes(tmp_path):
+    """The graph loop compiled (mode reduce-overhead: CUDA graphs on the GPU, Inductor here, where the experts'
+    host-synced fallback breaks the graph, so not fullgraph) on a tiny Qwen3-MoE with our MoLAE experts: the same
+    greedy tokens as transformers' generate, twice (the cache is reset; each replay's output is cloned)."""
+    import torch
+    from tiny import tiny_model
+
+    from molae.bench.generate import GraphDecoder, build, greedy
+
+    tiny_model("qwen3_moe", dtype=torch.float32).save_pretrained(tmp_path / "src")
+    model = build(str(tmp_path / "src"), "molae", "cpu", torch.bfloat16, 0.5)  # as on the GPU (and float32
+    # grouped_mm has no fake-tensor kernel on the CPU)
+    ids = torch.randint(1, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = greedy(model, ids, 6, compile_=False)[:, 8:]
+        decode = GraphDecoder(model, 8 + 6, compile_=True)
+        assert torch.equal(decode(ids, 6), want) and torch.equal(decode(ids, 6), want)  # again: the cache reset

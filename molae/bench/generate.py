@@ -22,11 +22,18 @@ generation's time from an N-token one's, which on a CPU came out at or below zer
 weight bytes a batch-1 decode step reads (the active parameters: every non-expert weight, top-k experts per
 layer, and for MoLAE the shared latents); and whether its greedy tokens equal hf-eager's (`moe` must: the same
 function). An implementation that fails (say, it cannot be compiled) is recorded with its error, not fatal.
+Beside generate, --loops graph times the decode loop a lean server runs (gpt-fast's): the prompt through one
+forward into a static cache, then each step, the B tokens' forward and the argmax, one call of a function compiled
+with mode reduce-overhead, fullgraph on CUDA (with --compile: one CUDA-graph replay a step, the host free to run ahead),
+timed from the first generated token to the last with one device sync at each end; its greedy tokens must equal
+generate's for the same model (row `graph_same_tokens`). At batch 1 generate's own host loop takes about two thirds
+of every token (results/notes/speed.md, the decode probe): the graph loop is what shows the device's speed.
 Each measurement prints a line as it ends, and the caller gets each finished row (partial results survive).
 """
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -42,6 +49,7 @@ from ..presets import REAL_MODELS
 from .convert import device_name
 from .layer import _sync, median_ms, today
 
+LOOPS = (("decode", "decode"), ("decode_graph", "graph"))  # row key, column label: generate's, the graph loop's
 IMPLS = ("hf-eager", "hf-batched_mm", "hf-grouped_mm", "moe", "molae", "moe/grouped", "molae/grouped")
 STANDARD = ("hf-eager", "hf-batched_mm", "hf-grouped_mm", "moe", "moe/grouped")
 
@@ -164,13 +172,81 @@ def time_decode(model, B: int, new: int, device, compile_: bool = False, repeats
                  tokens_per_s=B * (new - 1) / seconds), timed[0][1][:, prompt:].cpu())
 
 
+class GraphDecoder:
+    """Greedy decoding of B rows the way a lean server runs it (module notes): a static cache of max_len
+    positions, the prompt through one eager forward, then `step` (the forward of B tokens at one position and the
+    argmax) once a token; compile_: `step` compiled with mode reduce-overhead (and fullgraph on CUDA), so each call
+    is one CUDA-graph replay there. Like `greedy`, the end-of-sequence tokens are never chosen (generate's
+    min_new_tokens), so both produce exactly `new` tokens and the same ones."""
+
+    def __init__(self, model, max_len: int, compile_: bool):
+        from transformers import StaticCache
+
+        self.model, self.cache = model, StaticCache(config=model.config, max_cache_len=max_len)
+        # transformers 5.25 renamed the forward's past_key_values to cache (the old name warns); 5.17 has the old
+        self.kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        eos = model.generation_config.eos_token_id
+        self.eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        # fullgraph on CUDA (one graph a step, or an error: what this loop is for); a CPU's experts take the
+        # host-synced fallback (layers._padded_bmm), which breaks the graph
+        full = next(model.parameters()).device.type == "cuda"
+        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=full) if compile_ else self._step
+
+    def _next(self, logits_BV):
+        logits_BV = logits_BV.float()
+        if self.eos:
+            logits_BV[:, self.eos] = float("-inf")
+        return logits_BV.argmax(-1, keepdim=True)  # [B, 1]
+
+    def _step(self, tok_B1, pos_1):
+        out = self.model(input_ids=tok_B1, cache_position=pos_1, use_cache=True, **{self.kw: self.cache})
+        return self._next(out.logits[:, -1])
+
+    def __call__(self, ids_BP, new: int, clock=None) -> torch.Tensor:
+        """The `new` tokens after ids_BP [B, P], [B, new]; clock(): called once the first token is out, and
+        after the last."""
+        self.cache.reset()
+        P, dev = ids_BP.shape[1], ids_BP.device
+        out = self.model(input_ids=ids_BP, cache_position=torch.arange(P, device=dev), use_cache=True,
+                         logits_to_keep=1, **{self.kw: self.cache})
+        toks = [self._next(out.logits[:, -1])]
+        clock and clock()
+        pos = torch.tensor([P], device=dev)
+        for _ in range(new - 1):
+            toks.append(self.step(toks[-1], pos).clone())  # clone: a graph's output is overwritten by its next replay
+            pos += 1
+        clock and clock()
+        return torch.cat(toks, 1)
+
+
+def time_graph_decode(model, B: int, new: int, device, compile_: bool = False, repeats: int = 3,
+                      prompt: int = 32) -> tuple[dict, torch.Tensor]:
+    """GraphDecoder's decode tokens/s from the first generated token to the last (synced at both ends only), and
+    its tokens [B, new]; the same prompt as time_decode's."""
+    gen = torch.Generator(device).manual_seed(B)
+    ids = torch.randint(1, model.config.vocab_size, (B, prompt), generator=gen, device=device)
+    decode = GraphDecoder(model, prompt + new, compile_)
+
+    def run():
+        times = []
+        out = decode(ids, new, clock=lambda: (_sync(device), times.append(time.perf_counter())))
+        return times[1] - times[0], out
+
+    with torch.no_grad():
+        warm = settle(run)
+        timed = [run() for _ in range(repeats)]
+    seconds = statistics.median(t for t, _ in timed)
+    return (dict(batch=B, new_tokens=new, decode_seconds=seconds, warmup_calls=warm,
+                 tokens_per_s=B * (new - 1) / seconds), timed[0][1].cpu())
+
+
 def bench_generate(specs, impls, prefill, batches, new_tokens, device, dtype, budget, compile_: bool,
-                   on_row=None) -> dict:
+                   on_row=None, loops=("generate", "graph")) -> dict:
     """Every implementation of every model, one after another; on_row(result so far) after each row."""
     rows = []
     meta = dict(prefill=list(prefill), batches=list(batches), new_tokens=new_tokens, budget=budget, compile=compile_,
-                dtype=str(dtype).removeprefix("torch."), device=device_name(device), torch=torch.__version__,
-                date=today())
+                loops=list(loops), dtype=str(dtype).removeprefix("torch."), device=device_name(device),
+                torch=torch.__version__, date=today())
     for spec in specs:
         reference = None
         for impl in impls:
@@ -191,11 +267,23 @@ def bench_generate(specs, impls, prefill, batches, new_tokens, device, dtype, bu
                 for P in prefill:
                     row["prefill"].append(time_prefill(model, P, device, forward))
                     say(f"prefill {P}: {row['prefill'][-1]['tokens_per_s']:,.0f} tokens/s")
-                decoded = []
+                decoded, graphed = [], []
                 for B in batches:
-                    decoded.append(time_decode(model, B, new_tokens, device, compile_))
-                    say(f"decode batch {B}: {decoded[-1][0]['tokens_per_s']:,.1f} tokens/s")
-                row["decode"], tokens = [d for d, _ in decoded], decoded[0][1]
+                    if "generate" in loops:
+                        decoded.append(time_decode(model, B, new_tokens, device, compile_))
+                        say(f"decode batch {B}: {decoded[-1][0]['tokens_per_s']:,.1f} tokens/s")
+                    if "graph" in loops and "graph_error" not in row:
+                        try:  # a loop that cannot compile here costs its own cells, not generate's
+                            graphed.append(time_graph_decode(model, B, new_tokens, device, compile_))
+                            say(f"decode batch {B}, graph loop: {graphed[-1][0]['tokens_per_s']:,.1f} tokens/s")
+                        except Exception as e:  # noqa: BLE001
+                            row["graph_error"] = error_record(e)
+                            say(f"graph loop failed: {row['graph_error']}")
+                            graphed = []
+                row["decode"], row["decode_graph"] = [d for d, _ in decoded], [d for d, _ in graphed]
+                if decoded and len(graphed) == len(decoded):  # the same greedy function: the same tokens
+                    row["graph_same_tokens"] = all(torch.equal(a[1], b[1]) for a, b in zip(decoded, graphed))
+                tokens = (decoded or graphed)[0][1]
                 if reference is None and impl in STANDARD:
                     reference = (impl, tokens)
                 row["tokens_reference"] = reference and reference[0]
@@ -224,23 +312,33 @@ def report(result: dict) -> str:
              "to the last", ""]
     for model in dict.fromkeys(x["model"] for x in r["rows"]):
         rows = [x for x in r["rows"] if x["model"] == model]
+        loops = [k for k, _ in LOOPS if any(x.get(k) for x in rows)]
+        heads = [f"{label} B={b}" for k, label in LOOPS if k in loops for b in r["batches"]]
         lines += [f"## {model}", "",
                   "| impl | params | decode bytes/token | " + " | ".join(f"prefill {p}" for p in r["prefill"]) + " | "
-                  + " | ".join(f"decode B={b}" for b in r["batches"]) + " | peak GB | greedy tokens = reference's |",
-                  "|---|---:|---:|" + "---:|" * (len(r["prefill"]) + len(r["batches"])) + "---:|---|"]
+                  + " | ".join(heads) + " | peak GB | greedy tokens = reference's |",
+                  "|---|---:|---:|" + "---:|" * (len(r["prefill"]) + len(heads)) + "---:|---|"]
         for x in rows:
             if "error" in x:
                 lines.append(f"| {x['impl']} | failed: {x['error']} |")
                 continue
-            cells = [f"{p['tokens_per_s']:,.0f}" for p in x["prefill"]] + [f"{d['tokens_per_s']:,.1f}"
-                                                                           for d in x["decode"]]
+            cells = [f"{p['tokens_per_s']:,.0f}" for p in x["prefill"]]
+            for k in loops:  # a loop that failed (graph_error) leaves its cells empty
+                cells += [f"{d['tokens_per_s']:,.1f}" for d in x[k]] if x.get(k) else [""] * len(r["batches"])
             peak = "" if x["peak_gb"] is None else f"{x['peak_gb']:.1f}"
             same = x["same_tokens_as_reference"]
             same = "" if same is None else f"{same} ({x['tokens_reference']})"
             lines.append(f"| {x['impl']} | {x['params'] / 1e6:,.1f}M | {x['decode_bytes'] / 1e6:,.1f} MB | "
                          + " | ".join(cells) + f" | {peak} | {same} |")
-        lines += ["", "Cells: tokens/s. The reference: the first standard implementation run (the standard ones "
-                  "compute the same function, so they should agree; MoLAE need not).", ""] + _speedups(r, rows)
+        graph_same = [x["graph_same_tokens"] for x in rows if "graph_same_tokens" in x]
+        graph_failed = [f"{x['impl']} ({x['graph_error']})" for x in rows if "graph_error" in x]
+        lines += ["", "Cells: tokens/s. decode: transformers' `generate`; graph: the graph loop (one compiled step a "
+                  "token). The reference: the first standard implementation run (the standard ones compute the same "
+                  "function, so they should agree; MoLAE need not)."
+                  + (f" Graph loop's tokens = generate's: {sum(graph_same)} of {len(graph_same)} implementations."
+                     if graph_same else "")
+                  + (f" Graph loop failed: {'; '.join(graph_failed)}." if graph_failed else ""), ""]
+        lines += _speedups(r, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -252,11 +350,14 @@ def _speedups(r, rows) -> list[str]:
         return []
     lines = ["| measure | fastest standard | MoLAE speed-up | bytes ratio (standard / MoLAE) "
              "| speed-up / bytes ratio |", "|---|---|---:|---:|---:|"]
-    for i, b in enumerate(r["batches"]):
-        best = max(std, key=lambda x: x["decode"][i]["tokens_per_s"])
-        s = mol["decode"][i]["tokens_per_s"] / best["decode"][i]["tokens_per_s"]
-        ratio = best["decode_bytes"] / mol["decode_bytes"]
-        lines.append(f"| decode B={b} | {best['impl']} | {s:.2f}x | {ratio:.2f}x | {100 * s / ratio:.0f}% |")
+    for key, label in LOOPS:
+        if not mol.get(key) or not all(x.get(key) for x in std):
+            continue
+        for i, b in enumerate(r["batches"]):
+            best = max(std, key=lambda x: x[key][i]["tokens_per_s"])
+            s = mol[key][i]["tokens_per_s"] / best[key][i]["tokens_per_s"]
+            ratio = best["decode_bytes"] / mol["decode_bytes"]
+            lines.append(f"| {label} B={b} | {best['impl']} | {s:.2f}x | {ratio:.2f}x | {100 * s / ratio:.0f}% |")
     for i, p in enumerate(r["prefill"]):
         best = max(std, key=lambda x: x["prefill"][i]["tokens_per_s"])
         s = mol["prefill"][i]["tokens_per_s"] / best["prefill"][i]["tokens_per_s"]
@@ -285,7 +386,7 @@ def cmd_bench_generate(args):
         write_json_atomically(args.out / "generate.json", dict(result, **run, partial=True))
 
     result = bench_generate(specs, args.impls, args.prefill, args.batch, args.new_tokens, args.device,
-                            getattr(torch, args.dtype), args.budget, args.compile, on_row=partial)
+                            getattr(torch, args.dtype), args.budget, args.compile, on_row=partial, loops=args.loops)
     result.update(run)
     write_json_atomically(args.out / "generate.json", result)
     write_text_atomically(args.out / "generate.md", report(result))
@@ -313,6 +414,9 @@ def add_commands(bench):
     bg.add_argument("--budget", type=fraction, default=0.5,
                     help="MoLAE: fraction of the routed-expert parameters kept (default 0.5)")
     bg.add_argument("--compile", action="store_true", help="torch.compile the forward (mode reduce-overhead)")
+    bg.add_argument("--loops", type=comma_list(("generate", "graph")), default=("generate", "graph"),
+                    help="decode loops timed: transformers' generate, and the graph loop (one compiled step a token, "
+                         "as gpt-fast decodes); default both")
     bg.add_argument("--device", default="cuda", help="cuda (default) or cpu (for trying the harness)")
     bg.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="weights and activations (default bfloat16)")

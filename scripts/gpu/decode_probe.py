@@ -20,34 +20,37 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from molae.bench.generate import build, greedy, settle
+from molae.bench.generate import GraphDecoder, build, greedy, settle
 from molae.bench.layer import _sync
 
 LAUNCHES = ("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
-def probe(spec: str, impl: str, device: str, new: int = 33) -> dict:
+def probe(spec: str, impl: str, device: str, new: int = 33, loop: str = "generate") -> dict:
+    """loop: generate (transformers') or graph (bench generate's GraphDecoder: one compiled step a token)."""
     torch._dynamo.reset()  # each implementation compiles from scratch (as bench generate does)
     model = build(spec, impl, device, torch.bfloat16, 0.5)
     ids = torch.randint(1, model.config.vocab_size, (1, 32), device=device)
     compile_ = device == "cuda"
+    decoder = GraphDecoder(model, 32 + new, compile_) if loop == "graph" else None
+    call = (lambda: decoder(ids, new)) if decoder else (lambda: greedy(model, ids, new, compile_))
     with torch.no_grad():
-        warm = settle(lambda: greedy(model, ids, new, compile_))
+        warm = settle(call)
         _sync(device)
         t0 = time.perf_counter()
-        greedy(model, ids, new, compile_)
+        call()
         _sync(device)
         wall = time.perf_counter() - t0
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if compile_ else [])
         with profile(activities=acts) as prof:
-            greedy(model, ids, new, compile_)
+            call()
             _sync(device)
     events = prof.key_averages()  # per token: over the prompt's forward and the new - 1 decode steps
     launches = {e.key: e.count for e in events if e.key in LAUNCHES}
     kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: -e.self_device_time_total)
     device_us = sum(e.self_device_time_total for e in kernels)
-    row = dict(model=spec, impl=impl, new_tokens=new, warmup_calls=warm, wall_ms_per_token=wall / new * 1e3,
+    row = dict(model=spec, impl=impl, loop=loop, new_tokens=new, warmup_calls=warm, wall_ms_per_token=wall / new * 1e3,
                device_ms_per_token=device_us / new / 1e3, launches_per_token={k: v / new for k, v in launches.items()},
                top_kernels=[dict(name=e.key[:120], calls_per_token=e.count / new,
                                  us_per_token=e.self_device_time_total / new) for e in kernels[:15]],
@@ -58,17 +61,21 @@ def probe(spec: str, impl: str, device: str, new: int = 33) -> dict:
 def markdown(rows: list[dict], commit: str, device: str, date: str, command: str) -> str:
     lines = [f"# [12] Compiled batch-1 decode: where a token's time goes ({rows[0]['model']})", "",
              f"Commit `{commit}`, {device}, {date}, torch {rows[0]['torch']}. Command: `{command}`.", "",
-             "Per generated token, over one settled `generate` call of "
-             f"{rows[0]['new_tokens']} new tokens after a 32-token prompt (the prompt's forward included).", "",
-             "| impl | params | wall ms/token | device ms/token | CUDA graph replays/token | single launches/token |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "Per generated token, over one settled decode call (loop generate: transformers' `generate`; graph: "
+             f"bench generate's GraphDecoder) of {rows[0]['new_tokens']} new tokens after a 32-token prompt (the "
+             "prompt's forward included).", "",
+             "| impl | loop | params | wall ms/token | device ms/token | CUDA graph replays/token | "
+             "single launches/token |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lp = r["launches_per_token"]
         single = sum(v for k, v in lp.items() if k != "cudaGraphLaunch")
-        lines.append(f"| {r['impl']} | {r['params'] / 1e9:.2f}B | {r['wall_ms_per_token']:.3f} | "
+        lines.append(f"| {r['impl']} | {r.get('loop', 'generate')} | {r['params'] / 1e9:.2f}B | "
+                     f"{r['wall_ms_per_token']:.3f} | "
                      f"{r['device_ms_per_token']:.3f} | {lp.get('cudaGraphLaunch', 0):.2f} | {single:.1f} |")
     for r in rows:
-        lines += ["", f"Top kernels, {r['impl']}:", "", "| kernel | device us/token | calls/token |", "|---|---:|---:|"]
+        lines += ["", f"Top kernels, {r['impl']}, {r.get('loop', 'generate')}:", "",
+                  "| kernel | device us/token | calls/token |", "|---|---:|---:|"]
         lines += [f"| `{k['name'][:70]}` | {k['us_per_token']:.1f} | {k['calls_per_token']:.1f} |"
                   for k in r["top_kernels"]]
     return "\n".join(lines) + "\n"
@@ -81,12 +88,14 @@ elif __name__ == "__main__":
     out, spec = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "qwen3-30b-a3b:4")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    for impl in os.environ.get("PROBE_IMPLS", "moe,molae").split(","):
-        rows.append(probe(spec, impl, device))
+    for impl, loop in [(i, lp) for i in os.environ.get("PROBE_IMPLS", "moe,molae").split(",")
+                       for lp in os.environ.get("PROBE_LOOPS", "generate,graph").split(",")]:
+        rows.append(probe(spec, impl, device, loop=loop))
         if device == "cuda":
             torch.cuda.empty_cache()
         r = rows[-1]
-        print(f"{spec} {impl}: {r['wall_ms_per_token']:.3f} ms/token wall, {r['device_ms_per_token']:.3f} on the "
+        print(f"{spec} {impl} ({loop}): {r['wall_ms_per_token']:.3f} ms/token wall, "
+              f"{r['device_ms_per_token']:.3f} on the "
               f"device; launches/token {json.dumps({k: round(v, 1) for k, v in r['launches_per_token'].items()})}",
               flush=True)
         for k in r["top_kernels"][:8]:
