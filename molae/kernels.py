@@ -160,6 +160,11 @@ def _add_pieces(parts: torch.Tensor, dtype) -> torch.Tensor:
     return out
 
 
+def _block_k(slot_TK: torch.Tensor) -> int:
+    """The kernels' vector width over a token's K slots (a power of two, at least K)."""
+    return triton.next_power_of_2(slot_TK.shape[1])
+
+
 def _chunk(n_in: int, split: int) -> int:
     return triton.cdiv(triton.cdiv(n_in, split), BLOCK_IN) * BLOCK_IN
 
@@ -173,7 +178,8 @@ def _gemv_kinds(x_TI: torch.Tensor, Ws: tuple, slot_TK: torch.Tensor, per_group:
     Wa, Wb = Ws[0].contiguous(), Ws[-1].contiguous()
     _group_gemv[(T, G, len(Ws) * blocks * split)](
         x_TI.contiguous(), Wa, Wb, slot_TK.contiguous(), z, n_in, R, per_group, slot_TK.shape[1], split,
-        _chunk(n_in, split), len(Ws), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN, num_warps=GEMV_WARPS)
+        _chunk(n_in, split), len(Ws), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN, BLOCK_K=_block_k(slot_TK),
+        num_warps=GEMV_WARPS)
     return finish(z)
 
 
@@ -223,7 +229,7 @@ def _slot_sum_call(h_SF: torch.Tensor, W_ERF: torch.Tensor, slot_TK: torch.Tenso
                                         num_warps=GEMV_WARPS)
     u = torch.empty(T, G, R, dtype=h_SF.dtype, device=h_SF.device)
     _group_reduce[(T, G, triton.cdiv(R, BLOCK_REDUCE))](y, slot, u, T * K, K, R, per_group, split,
-                                                         BLOCK=BLOCK_REDUCE)
+                                                         BLOCK=BLOCK_REDUCE, BLOCK_K=_block_k(slot_TK))
     return u
 
 
@@ -238,7 +244,7 @@ def _group_sum_call(u_TGI: torch.Tensor, W_GRI: torch.Tensor, slot_TK: torch.Ten
     _group_sum[(T, blocks * split)](
         u_TGI.contiguous(), W_GRI.contiguous(), slot_TK.contiguous(), y, G, n_in, R, per_group,
         slot_TK.shape[1], split, _chunk(n_in, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
-        num_warps=GEMV_WARPS)
+        BLOCK_K=_block_k(slot_TK), num_warps=GEMV_WARPS)
     return finish(y)
 
 
@@ -357,21 +363,25 @@ if triton is not None:
         return pid // split, piece, lo, tl.minimum(lo + chunk, n_in)
 
     @triton.jit
-    def _uses_group(slot_ptr, t, K, g, per_group):
-        used = tl.full([], 0, tl.int32)
-        for k in range(K):
-            used = tl.maximum(used, (tl.load(slot_ptr + t * K + k) // per_group == g).to(tl.int32))
-        return used
+    def _in_group(slot_ptr, t, K, g, per_group, BLOCK_K: tl.constexpr):
+        """[BLOCK_K] bool: which of token t's K slots are in group g, from one vector load of its slot ids (a loop
+        of K scalar loads, each waiting on the last, put microseconds of latency in front of every program)."""
+        ks = tl.arange(0, BLOCK_K)
+        return (ks < K) & (tl.load(slot_ptr + t * K + ks, mask=ks < K, other=0) // per_group == g)
+
+    @triton.jit
+    def _uses_group(slot_ptr, t, K, g, per_group, BLOCK_K: tl.constexpr):
+        return tl.max(_in_group(slot_ptr, t, K, g, per_group, BLOCK_K).to(tl.int32), axis=0)
 
     @triton.jit
     def _group_gemv(x_ptr, Wa_ptr, Wb_ptr, slot_ptr, z_ptr, n_in, R, per_group, K, split, chunk, kinds,
-                    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
         """z[piece, kind, t, g, rows] = W_kind[g, rows, piece's columns] @ x[t, ...]; kind 0 reads Wa, 1 Wb."""
         t, g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         T, G = tl.num_programs(0), tl.num_programs(1)
         per_kind = tl.num_programs(2) // kinds
         kind = tl.program_id(2) // per_kind
-        if _uses_group(slot_ptr, t, K, g, per_group) > 0:
+        if _uses_group(slot_ptr, t, K, g, per_group, BLOCK_K) > 0:
             block, piece, lo, hi = _piece(tl.program_id(2) % per_kind, split, chunk, n_in)
             rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
             if kind == 0:
@@ -406,14 +416,17 @@ if triton is not None:
         tl.store(y_ptr + (piece.to(tl.int64) * S + s) * R + rows, y, mask=rows < R)
 
     @triton.jit
-    def _group_reduce(y_ptr, slot_ptr, u_ptr, S, K, R, per_group, split, BLOCK: tl.constexpr):
+    def _group_reduce(y_ptr, slot_ptr, u_ptr, S, K, R, per_group, split, BLOCK: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
         t, g = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         cols = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+        ks = tl.arange(0, BLOCK_K)
+        mask = _in_group(slot_ptr, t, K, g, per_group, BLOCK_K)[:, None] & (cols[None, :] < R)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in range(K):  # t's slots in group g, in a fixed order (and their pieces): no atomics
-            if tl.load(slot_ptr + t * K + k) // per_group == g:
-                for piece in range(split):
-                    acc += tl.load(y_ptr + (piece * S + t * K + k) * R + cols, mask=cols < R, other=0.0)
+        for piece in range(split):  # t's slots in group g as one [BLOCK_K, BLOCK] load a piece, summed in a fixed
+            # order: no atomics, the same sum every run
+            tile = tl.load(y_ptr + (piece * S + t * K + ks[:, None]) * R + cols[None, :], mask=mask, other=0.0)
+            acc += tl.sum(tile, axis=0)
         tl.store(u_ptr + (t * tl.num_programs(1) + g) * R + cols, acc.to(u_ptr.dtype.element_ty), mask=cols < R)
 
     @triton.jit
@@ -426,13 +439,13 @@ if triton is not None:
 
     @triton.jit
     def _group_sum(u_ptr, W_ptr, slot_ptr, y_ptr, G, n_in, R, per_group, K, split, chunk,
-                   BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         block, piece, lo, hi = _piece(tl.program_id(1), split, chunk, n_in)
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
         for g in range(G):
-            if _uses_group(slot_ptr, t, K, g, per_group) > 0:
+            if _uses_group(slot_ptr, t, K, g, per_group, BLOCK_K) > 0:
                 u_row = u_ptr + (t * G + g) * n_in
                 acc += _rows_dot(W_ptr + g * R * n_in, u_row, rows, R, n_in, lo, hi, BLOCK_R, BLOCK_I)
         out = y_ptr + (piece.to(tl.int64) * tl.num_programs(0) + t) * R + rows

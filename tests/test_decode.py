@@ -102,14 +102,14 @@ def test_triton_kernels_compile_for_hopper():
         split = dict(split=i32, chunk=i32)
         cases = {
             "_group_gemv": (dict(x_ptr=p, Wa_ptr=p, Wb_ptr=p, slot_ptr=i64, z_ptr=p, n_in=i32, R=i32, per_group=i32,
-                                 K=i32, **split, kinds=i32), rows),
+                                 K=i32, **split, kinds=i32), dict(rows, BLOCK_K=8)),
             "_slot_swiglu": (dict(zg_ptr=p, zu_ptr=p, Wg_ptr=p, Wu_ptr=p, slot_ptr=i64, w_ptr="*fp32", h_ptr=p, K=i32,
                                   F_=i32, Gg=i32, Ig=i32, Gu=i32, Iu=i32, per_g=i32, per_u=i32), rows),
             "_slot_gemv": (dict(h_ptr=p, W_ptr=p, slot_ptr=i64, y_ptr="*fp32", S=i32, R=i32, F_=i32, **split), rows),
             "_group_reduce": (dict(y_ptr="*fp32", slot_ptr=i64, u_ptr=p, S=i32, K=i32, R=i32, per_group=i32,
-                                   split=i32), dict(BLOCK=K.BLOCK_REDUCE)),
+                                   split=i32), dict(BLOCK=K.BLOCK_REDUCE, BLOCK_K=8)),
             "_group_sum": (dict(u_ptr=p, W_ptr=p, slot_ptr=i64, y_ptr=p, G=i32, n_in=i32, R=i32, per_group=i32, K=i32,
-                                **split), rows),
+                                **split), dict(rows, BLOCK_K=8)),
             "_add_split": (dict(parts_ptr="*fp32", out_ptr=p, n=i32, split=i32), dict(BLOCK=K.BLOCK_REDUCE)),
             "_swiglu_fwd": (dict(gate_ptr=p, up_ptr=p, w_ptr="*fp32", h_ptr=p, F_=i32), dict(BLOCK=K.BLOCK_F)),
             "_swiglu_bwd": (dict(gate_ptr=p, up_ptr=p, w_ptr="*fp32", dh_ptr=p, dgate_ptr=p, dup_ptr=p, dw_ptr="*fp32",
