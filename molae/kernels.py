@@ -13,13 +13,15 @@ reads, one write), and its backward is one pass that also reduces the weight's g
 
 The decode kernels (few tokens: T*K small) read each needed weight once, straight from the stacked [E, ...]
 and [G, ...] tensors by the router's expert ids, with no sort, no gather of weights and no host sync, so a
-decode step is five launches where gate and up share a latent size (slot_sum is two; two more where GEMVs
-split, below), that CUDA graphs can capture:
+decode step is four launches where gate and up share a latent size and down is factorized (slot_group_sum is
+two; one more per GEMV that splits, below), that CUDA graphs can capture:
   group_gemv(x_TI, W_GRI, slot_TK, per_group)    -> z [T, G, R]: W_g x_t for the groups g t's experts are in
   group_gemv_pair(x_TI, Wa, Wb, slot_TK, per_group) -> [2, T, G, R]: the same for gate's and up's B in one launch
   slot_swiglu(zg, zu, Wg_EFI, Wu_EFI, slot_TK, w_TK, per_g, per_u) -> h [T*K, F]: silu(Wg_e zg) * (Wu_e zu) * w
   slot_sum(h_SF, W_ERF, slot_TK, per_group, G)  -> u [T, G, R]: sum over t's slots in group g of W_e h
   group_sum(u_TGI, W_GRI, slot_TK, per_group)   -> y [T, R]: sum over t's groups of W_g u_tg
+  slot_group_sum(h_SF, A_ERF, B_GDR, slot_TK, per_group) -> y [T, D]: group_sum(slot_sum(h, A)) with u never
+                                                   written (the decode path's factorized down projection)
 A whole (unfactorized) kind is the same GEMV with one "group" holding every expert (per_group = E). Where one
 token's GEMV would leave most SMs idle, group_gemv, slot_sum and group_sum split their dot products into pieces
 (float32 partial sums, added and cast by one more launch: `_split`). Rows
@@ -130,6 +132,16 @@ def group_sum_reference(u_TGI, W_GRI, slot_TK, per_group: int):
     return torch.einsum("gri,tgi->tr", W_GRI.to(u.dtype), u).to(u_TGI.dtype)
 
 
+def slot_group_sum_reference(h_SF, A_ERF, B_GDR, slot_TK, per_group: int):
+    """y[t] = sum over t's groups g of B[g] @ (sum over k with slot[t, k] in g of A[slot[t, k]] @ h[t*K+k]):
+    group_sum(slot_sum(...)) with nothing rounded between (sum_g B_g sum_(k in g) y_k = sum_k B_g(k) y_k)."""
+    T, K = slot_TK.shape
+    dt = _wide(h_SF)
+    e = slot_TK.reshape(-1).long()
+    y_TKR = torch.einsum("srf,sf->sr", A_ERF.to(dt)[e], h_SF.to(dt)).view(T, K, -1)
+    return torch.einsum("tkdr,tkr->td", B_GDR.to(dt)[slot_TK.long() // per_group], y_TKR).to(h_SF.dtype)
+
+
 def _split(programs: int, n_in: int, device) -> int:
     """How many pieces a decode GEMV splits its input (dot-product) dimension into: enough that about
     SPLIT_PROGRAMS_PER_SM programs per SM stream weights (one token's GEMV has only R / BLOCK_ROWS programs
@@ -233,6 +245,32 @@ def _slot_sum_call(h_SF: torch.Tensor, W_ERF: torch.Tensor, slot_TK: torch.Tenso
     return u
 
 
+def _slot_group_sum_call(h_SF: torch.Tensor, A_ERF: torch.Tensor, B_GDR: torch.Tensor, slot_TK: torch.Tensor,
+                         per_group: int) -> torch.Tensor:
+    """Two launches (three where the second splits): every slot's GEMV A_e h_s (slot_sum's first), then per token
+    and block of output rows the latent sums u_tg of its slots' pieces read straight from those float32 partials
+    and multiplied by B_g (slot_sum's reduction and group_sum in one kernel; u never goes to memory)."""
+    if not triton_ok(h_SF):
+        return slot_group_sum_reference(h_SF, A_ERF, B_GDR, slot_TK, per_group)
+    T, K = slot_TK.shape
+    L, F_ = A_ERF.shape[1:]
+    G, D = B_GDR.shape[:2]
+    blocks = triton.cdiv(L, BLOCK_ROWS)
+    split_y = _split(T * K * blocks, F_, h_SF.device)
+    y = torch.empty(split_y, T * K, L, dtype=torch.float32, device=h_SF.device)
+    slot = slot_TK.contiguous()
+    _slot_gemv[(T * K, blocks * split_y)](h_SF.contiguous(), A_ERF.contiguous(), slot, y, T * K, L, F_, split_y,
+                                          _chunk(F_, split_y), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
+                                          num_warps=GEMV_WARPS)
+    blocks = triton.cdiv(D, BLOCK_ROWS)
+    split = _split(T * blocks, L, h_SF.device)
+    out, finish = _split_out((T, D), split, h_SF.dtype, h_SF.device)
+    _group_sum_slots[(T, blocks * split)](y, B_GDR.contiguous(), slot, out, T * K, G, L, D, per_group, K, split_y,
+                                          split, _chunk(L, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
+                                          BLOCK_K=_block_k(slot_TK), num_warps=GEMV_WARPS)
+    return finish(out)
+
+
 def _group_sum_call(u_TGI: torch.Tensor, W_GRI: torch.Tensor, slot_TK: torch.Tensor, per_group: int) -> torch.Tensor:
     if not triton_ok(u_TGI):
         return group_sum_reference(u_TGI, W_GRI, slot_TK, per_group)
@@ -271,6 +309,8 @@ slot_sum = _decode_op("slot_sum", _slot_sum_call,
                       lambda h, W, s, per, G: h.new_empty(s.shape[0], G, W.shape[1]))
 group_sum = _decode_op("group_sum", _group_sum_call,
                        lambda u, W, s, per: u.new_empty(u.shape[0], W.shape[1]))
+slot_group_sum = _decode_op("slot_group_sum", _slot_group_sum_call,
+                            lambda h, A, B, s, per: h.new_empty(s.shape[0], B.shape[1]))
 
 
 BLOCK_ROWS = 16  # output rows per decode program
@@ -452,6 +492,33 @@ if triton is not None:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rows < R)
 
     @triton.jit
+    def _group_sum_slots(y_ptr, W_ptr, slot_ptr, out_ptr, S, G, n_in, R, per_group, K, split_y, split, chunk,
+                         BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[piece, t, rows] = sum over t's groups g of W[g, rows, piece's columns] @ u_tg, where u_tg = the sum
+        of slot_gemv's float32 partials y[p, t*K+k] over t's slots k in g and the pieces p, loaded as one
+        [BLOCK_K, BLOCK_I] tile a piece per step of the dot product."""
+        t = tl.program_id(0).to(tl.int64)
+        block, piece, lo, hi = _piece(tl.program_id(1), split, chunk, n_in)
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for g in range(G):
+            member = _in_group(slot_ptr, t, K, g, per_group, BLOCK_K)
+            if tl.max(member.to(tl.int32), axis=0) > 0:
+                for start in range(lo, hi, BLOCK_I):
+                    cols = start + tl.arange(0, BLOCK_I)
+                    u = tl.zeros([BLOCK_I], dtype=tl.float32)
+                    for p in range(split_y):  # a fixed order: the same sum every run
+                        u += tl.sum(tl.load(y_ptr + (p * S + t * K + ks[:, None]) * n_in + cols[None, :],
+                                            mask=member[:, None] & (cols[None, :] < hi), other=0.0), axis=0)
+                    mask = (rows[:, None] < R) & (cols[None, :] < hi)
+                    w = tl.load(W_ptr + g * R * n_in + rows[:, None] * n_in + cols[None, :], mask=mask,
+                                other=0.0).to(tl.float32)
+                    acc += tl.sum(w * u[None, :], axis=1)
+        out = out_ptr + (piece.to(tl.int64) * tl.num_programs(0) + t) * R + rows
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rows < R)
+
+    @triton.jit
     def _zero_idle(w_ptr, rows_ptr, n, BLOCK: tl.constexpr):
         e = tl.program_id(0)
         if tl.load(rows_ptr + e) == 0:  # programs of experts that got rows return at once
@@ -461,4 +528,5 @@ if triton is not None:
 
 __all__ = ["triton_ok", "swiglu_weighted", "swiglu_weighted_reference", "zero_idle_experts", "zero_idle_experts_reference",
            "group_gemv", "group_gemv_reference", "group_gemv_pair", "group_gemv_pair_reference", "slot_swiglu",
-           "slot_swiglu_reference", "slot_sum", "slot_sum_reference", "group_sum", "group_sum_reference"]
+           "slot_swiglu_reference", "slot_sum", "slot_sum_reference", "group_sum", "group_sum_reference",
+           "slot_group_sum", "slot_group_sum_reference"]

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import (group_gemv, group_gemv_pair, group_sum, slot_sum, slot_swiglu, swiglu_weighted, triton_ok,
-                      zero_idle_experts)
+from .kernels import (group_gemv, group_gemv_pair, slot_group_sum, slot_sum, slot_swiglu, swiglu_weighted,
+                      triton_ok, zero_idle_experts)
 from .presets import REAL_MODELS, moe_layer
 
 KINDS = ("gate", "up", "down")  # projection kinds of a SwiGLU expert
@@ -528,8 +528,9 @@ class Experts(nn.Module):
     def forward_decode(self, x_TD, idx_TK, w_TK):
         """For few tokens (decode, small batches): each slot's expert GEMVs read its weights where they are
         stored (molae.kernels' decode kernels; their references off CUDA), the shared projections run only
-        for the groups a token uses, routed outputs sum in latent space per group: five launches where gate and
-        up share a latent size (seven where GEMVs split), no sort, no host sync (CUDA-graph capturable).
+        for the groups a token uses, routed outputs sum in latent space per group: four launches where gate and
+        up share a latent size and down is factorized (one more per GEMV that splits), no sort, no host sync
+        (CUDA-graph capturable).
         Inference only: no autograd."""
         if self._needs_grad(x_TD):
             raise ValueError("impl='decode' has no backward: run it under torch.no_grad(), or use impl='fast'")
@@ -553,8 +554,8 @@ class Experts(nn.Module):
         h_SF = slot_swiglu(z_gate, z_up, W["gate"], W["up"], s_TK, w_TK, per_gate, per_up)  # [T*K, F]
         if "down" not in self.latent:
             return slot_sum(h_SF, W["down"], s_TK, E, 1)[:, 0]  # [T, D]
-        u_TGL = slot_sum(h_SF, W["down"], s_TK, per, G)  # u_tg = sum_k w_k A_k h_k over t's slots in g
-        return group_sum(u_TGL, param("down_B"), s_TK, per)  # y_t = sum_g B_g u_tg
+        # y_t = sum_g B_g u_tg, u_tg = sum_k w_k A_k h_k over t's slots in g (u kept in float32, not stored)
+        return slot_group_sum(h_SF, W["down"], param("down_B"), s_TK, per)
 
 
 def decode_fits(tokens: int, top_k: int, n_experts: int, latent: bool, groups: int = 1) -> bool:

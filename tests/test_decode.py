@@ -51,7 +51,7 @@ def test_decode_path_compiles_with_its_kernels_as_custom_ops():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, idx, w), m.forward_reference(x, idx, w))
     code = graphs[0].code
-    for op in ("group_gemv_pair", "slot_swiglu", "slot_sum", "group_sum"):  # each kernel one opaque op in the graph
+    for op in ("group_gemv_pair", "slot_swiglu", "slot_group_sum"):  # each kernel one opaque op in the graph
         assert f"torch.ops.molae.{op}" in code, op
     with torch.no_grad():  # and inductor compiles around them
         torch.testing.assert_close(torch.compile(m.forward_decode)(x, idx, w), m.forward_reference(x, idx, w))
@@ -110,6 +110,8 @@ def test_triton_kernels_compile_for_hopper():
                                    split=i32), dict(BLOCK=K.BLOCK_REDUCE, BLOCK_K=8)),
             "_group_sum": (dict(u_ptr=p, W_ptr=p, slot_ptr=i64, y_ptr=p, G=i32, n_in=i32, R=i32, per_group=i32, K=i32,
                                 **split), dict(rows, BLOCK_K=8)),
+            "_group_sum_slots": (dict(y_ptr="*fp32", W_ptr=p, slot_ptr=i64, out_ptr=p, S=i32, G=i32, n_in=i32, R=i32,
+                                      per_group=i32, K=i32, split_y=i32, **split), dict(rows, BLOCK_K=8)),
             "_add_split": (dict(parts_ptr="*fp32", out_ptr=p, n=i32, split=i32), dict(BLOCK=K.BLOCK_REDUCE)),
             "_swiglu_fwd": (dict(gate_ptr=p, up_ptr=p, w_ptr="*fp32", h_ptr=p, F_=i32), dict(BLOCK=K.BLOCK_F)),
             "_swiglu_bwd": (dict(gate_ptr=p, up_ptr=p, w_ptr="*fp32", dh_ptr=p, dgate_ptr=p, dup_ptr=p, dw_ptr="*fp32",

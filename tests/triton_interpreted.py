@@ -69,6 +69,21 @@ def test_slot_sum_and_group_sum(T, Kk, E, G, R, F_):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("T,Kk,E,G,L,F_,D", [(1, 8, 16, 1, 19, 130, 23), (3, 4, 8, 4, 40, 20, 17),
+                                               (2, 3, 12, 12, 7, 16, 9), (1, 3, 12, 4, 7, 600, 5),
+                                               (1, 2, 8, 1, 530, 30, 33), (1, 8, 8, 2, 300, 40, 1100)])  # splits
+def test_slot_group_sum(T, Kk, E, G, L, F_, D):
+    g = rng()
+    h, A = torch.randn(T * Kk, F_, generator=g), torch.randn(E, L, F_, generator=g)
+    B = torch.randn(G, D, L, generator=g)
+    s = slots(T, E, Kk, g)
+    y, ref = K.slot_group_sum(h, A, B, s, E // G), K.slot_group_sum_reference(h, A, B, s, E // G)
+    tol = 1e-5 * float(ref.abs().max())  # float32 sums of up to 600 x 530 products: rounding scales with them
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=tol)
+    two_step = K.group_sum_reference(K.slot_sum_reference(h, A, s, E // G, G), B, s, E // G)  # what it fuses
+    torch.testing.assert_close(y, two_step, rtol=1e-4, atol=tol)
+
+
 @pytest.mark.parametrize("latent,groups,permuted", [({}, 1, False), ({"gate": 8, "up": 8}, 1, False),
                                                     ({"gate": 8, "up": 6, "down": 5}, 4, True),
                                                     ({"up": 7, "down": 9}, 2, False)])
