@@ -223,6 +223,20 @@ def _slot_swiglu_call(zg_TGI: torch.Tensor, zu_TJI: torch.Tensor, Wg_EFI: torch.
     return h
 
 
+def _slot_gemvs(h_SF: torch.Tensor, W_ERF: torch.Tensor, slot_TK: torch.Tensor):
+    """Every slot's GEMV W_e h_s in one launch (one program per slot and block of rows, split along F where that
+    leaves the GPU idle): (float32 pieces [split, S, R], the slots contiguous, split)."""
+    S = slot_TK.numel()
+    R, F_ = W_ERF.shape[1:]
+    blocks = triton.cdiv(R, BLOCK_ROWS)
+    split = _split(S * blocks, F_, h_SF.device)
+    y = torch.empty(split, S, R, dtype=torch.float32, device=h_SF.device)
+    slot = slot_TK.contiguous()
+    _slot_gemv[(S, blocks * split)](h_SF.contiguous(), W_ERF.contiguous(), slot, y, S, R, F_, split,
+                                    _chunk(F_, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN, num_warps=GEMV_WARPS)
+    return y, slot, split
+
+
 def _slot_sum_call(h_SF: torch.Tensor, W_ERF: torch.Tensor, slot_TK: torch.Tensor, per_group: int,
                    G: int) -> torch.Tensor:
     """Two launches: every slot's GEMV W_e h_s in parallel (float32 [S, R]; one program per slot and block of
@@ -231,14 +245,8 @@ def _slot_sum_call(h_SF: torch.Tensor, W_ERF: torch.Tensor, slot_TK: torch.Tenso
     if not triton_ok(h_SF):
         return slot_sum_reference(h_SF, W_ERF, slot_TK, per_group, G)
     T, K = slot_TK.shape
-    R, F_ = W_ERF.shape[1:]
-    blocks = triton.cdiv(R, BLOCK_ROWS)
-    split = _split(T * K * blocks, F_, h_SF.device)
-    y = torch.empty(split, T * K, R, dtype=torch.float32, device=h_SF.device)
-    slot = slot_TK.contiguous()
-    _slot_gemv[(T * K, blocks * split)](h_SF.contiguous(), W_ERF.contiguous(), slot, y, T * K, R, F_, split,
-                                        _chunk(F_, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
-                                        num_warps=GEMV_WARPS)
+    R = W_ERF.shape[1]
+    y, slot, split = _slot_gemvs(h_SF, W_ERF, slot_TK)
     u = torch.empty(T, G, R, dtype=h_SF.dtype, device=h_SF.device)
     _group_reduce[(T, G, triton.cdiv(R, BLOCK_REDUCE))](y, slot, u, T * K, K, R, per_group, split,
                                                          BLOCK=BLOCK_REDUCE, BLOCK_K=_block_k(slot_TK))
@@ -253,15 +261,9 @@ def _slot_group_sum_call(h_SF: torch.Tensor, A_ERF: torch.Tensor, B_GDR: torch.T
     if not triton_ok(h_SF):
         return slot_group_sum_reference(h_SF, A_ERF, B_GDR, slot_TK, per_group)
     T, K = slot_TK.shape
-    L, F_ = A_ERF.shape[1:]
+    L = A_ERF.shape[1]
     G, D = B_GDR.shape[:2]
-    blocks = triton.cdiv(L, BLOCK_ROWS)
-    split_y = _split(T * K * blocks, F_, h_SF.device)
-    y = torch.empty(split_y, T * K, L, dtype=torch.float32, device=h_SF.device)
-    slot = slot_TK.contiguous()
-    _slot_gemv[(T * K, blocks * split_y)](h_SF.contiguous(), A_ERF.contiguous(), slot, y, T * K, L, F_, split_y,
-                                          _chunk(F_, split_y), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
-                                          num_warps=GEMV_WARPS)
+    y, slot, split_y = _slot_gemvs(h_SF, A_ERF, slot_TK)
     blocks = triton.cdiv(D, BLOCK_ROWS)
     split = _split(T * blocks, L, h_SF.device)
     out, finish = _split_out((T, D), split, h_SF.dtype, h_SF.device)
