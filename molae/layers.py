@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import (group_gemv, group_gemv_pair, slot_group_sum, slot_sum, slot_swiglu, swiglu_weighted,
-                      triton_ok, zero_idle_experts)
+from .kernels import (group_gemv, group_gemv_pair, group_sum, slot_group_sum, slot_sum, slot_swiglu,
+                      swiglu_weighted, triton_ok, zero_idle_experts)
 from .presets import REAL_MODELS, moe_layer
 
 KINDS = ("gate", "up", "down")  # projection kinds of a SwiGLU expert
@@ -529,7 +529,8 @@ class Experts(nn.Module):
         """For few tokens (decode, small batches): each slot's expert GEMVs read its weights where they are
         stored (molae.kernels' decode kernels; their references off CUDA), the shared projections run only
         for the groups a token uses, routed outputs sum in latent space per group: four launches where gate and
-        up share a latent size and down is factorized (one more per GEMV that splits), no sort, no host sync
+        up share a latent size and down is factorized (five above FUSED_SUM_TOKENS tokens; one more per GEMV that
+        splits), no sort, no host sync
         (CUDA-graph capturable).
         Inference only: no autograd."""
         if self._needs_grad(x_TD):
@@ -554,8 +555,20 @@ class Experts(nn.Module):
         h_SF = slot_swiglu(z_gate, z_up, W["gate"], W["up"], s_TK, w_TK, per_gate, per_up)  # [T*K, F]
         if "down" not in self.latent:
             return slot_sum(h_SF, W["down"], s_TK, E, 1)[:, 0]  # [T, D]
-        # y_t = sum_g B_g u_tg, u_tg = sum_k w_k A_k h_k over t's slots in g (u kept in float32, not stored)
-        return slot_group_sum(h_SF, W["down"], param("down_B"), s_TK, per)
+        # y_t = sum_g B_g u_tg, u_tg = sum_k w_k A_k h_k over t's slots in g: fused (u kept in float32, not
+        # stored) up to FUSED_SUM_TOKENS tokens, else u [T, G, L] stored once and then multiplied (FUSED_SUM_TOKENS)
+        if x_TD.shape[0] <= FUSED_SUM_TOKENS:
+            return slot_group_sum(h_SF, W["down"], param("down_B"), s_TK, per)
+        return group_sum(slot_sum(h_SF, W["down"], s_TK, per, G), param("down_B"), s_TK, per)
+
+
+# The decode path's down projection sums each token's slots per group and multiplies by B_g in one kernel
+# (slot_group_sum) up to this many tokens, in two (slot_sum, group_sum) beyond: every program of the fused kernel
+# rebuilds its columns of u from K float32 partial rows, as many bytes again as its tile of B. Measured (H200,
+# 8b7a785 against 2c7154e, results/speed/decode-compare-8b7a785.md, the fused kernel on at every decode size):
+# 1.01-1.21x at 1-2 tokens at Qwen3-30B-A3B and DeepSeek-V3 shapes, but 0.91-0.96x at 4-16 tokens at
+# DeepSeek-V3's (D = 7168, d = 2048).
+FUSED_SUM_TOKENS = 2
 
 
 def decode_fits(tokens: int, top_k: int, n_experts: int, latent: bool, groups: int = 1) -> bool:

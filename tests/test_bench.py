@@ -155,7 +155,7 @@ def test_bench_generate_models_are_real_shapes_or_directories(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_graph_decoder_compiled_decodes_what_generate_decodes(tmp_path):
-    """The graph loop compiled (mode reduce-overhead: CUDA graphs on the GPU, Inductor here, where the experts'
+    """The graph loop compiled (one hand-captured CUDA graph a step on the GPU, Inductor here, where the experts'
     host-synced fallback breaks the graph, so not fullgraph) on a tiny Qwen3-MoE with our MoLAE experts: the same
     greedy tokens as transformers' generate, twice (the cache is reset; each replay's output is cloned)."""
     import torch

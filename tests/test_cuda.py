@@ -142,7 +142,8 @@ def test_triton_zero_idle_experts_writes_only_idle_experts():
     assert torch.equal(got[[1, 2, 5]], torch.zeros_like(got[[1, 2, 5]]))
 
 
-@pytest.mark.parametrize("latent,groups,T", [({}, 1, 1), ({"gate": 256, "up": 256, "down": 256}, 1, 4),
+@pytest.mark.parametrize("latent,groups,T", [({}, 1, 1), ({"gate": 256, "up": 256, "down": 256}, 1, 2),
+                                             ({"gate": 256, "up": 256, "down": 256}, 1, 4),
                                              ({"gate": 128, "up": 128, "down": 128}, 8, 8),
                                              ({"gate": 192, "up": 192}, 1, 16)])
 def test_decode_kernels_on_gpu_match_float64_reference_and_replay_in_a_cuda_graph(latent, groups, T):
@@ -230,3 +231,25 @@ def test_unaligned_latent_sizes_warn_once_that_they_take_the_slow_fallback():
     m.impl = "grouped"
     with pytest.warns(UserWarning, match=r"padded batched-matmul fallback.*multiples of 8"):
         m(x, idx, w)
+
+
+@pytest.mark.parametrize("impl", ["moe", "molae"])
+def test_graph_decoder_replays_one_hand_captured_graph_and_decodes_what_generate_decodes(tmp_path, impl):
+    """bench generate's graph loop on CUDA: the compiled step captured once into a torch.cuda.CUDAGraph (each
+    token one replay), its tokens those of transformers' eager generate, twice (cache and buffers reset), and for a
+    shorter run (captured again: the output buffer's length changed). float32: bf16 rounding differences between
+    compiled and eager kernels can flip the argmax of a random tiny model's near-flat logits."""
+    from tiny import tiny_model
+
+    from molae.bench.generate import GraphDecoder, build, greedy
+
+    tiny_model("qwen3_moe", dtype=torch.float32).save_pretrained(tmp_path / "src")
+    model = build(str(tmp_path / "src"), impl, "cuda", torch.float32, 0.5)
+    gen = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    ids = torch.randint(1, model.config.vocab_size, (2, 8), generator=gen, device="cuda")
+    decode = GraphDecoder(model, 8 + 6, compile_=True)
+    with torch.no_grad():
+        want = greedy(model, ids, 6, compile_=False)[:, 8:]
+        for new in (6, 4):
+            assert torch.equal(decode(ids, new), want[:, :new]) and torch.equal(decode(ids, new), want[:, :new])
+            assert isinstance(decode.graph, torch.cuda.CUDAGraph) and decode.bufs[3].shape == (2, new)

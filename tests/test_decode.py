@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from molae.layers import Experts, MoE, MoEConfig, decode_fits
+from molae.layers import FUSED_SUM_TOKENS, Experts, MoE, MoEConfig, decode_fits
 
 CASES = [({}, 1, False), ({"gate": 8, "up": 8}, 1, False), ({"gate": 8, "up": 6, "down": 5}, 4, True),
          ({"up": 7, "down": 9}, 2, False), ({"down": 6}, 8, True)]
@@ -38,9 +38,11 @@ def test_decode_path_matches_the_reference(latent, groups, permuted, T):
         torch.testing.assert_close(m.forward_decode(x, idx, w), m.forward_reference(x, idx, w))
 
 
-def test_decode_path_compiles_with_its_kernels_as_custom_ops():
+@pytest.mark.parametrize("T,down_ops", [(FUSED_SUM_TOKENS, ("slot_group_sum",)),
+                                         (FUSED_SUM_TOKENS + 1, ("slot_sum", "group_sum"))])
+def test_decode_path_compiles_with_its_kernels_as_custom_ops(T, down_ops):
     m = Experts(32, 24, 8, {"gate": 8, "up": 8, "down": 6}, 2).double()
-    x, idx, w = random_call(3)
+    x, idx, w = random_call(T)
     graphs = []
 
     def backend(gm, example_inputs):  # keeps the captured graph, then runs it as is
@@ -51,7 +53,8 @@ def test_decode_path_compiles_with_its_kernels_as_custom_ops():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, idx, w), m.forward_reference(x, idx, w))
     code = graphs[0].code
-    for op in ("group_gemv_pair", "slot_swiglu", "slot_group_sum"):  # each kernel one opaque op in the graph
+    for op in ("group_gemv_pair", "slot_swiglu", *down_ops):  # each kernel one opaque op in the graph, the down
+        # projection fused up to FUSED_SUM_TOKENS tokens
         assert f"torch.ops.molae.{op}" in code, op
     with torch.no_grad():  # and inductor compiles around them
         torch.testing.assert_close(torch.compile(m.forward_decode)(x, idx, w), m.forward_reference(x, idx, w))

@@ -23,10 +23,11 @@ weight bytes a batch-1 decode step reads (the active parameters: every non-exper
 layer, and for MoLAE the shared latents); and whether its greedy tokens equal hf-eager's (`moe` must: the same
 function). An implementation that fails (say, it cannot be compiled) is recorded with its error, not fatal.
 Beside generate, --loops graph times the decode loop a lean server runs (gpt-fast's): the prompt through one
-forward into a static cache, then each step, the B tokens' forward and the argmax, one call of a function compiled
-with mode reduce-overhead, fullgraph on CUDA (with --compile: one CUDA-graph replay a step, the host free to run ahead),
-timed from the first generated token to the last with one device sync at each end; its greedy tokens must equal
-generate's for the same model (row `graph_same_tokens`). At batch 1 generate's own host loop takes about two thirds
+forward into a static cache, then each step, the B tokens' forward, the argmax and the token fed back, with
+--compile compiled (fullgraph on CUDA) and captured once by hand into one CUDA graph over static buffers (a token
+costs the host one replay, so the host runs ahead of the device: GraphDecoder), timed from the first generated
+token to the last with one device sync at each end; its greedy tokens must equal generate's for the same model
+(row `graph_same_tokens`). At batch 1 generate's own host loop takes about two thirds
 of every token (results/notes/speed.md, the decode probe): the graph loop is what shows the device's speed.
 Each measurement prints a line as it ends, and the caller gets each finished row (partial results survive).
 """
@@ -174,10 +175,14 @@ def time_decode(model, B: int, new: int, device, compile_: bool = False, repeats
 
 class GraphDecoder:
     """Greedy decoding of B rows the way a lean server runs it (module notes): a static cache of max_len
-    positions, the prompt through one eager forward, then `step` (the forward of B tokens at one position and the
-    argmax) once a token; compile_: `step` compiled with mode reduce-overhead (and fullgraph on CUDA), so each call
-    is one CUDA-graph replay there. Like `greedy`, the end-of-sequence tokens are never chosen (generate's
-    min_new_tokens), so both produce exactly `new` tokens and the same ones."""
+    positions, the prompt through one eager forward, then one `_advance` a token: the forward of B tokens at one
+    position, the argmax, and the token written into the next step's input and into the output (gpt-fast's loop,
+    sampling in the step). compile_: the step compiled (fullgraph on CUDA) and, on CUDA, `_advance` captured once
+    by hand into a torch.cuda.CUDAGraph over static buffers (token, position, output column), so that a token costs
+    the host one replay and nothing else: no guards, no cudagraph-tree bookkeeping, no input copies (torch.compile's
+    reduce-overhead step left the host at 1.0-1.1 ms a token against 0.65 ms of device time, 8b7a785). Like
+    `greedy`, the end-of-sequence tokens are never chosen (generate's min_new_tokens), so both produce exactly
+    `new` tokens and the same ones."""
 
     def __init__(self, model, max_len: int, compile_: bool):
         from transformers import StaticCache
@@ -189,8 +194,10 @@ class GraphDecoder:
         self.eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         # fullgraph on CUDA (one graph a step, or an error: what this loop is for); a CPU's experts take the
         # host-synced fallback (layers._padded_bmm), which breaks the graph
-        full = next(model.parameters()).device.type == "cuda"
-        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=full) if compile_ else self._step
+        self.graphed = compile_ and next(model.parameters()).device.type == "cuda"
+        self.step = torch.compile(self._step, fullgraph=self.graphed) if compile_ else self._step
+        self.graph, self.bufs = None, None  # the captured _advance, and (token [B, 1], position [1], column
+        # [B, 1], output [B, new]) it reads and writes
 
     def _next(self, logits_BV):
         logits_BV = logits_BV.float()
@@ -202,21 +209,56 @@ class GraphDecoder:
         out = self.model(input_ids=tok_B1, cache_position=pos_1, use_cache=True, **{self.kw: self.cache})
         return self._next(out.logits[:, -1])
 
-    def __call__(self, ids_BP, new: int, clock=None) -> torch.Tensor:
-        """The `new` tokens after ids_BP [B, P], [B, new]; clock(): called once the first token is out, and
-        after the last."""
+    def _advance(self):
+        """One token, in place on the static buffers: out[:, col] = the next token; position and column + 1."""
+        tok_B1, pos_1, col_B1, out_BN = self.bufs
+        nxt_B1 = self.step(tok_B1, pos_1)
+        tok_B1.copy_(nxt_B1)
+        out_BN.scatter_(1, col_B1, nxt_B1)
+        pos_1.add_(1)
+        col_B1.add_(1)
+
+    def _prefill(self, ids_BP) -> torch.Tensor:
         self.cache.reset()
         P, dev = ids_BP.shape[1], ids_BP.device
         out = self.model(input_ids=ids_BP, cache_position=torch.arange(P, device=dev), use_cache=True,
                          logits_to_keep=1, **{self.kw: self.cache})
-        toks = [self._next(out.logits[:, -1])]
+        return self._next(out.logits[:, -1])
+
+    def _start(self, ids_BP, new: int):
+        """Prefill, and the static buffers set for the first decode step (allocated, and the graph captured after
+        three warm-up steps on a side stream, at the first call of each batch size and length)."""
+        first_B1 = self._prefill(ids_BP)
+        (B, P), dev = ids_BP.shape, ids_BP.device
+        if self.bufs is None or self.bufs[3].shape != (B, new):
+            self.graph = None
+            self.bufs = (first_B1.clone(), torch.zeros(1, dtype=torch.long, device=dev),
+                         torch.zeros(B, 1, dtype=torch.long, device=dev),
+                         torch.zeros(B, new, dtype=first_B1.dtype, device=dev))
+        tok_B1, pos_1, col_B1, out_BN = self.bufs
+        tok_B1.copy_(first_B1), pos_1.fill_(P), col_B1.fill_(1), out_BN[:, :1].copy_(first_B1)
+        if self.graphed and self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._advance()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._advance()
+            return self._start(ids_BP, new)  # the warm-up and the capture advanced the cache and buffers
+        return out_BN
+
+    def __call__(self, ids_BP, new: int, clock=None) -> torch.Tensor:
+        """The `new` tokens after ids_BP [B, P], [B, new]; clock(): called once the first token is out, and
+        after the last."""
+        out_BN = self._start(ids_BP, new)
         clock and clock()
-        pos = torch.tensor([P], device=dev)
         for _ in range(new - 1):
-            toks.append(self.step(toks[-1], pos).clone())  # clone: a graph's output is overwritten by its next replay
-            pos += 1
+            self.graph.replay() if self.graph is not None else self._advance()
         clock and clock()
-        return torch.cat(toks, 1)
+        return out_BN.clone()
 
 
 def time_graph_decode(model, B: int, new: int, device, compile_: bool = False, repeats: int = 3,

@@ -181,6 +181,11 @@ def _check_sections(c: TrainConfig):
 # ----------------------------------------------------------------------------- presets
 
 _qwen2_moe, _mixtral, _deepseek_v3 = (FAMILIES[f].preset for f in ("qwen2_moe", "mixtral", "deepseek_v3"))
+# The GPU presets' compilation: each decoder layer one CUDA graph (mode reduce-overhead), measured faster than
+# mode default on the H200 at every preset it was timed at, side by side (results/profile/: ref-qwen2-moe 1.17x,
+# ref-deepseek-v3 1.01x at 64fc599/51801bb, ref-mixtral 1.03x at 02e0904, the frontier presets 1.29-1.37x at
+# 1f6f682); on a CPU it compiles without graphs.
+_COMPILED = dict(compile=True, compile_mode="reduce-overhead")
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -193,18 +198,18 @@ PRESETS: dict[str, TrainConfig] = {
     "ref-qwen2-moe": TrainConfig(name="ref-qwen2-moe", family="qwen2_moe",
                                  model=_qwen2_moe(512, 6, 8, 24, 4, 384, 768), seq_len=1024, batch_size=32,
                                  steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
-                                 compile=True),
+                                 **_COMPILED),
     # 8 experts, top-2, no shared expert, m = 2.5 n (Mixtral-8x7B: m = 3.5 n), grouped-query attention.
     "ref-mixtral": TrainConfig(name="ref-mixtral", family="mixtral",
                                model=_mixtral(512, 6, 8, 4, 8, 2, 1280), seq_len=1024, batch_size=32,
                                steps=4000, lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
-                               compile=True),
+                               **_COMPILED),
     # n >> m: 48 small experts (m = n/4), top-6, sigmoid router + correction bias, one shared expert,
     # first layer dense, multi-head latent attention (DeepSeek-V3: n = 3.5 m, 256 experts, top-8).
     "ref-deepseek-v3": TrainConfig(name="ref-deepseek-v3", family="deepseek_v3",
                                    model=_deepseek_v3(640, 7, 10, 48, 6, 160, 1, 1728), seq_len=1024, batch_size=32,
                                    steps=4000, lr=1.5e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
-                                   compile=True),
+                                   **_COMPILED),
     # [10] an upcycled reference, as Qwen1.5-MoE-A2.7B was made from Qwen-1.8B (train/upcycle.py): a dense
     # Qwen2-MoE-family model (every layer's FFN dense, F = 1536) trained first, then `ref-qwen2-upcycled
     # --upcycle-from RUN/model`: 24 routed experts of F/4 (6 shuffled copies of 4 partitions), top-4 as Qwen1.5's,
@@ -213,12 +218,12 @@ PRESETS: dict[str, TrainConfig] = {
     "dense-qwen2": TrainConfig(name="dense-qwen2", family="qwen2_moe",
                                model={**_qwen2_moe(512, 6, 8, 24, 4, 384, 1536), "intermediate_size": 1536,
                                       "mlp_only_layers": list(range(6))}, seq_len=1024, batch_size=32, steps=4000,
-                               lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500, compile=True),
+                               lr=2e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500, **_COMPILED),
     "ref-qwen2-upcycled": TrainConfig(name="ref-qwen2-upcycled", family="qwen2_moe",
                                       model=_qwen2_moe(512, 6, 8, 24, 4, 384, 1536),
                                       upcycle=dict(shuffle=True, reinit=0.5), seq_len=1024, batch_size=32,
                                       steps=4000, lr=1e-3, warmup=100, log_every=25, eval_every=500, ckpt_every=500,
-                                      compile=True),
+                                      **_COMPILED),
     # [11] the loss-against-parameters frontier (experiments.FRONTIER varies E and sets `molae`), small enough
     # for 11-69 tokens per non-embedding parameter at the default 2500 steps of 128 x 512 (164M tokens, 1.6 passes
     # over the 104M-token corpus): n = m (16 experts of 192 x 192, top-2: 7.7M non-embedding) and n = 4m
@@ -226,10 +231,10 @@ PRESETS: dict[str, TrainConfig] = {
     # leave the GPU idle most of a 64-row step (results/profile/profile.md), so twice the rows cost little more.
     "frontier-nm": TrainConfig(name="frontier-nm", family="qwen2_moe", model=_qwen2_moe(192, 4, 4, 16, 2, 192, 0),
                                seq_len=512, batch_size=128, steps=2500, lr=2e-3, warmup=200, log_every=50,
-                               eval_every=1000, ckpt_every=1000, compile=True),
+                               eval_every=1000, ckpt_every=1000, **_COMPILED),
     "frontier-n4m": TrainConfig(name="frontier-n4m", family="qwen2_moe", model=_qwen2_moe(256, 4, 4, 32, 4, 64, 0),
                                 seq_len=512, batch_size=128, steps=2500, lr=2e-3, warmup=200, log_every=50,
-                                eval_every=1000, ckpt_every=1000, compile=True),
+                                eval_every=1000, ckpt_every=1000, **_COMPILED),
     # [4]'s pretraining comparison's base (results/pretrain_same_tokens.md): n = m, 16 experts, top-2; variants set
     # `molae`.
     "pretrain-moe": TrainConfig(name="pretrain-moe", family="qwen2_moe", model=_qwen2_moe(512, 6, 8, 16, 2, 512, 0),
