@@ -115,21 +115,26 @@ def slot_swiglu_reference(zg_TGI, zu_TJI, Wg_EFI, Wu_EFJ, slot_TK, w_TK, per_g: 
     return (F.silu(g) * u * w_TK.reshape(-1, 1).to(dt)).to(zg_TGI.dtype)
 
 
-def slot_sum_reference(h_SF, W_ERF, slot_TK, per_group: int, G: int):
-    """u[t, g] = sum over k with slot[t, k] in group g of W[slot[t, k]] @ h[t*K+k] (zero where none)."""
+def _sum_dtype(dtype: torch.dtype, wide: bool) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32) if wide else dtype
+
+
+def slot_sum_reference(h_SF, W_ERF, slot_TK, per_group: int, G: int, wide: bool = False):
+    """u[t, g] = sum over k with slot[t, k] in group g of W[slot[t, k]] @ h[t*K+k] (zero where none); in float32
+    where wide and h is narrower (a latent sum on its way to one more product), else in h's dtype."""
     T, K = slot_TK.shape
     dt = _wide(h_SF)
     e = slot_TK.reshape(-1).long()
     y_SR = torch.einsum("srf,sf->sr", W_ERF.to(dt)[e], h_SF.to(dt))
     onehot_TKG = F.one_hot(slot_TK.long() // per_group, G).to(dt)
-    return torch.einsum("tkg,tkr->tgr", onehot_TKG, y_SR.view(T, K, -1)).to(h_SF.dtype)
+    return torch.einsum("tkg,tkr->tgr", onehot_TKG, y_SR.view(T, K, -1)).to(_sum_dtype(h_SF.dtype, wide))
 
 
 def group_sum_reference(u_TGI, W_GRI, slot_TK, per_group: int):
-    """y[t] = sum over the groups g that t uses of W[g] @ u[t, g]."""
+    """y[t] = sum over the groups g that t uses of W[g] @ u[t, g], in W's dtype."""
     used_TG = _groups_of(slot_TK.long(), per_group, W_GRI.shape[0])
     u = torch.where(used_TG[..., None], u_TGI.to(_wide(u_TGI)), 0.0)  # rows of unused groups may hold anything
-    return torch.einsum("gri,tgi->tr", W_GRI.to(u.dtype), u).to(u_TGI.dtype)
+    return torch.einsum("gri,tgi->tr", W_GRI.to(u.dtype), u).to(W_GRI.dtype)
 
 
 def slot_group_sum_reference(h_SF, A_ERF, B_GDR, slot_TK, per_group: int):
@@ -238,16 +243,16 @@ def _slot_gemvs(h_SF: torch.Tensor, W_ERF: torch.Tensor, slot_TK: torch.Tensor):
 
 
 def _slot_sum_call(h_SF: torch.Tensor, W_ERF: torch.Tensor, slot_TK: torch.Tensor, per_group: int,
-                   G: int) -> torch.Tensor:
+                   G: int, wide: bool = False) -> torch.Tensor:
     """Two launches: every slot's GEMV W_e h_s in parallel (float32 [S, R]; one program per slot and block of
     rows, split along F where that leaves the GPU idle), then each token's slots summed per group in a fixed
     order (no atomics: the same sum every run)."""
     if not triton_ok(h_SF):
-        return slot_sum_reference(h_SF, W_ERF, slot_TK, per_group, G)
+        return slot_sum_reference(h_SF, W_ERF, slot_TK, per_group, G, wide)
     T, K = slot_TK.shape
     R = W_ERF.shape[1]
     y, slot, split = _slot_gemvs(h_SF, W_ERF, slot_TK)
-    u = torch.empty(T, G, R, dtype=h_SF.dtype, device=h_SF.device)
+    u = torch.empty(T, G, R, dtype=_sum_dtype(h_SF.dtype, wide), device=h_SF.device)
     _group_reduce[(T, G, triton.cdiv(R, BLOCK_REDUCE))](y, slot, u, T * K, K, R, per_group, split,
                                                          BLOCK=BLOCK_REDUCE, BLOCK_K=_block_k(slot_TK))
     return u
@@ -280,7 +285,7 @@ def _group_sum_call(u_TGI: torch.Tensor, W_GRI: torch.Tensor, slot_TK: torch.Ten
     R = W_GRI.shape[1]
     blocks = triton.cdiv(R, BLOCK_ROWS)
     split = _split(T * blocks, n_in, u_TGI.device)
-    y, finish = _split_out((T, R), split, u_TGI.dtype, u_TGI.device)
+    y, finish = _split_out((T, R), split, W_GRI.dtype, u_TGI.device)
     _group_sum[(T, blocks * split)](
         u_TGI.contiguous(), W_GRI.contiguous(), slot_TK.contiguous(), y, G, n_in, R, per_group,
         slot_TK.shape[1], split, _chunk(n_in, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
@@ -308,9 +313,10 @@ group_gemv_pair = _decode_op("group_gemv_pair", _group_gemv_pair_call,
 slot_swiglu = _decode_op("slot_swiglu", _slot_swiglu_call,
                          lambda zg, zu, Wg, Wu, s, w, pg, pu: zg.new_empty(s.numel(), Wg.shape[1]))
 slot_sum = _decode_op("slot_sum", _slot_sum_call,
-                      lambda h, W, s, per, G: h.new_empty(s.shape[0], G, W.shape[1]))
+                      lambda h, W, s, per, G, wide=False: h.new_empty(s.shape[0], G, W.shape[1],
+                                                                      dtype=_sum_dtype(h.dtype, wide)))
 group_sum = _decode_op("group_sum", _group_sum_call,
-                       lambda u, W, s, per: u.new_empty(u.shape[0], W.shape[1]))
+                       lambda u, W, s, per: u.new_empty(u.shape[0], W.shape[1], dtype=W.dtype))
 slot_group_sum = _decode_op("slot_group_sum", _slot_group_sum_call,
                             lambda h, A, B, s, per: h.new_empty(s.shape[0], B.shape[1]))
 

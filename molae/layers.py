@@ -555,11 +555,11 @@ class Experts(nn.Module):
         h_SF = slot_swiglu(z_gate, z_up, W["gate"], W["up"], s_TK, w_TK, per_gate, per_up)  # [T*K, F]
         if "down" not in self.latent:
             return slot_sum(h_SF, W["down"], s_TK, E, 1)[:, 0]  # [T, D]
-        # y_t = sum_g B_g u_tg, u_tg = sum_k w_k A_k h_k over t's slots in g: fused (u kept in float32, not
-        # stored) up to FUSED_SUM_TOKENS tokens, else u [T, G, L] stored once and then multiplied (FUSED_SUM_TOKENS)
+        # y_t = sum_g B_g u_tg, u_tg = sum_k w_k A_k h_k over t's slots in g, u in float32: fused (u not stored)
+        # up to FUSED_SUM_TOKENS tokens, else u [T, G, L] stored once and then multiplied (FUSED_SUM_TOKENS)
         if x_TD.shape[0] <= FUSED_SUM_TOKENS:
             return slot_group_sum(h_SF, W["down"], param("down_B"), s_TK, per)
-        return group_sum(slot_sum(h_SF, W["down"], s_TK, per, G), param("down_B"), s_TK, per)
+        return group_sum(slot_sum(h_SF, W["down"], s_TK, per, G, True), param("down_B"), s_TK, per)
 
 
 # The decode path's down projection sums each token's slots per group and multiplies by B_g in one kernel

@@ -69,6 +69,22 @@ def test_slot_sum_and_group_sum(T, Kk, E, G, R, F_):
                                rtol=1e-4, atol=1e-4)
 
 
+def test_slot_sum_wide_keeps_the_latent_sum_in_float32_and_group_sum_returns_the_weights_dtype():
+    """forward_decode's two-step down projection in bf16: u in float32 (as slot_group_sum keeps it), y in B's dtype,
+    both against their references."""
+    g = rng()
+    T, Kk, E, G, R, F_ = 3, 4, 8, 2, 40, 20
+    h, W = torch.randn(T * Kk, F_, generator=g).bfloat16(), torch.randn(E, R, F_, generator=g).bfloat16()
+    s = slots(T, E, Kk, g)
+    u = K.slot_sum(h, W, s, E // G, G, True)
+    assert u.dtype == torch.float32 and K.slot_sum(h, W, s, E // G, G).dtype == torch.bfloat16
+    torch.testing.assert_close(u, K.slot_sum_reference(h, W, s, E // G, G, True), rtol=1e-4, atol=1e-4)
+    B = torch.randn(G, 23, R, generator=g).bfloat16()
+    y = K.group_sum(u, B, s, E // G)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, K.group_sum_reference(u, B, s, E // G), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("T,Kk,E,G,L,F_,D", [(1, 8, 16, 1, 19, 130, 23), (3, 4, 8, 4, 40, 20, 17),
                                                (2, 3, 12, 12, 7, 16, 9), (1, 3, 12, 4, 7, 600, 5),
                                                (1, 2, 8, 1, 530, 30, 33), (1, 8, 8, 2, 300, 40, 1100)])  # splits
