@@ -530,8 +530,7 @@ class Experts(nn.Module):
         stored (molae.kernels' decode kernels; their references off CUDA), the shared projections run only
         for the groups a token uses, routed outputs sum in latent space per group: four launches where gate and
         up share a latent size and down is factorized (five above FUSED_SUM_TOKENS tokens; one more per GEMV that
-        splits), no sort, no host sync
-        (CUDA-graph capturable).
+        splits), no sort, no host sync (CUDA-graph capturable).
         Inference only: no autograd."""
         if self._needs_grad(x_TD):
             raise ValueError("impl='decode' has no backward: run it under torch.no_grad(), or use impl='fast'")
@@ -566,8 +565,8 @@ class Experts(nn.Module):
 # (slot_group_sum) up to this many tokens, in two (slot_sum, group_sum) beyond: every program of the fused kernel
 # rebuilds its columns of u from K float32 partial rows, as many bytes again as its tile of B. Measured (H200,
 # 8b7a785 against 2c7154e, results/speed/decode-compare-8b7a785.md, the fused kernel on at every decode size):
-# 1.01-1.21x at 1-2 tokens at Qwen3-30B-A3B and DeepSeek-V3 shapes, but 0.91-0.96x at 4-16 tokens at
-# DeepSeek-V3's (D = 7168, d = 2048).
+# 0.99-1.21x at 1-2 tokens at Qwen3-30B-A3B and DeepSeek-V3 shapes, but 0.91-0.96x at 4-16 tokens at
+# DeepSeek-V3's (D = 7168, d = 2048); with this rule (515223d, decode-compare-515223d.md) 0.97-1.21x everywhere.
 FUSED_SUM_TOKENS = 2
 
 

@@ -227,7 +227,8 @@ class GraphDecoder:
 
     def _start(self, ids_BP, new: int):
         """Prefill, and the static buffers set for the first decode step (allocated, and the graph captured after
-        three warm-up steps on a side stream, at the first call of each batch size and length)."""
+        three warm-up steps on a side stream, at the first call and whenever `new` changes; the batch size is the
+        static cache's, fixed at the first call: one decoder per batch size)."""
         first_B1 = self._prefill(ids_BP)
         (B, P), dev = ids_BP.shape, ids_BP.device
         if self.bufs is None or self.bufs[3].shape != (B, new):
