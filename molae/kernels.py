@@ -224,7 +224,7 @@ def _slot_swiglu_call(zg_TGI: torch.Tensor, zu_TJI: torch.Tensor, Wg_EFI: torch.
     _slot_swiglu[(T * K, triton.cdiv(F_, BLOCK_ROWS))](
         zg, zu, Wg_EFI.contiguous(), Wu_EFJ.contiguous(), slot_TK.contiguous(), w_TK.contiguous(), h, K, F_,
         zg.shape[1], zg.shape[2], zu.shape[1], zu.shape[2], per_g, per_u, BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
-        num_warps=GEMV_WARPS)
+        ONE_LOOP=SWIGLU_ONE_LOOP, num_warps=GEMV_WARPS)
     return h
 
 
@@ -326,7 +326,11 @@ BLOCK_IN = 256  # input columns per step of a decode program's dot products (an 
 SPLIT_MIN_IN = 256  # the fewest input columns one piece of a split GEMV takes
 SPLIT_PROGRAMS_PER_SM = 4  # a GEMV splits its input until about this many programs per SM stream weights
 GEMV_WARPS = 4  # warps per decode GEMV program (Triton's default)
-# (scripts/gpu/decode_sweep.py times whole decode layers over these four constants on the GPU)
+# slot_swiglu's gate and up dot products in one loop (both tiles of a step in flight) rather than one after the
+# other: off until scripts/gpu/decode_sweep.py has timed it (the probe at 8b7a785: _slot_swiglu, 17 us a
+# Qwen3-30B-A3B layer for 19 MB, is the decode path's largest kernel, a quarter of the copy bandwidth)
+SWIGLU_ONE_LOOP = False
+# (scripts/gpu/decode_sweep.py times whole decode layers over these five constants on the GPU)
 BLOCK_REDUCE = 1024  # output columns per program of the per-group slot sum
 
 
@@ -404,6 +408,25 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _rows_dot_pair(Wa_ptr, va_ptr, na, Wb_ptr, vb_ptr, nb, rows, R, BLOCK_R: tl.constexpr,
+                       BLOCK_I: tl.constexpr):
+        """(_rows_dot of Wa [R, na] with va, of Wb [R, nb] with vb) in one loop: both tiles of a step loaded
+        before either is reduced, so a program keeps twice the bytes in flight (two loops wait on one at a time)."""
+        acc_a = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for start in range(0, tl.maximum(na, nb), BLOCK_I):
+            cols = start + tl.arange(0, BLOCK_I)
+            va = tl.load(va_ptr + cols, mask=cols < na, other=0.0).to(tl.float32)
+            vb = tl.load(vb_ptr + cols, mask=cols < nb, other=0.0).to(tl.float32)
+            wa = tl.load(Wa_ptr + rows[:, None] * na + cols[None, :], mask=(rows[:, None] < R) & (cols[None, :] < na),
+                         other=0.0).to(tl.float32)
+            wb = tl.load(Wb_ptr + rows[:, None] * nb + cols[None, :], mask=(rows[:, None] < R) & (cols[None, :] < nb),
+                         other=0.0).to(tl.float32)
+            acc_a += tl.sum(wa * va[None, :], axis=1)
+            acc_b += tl.sum(wb * vb[None, :], axis=1)
+        return acc_a, acc_b
+
+    @triton.jit
     def _piece(pid, split, chunk, n_in):
         """(block of rows, piece of the input columns [lo, hi)) of a program whose grid axis packs both."""
         piece = pid % split
@@ -441,15 +464,18 @@ if triton is not None:
 
     @triton.jit
     def _slot_swiglu(zg_ptr, zu_ptr, Wg_ptr, Wu_ptr, slot_ptr, w_ptr, h_ptr, K, F_, Gg, Ig, Gu, Iu, per_g, per_u,
-                     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, ONE_LOOP: tl.constexpr):
         s = tl.program_id(0).to(tl.int64)
         t = s // K
         e = tl.load(slot_ptr + s).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        g = _rows_dot(Wg_ptr + e * F_ * Ig, zg_ptr + (t * Gg + e // per_g) * Ig, rows, F_, Ig, 0, Ig, BLOCK_R,
-                      BLOCK_I)
-        u = _rows_dot(Wu_ptr + e * F_ * Iu, zu_ptr + (t * Gu + e // per_u) * Iu, rows, F_, Iu, 0, Iu, BLOCK_R,
-                      BLOCK_I)
+        Wg, zg = Wg_ptr + e * F_ * Ig, zg_ptr + (t * Gg + e // per_g) * Ig
+        Wu, zu = Wu_ptr + e * F_ * Iu, zu_ptr + (t * Gu + e // per_u) * Iu
+        if ONE_LOOP:
+            g, u = _rows_dot_pair(Wg, zg, Ig, Wu, zu, Iu, rows, F_, BLOCK_R, BLOCK_I)
+        else:
+            g = _rows_dot(Wg, zg, rows, F_, Ig, 0, Ig, BLOCK_R, BLOCK_I)
+            u = _rows_dot(Wu, zu, rows, F_, Iu, 0, Iu, BLOCK_R, BLOCK_I)
         h = g * tl.sigmoid(g) * u * tl.load(w_ptr + s).to(tl.float32)
         tl.store(h_ptr + s * F_ + rows, h.to(h_ptr.dtype.element_ty), mask=rows < F_)
 

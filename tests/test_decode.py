@@ -106,8 +106,10 @@ def test_triton_kernels_compile_for_hopper():
         cases = {
             "_group_gemv": (dict(x_ptr=p, Wa_ptr=p, Wb_ptr=p, slot_ptr=i64, z_ptr=p, n_in=i32, R=i32, per_group=i32,
                                  K=i32, **split, kinds=i32), dict(rows, BLOCK_K=8)),
-            "_slot_swiglu": (dict(zg_ptr=p, zu_ptr=p, Wg_ptr=p, Wu_ptr=p, slot_ptr=i64, w_ptr="*fp32", h_ptr=p, K=i32,
-                                  F_=i32, Gg=i32, Ig=i32, Gu=i32, Iu=i32, per_g=i32, per_u=i32), rows),
+            **{f"_slot_swiglu:{one}": (dict(zg_ptr=p, zu_ptr=p, Wg_ptr=p, Wu_ptr=p, slot_ptr=i64, w_ptr="*fp32",
+                                            h_ptr=p, K=i32, F_=i32, Gg=i32, Ig=i32, Gu=i32, Iu=i32, per_g=i32,
+                                            per_u=i32), dict(rows, ONE_LOOP=one))
+               for one in (False, True)},  # both values of SWIGLU_ONE_LOOP
             "_slot_gemv": (dict(h_ptr=p, W_ptr=p, slot_ptr=i64, y_ptr="*fp32", S=i32, R=i32, F_=i32, **split), rows),
             "_group_reduce": (dict(y_ptr="*fp32", slot_ptr=i64, u_ptr=p, S=i32, K=i32, R=i32, per_group=i32,
                                    split=i32), dict(BLOCK=K.BLOCK_REDUCE, BLOCK_K=8)),
@@ -122,8 +124,8 @@ def test_triton_kernels_compile_for_hopper():
             "_zero_idle": (dict(w_ptr=p, rows_ptr=i64, n=i32), dict(BLOCK=K.BLOCK_ZERO)),
         }
         for name, (sig, const) in cases.items():
-            src = ASTSource(fn=getattr(K, name), signature={**sig, **dict.fromkeys(const, "constexpr")},
-                            constexprs=const)
+            kernel = getattr(K, name.partition(":")[0])
+            src = ASTSource(fn=kernel, signature={**sig, **dict.fromkeys(const, "constexpr")}, constexprs=const)
             binary = compile(src, target=GPUTarget("cuda", 90, 32))
             assert len(binary.asm["cubin"]) > 1000, (name, dt)
 

@@ -47,7 +47,9 @@ def test_group_gemv_pair(T, G, per, R, n_in):
 
 @pytest.mark.parametrize("T,Kk,E,F_,Ig,Iu,Gg,Gu", [(1, 8, 16, 37, 130, 130, 1, 1), (4, 3, 8, 20, 9, 64, 4, 1),
                                                     (2, 2, 6, 16, 33, 17, 3, 2)])
-def test_slot_swiglu(T, Kk, E, F_, Ig, Iu, Gg, Gu):
+@pytest.mark.parametrize("one_loop", [False, True])  # SWIGLU_ONE_LOOP: gate and up in one loop (Ig != Iu too)
+def test_slot_swiglu(T, Kk, E, F_, Ig, Iu, Gg, Gu, one_loop, monkeypatch):
+    monkeypatch.setattr(K, "SWIGLU_ONE_LOOP", one_loop)
     g = rng()
     zg, zu = torch.randn(T, Gg, Ig, generator=g), torch.randn(T, Gu, Iu, generator=g)
     Wg, Wu = torch.randn(E, F_, Ig, generator=g), torch.randn(E, F_, Iu, generator=g)

@@ -1,9 +1,9 @@
 """[12] The decode kernels' launch constants, swept on the GPU: whole MoLAE decode layers (Experts.forward_decode,
-CUDA-graph replays after an L2 flush, as `molae bench layer` times decode) for every combination of the four
-constants in molae.kernels (BLOCK_ROWS, BLOCK_IN, GEMV_WARPS, SPLIT_PROGRAMS_PER_SM), at the shapes and token
-counts where the decode targets are measured. Each configuration's output is checked against the current
-constants' first (a configuration that computes something else is reported, not timed).
-    python3 scripts/gpu/decode_sweep.py OUT_DIR [--shapes qwen3-30b-a3b deepseek-v3] [--tokens 1,4,8,16]
+CUDA-graph replays after an L2 flush, as `molae bench layer` times decode) for every combination of the five
+constants in molae.kernels (BLOCK_ROWS, BLOCK_IN, GEMV_WARPS, SPLIT_PROGRAMS_PER_SM, SWIGLU_ONE_LOOP), at the
+shapes and token counts where the decode targets are measured. Each configuration's output is checked against the
+current constants' first (a configuration that computes something else is reported, not timed).
+    python3 scripts/gpu/decode_sweep.py OUT_DIR [--shapes qwen3-30b-a3b deepseek-v3] [--tokens 1,4,8]
 writes OUT_DIR/decode_sweep.{json,md}: per (shape, tokens) the current constants' time, the fastest configuration's,
 and each one's fraction of the copy bandwidth measured in the same run. Measures only: molae.kernels' constants
 change in a commit that cites this table."""
@@ -19,7 +19,9 @@ import torch
 from molae import kernels as K
 from molae.bench.layer import build, graphed, inputs, l2_flush, measure_ceilings, median_ms, parse_shape, weight_bytes
 
-GRID = dict(BLOCK_ROWS=(8, 16, 32), BLOCK_IN=(128, 256, 512), GEMV_WARPS=(2, 4, 8), SPLIT_PROGRAMS_PER_SM=(4, 8))
+# 72 configurations (2 warps left out: these kernels stream weights, and fewer warps keep fewer loads in flight)
+GRID = dict(BLOCK_ROWS=(8, 16, 32), BLOCK_IN=(128, 256, 512), GEMV_WARPS=(4, 8), SPLIT_PROGRAMS_PER_SM=(4, 8),
+            SWIGLU_ONE_LOOP=(False, True))
 
 
 def time_config(module, sets, device, flush) -> float:
@@ -35,7 +37,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3"], help="presets or n,m,E,k")
-    ap.add_argument("--tokens", default="1,4,8,16")
+    ap.add_argument("--tokens", default="1,4,8")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--device", default="cuda", help="cuda (a CPU run under TRITON_INTERPRET=1 checks the script)")
     ap.add_argument("--peak-size", type=int, default=4096, help="matrix size of the ceilings' measurement")
