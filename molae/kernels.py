@@ -182,21 +182,28 @@ def _block_k(slot_TK: torch.Tensor) -> int:
     return triton.next_power_of_2(slot_TK.shape[1])
 
 
-def _chunk(n_in: int, split: int) -> int:
-    return triton.cdiv(triton.cdiv(n_in, split), BLOCK_IN) * BLOCK_IN
+def _chunk(n_in: int, split: int, block_in: int) -> int:
+    return triton.cdiv(triton.cdiv(n_in, split), block_in) * block_in
+
+
+def _launch(kernel: str) -> tuple[int, int, int]:
+    """(output rows per program, input columns per step, warps) of a decode kernel: LAUNCH_OVERRIDES' entry, else
+    the shared BLOCK_ROWS, BLOCK_IN, GEMV_WARPS."""
+    return LAUNCH_OVERRIDES.get(kernel, (BLOCK_ROWS, BLOCK_IN, GEMV_WARPS))
 
 
 def _gemv_kinds(x_TI: torch.Tensor, Ws: tuple, slot_TK: torch.Tensor, per_group: int) -> torch.Tensor:
     """[len(Ws), T, G, R]: group_gemv of x with each W of Ws (one or two, the same shape), in one launch."""
     (T, n_in), (G, R, _) = x_TI.shape, Ws[0].shape
-    blocks = triton.cdiv(R, BLOCK_ROWS)
+    rows, block_in, warps = _launch("group_gemv")
+    blocks = triton.cdiv(R, rows)
     split = _split(T * G * blocks * len(Ws), n_in, x_TI.device)
     z, finish = _split_out((len(Ws), T, G, R), split, x_TI.dtype, x_TI.device)
     Wa, Wb = Ws[0].contiguous(), Ws[-1].contiguous()
     _group_gemv[(T, G, len(Ws) * blocks * split)](
         x_TI.contiguous(), Wa, Wb, slot_TK.contiguous(), z, n_in, R, per_group, slot_TK.shape[1], split,
-        _chunk(n_in, split), len(Ws), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN, BLOCK_K=_block_k(slot_TK),
-        num_warps=GEMV_WARPS)
+        _chunk(n_in, split, block_in), len(Ws), BLOCK_R=rows, BLOCK_I=block_in, BLOCK_K=_block_k(slot_TK),
+        num_warps=warps)
     return finish(z)
 
 
@@ -221,10 +228,11 @@ def _slot_swiglu_call(zg_TGI: torch.Tensor, zu_TJI: torch.Tensor, Wg_EFI: torch.
     F_ = Wg_EFI.shape[1]
     h = torch.empty(T * K, F_, dtype=zg_TGI.dtype, device=zg_TGI.device)
     zg, zu = zg_TGI.contiguous(), zu_TJI.contiguous()
-    _slot_swiglu[(T * K, triton.cdiv(F_, BLOCK_ROWS))](
+    rows, block_in, warps = _launch("slot_swiglu")
+    _slot_swiglu[(T * K, triton.cdiv(F_, rows))](
         zg, zu, Wg_EFI.contiguous(), Wu_EFJ.contiguous(), slot_TK.contiguous(), w_TK.contiguous(), h, K, F_,
-        zg.shape[1], zg.shape[2], zu.shape[1], zu.shape[2], per_g, per_u, BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
-        ONE_LOOP=SWIGLU_ONE_LOOP, num_warps=GEMV_WARPS)
+        zg.shape[1], zg.shape[2], zu.shape[1], zu.shape[2], per_g, per_u, BLOCK_R=rows, BLOCK_I=block_in,
+        ONE_LOOP=SWIGLU_ONE_LOOP, num_warps=warps)
     return h
 
 
@@ -233,12 +241,13 @@ def _slot_gemvs(h_SF: torch.Tensor, W_ERF: torch.Tensor, slot_TK: torch.Tensor):
     leaves the GPU idle): (float32 pieces [split, S, R], the slots contiguous, split)."""
     S = slot_TK.numel()
     R, F_ = W_ERF.shape[1:]
-    blocks = triton.cdiv(R, BLOCK_ROWS)
+    rows, block_in, warps = _launch("slot_gemv")
+    blocks = triton.cdiv(R, rows)
     split = _split(S * blocks, F_, h_SF.device)
     y = torch.empty(split, S, R, dtype=torch.float32, device=h_SF.device)
     slot = slot_TK.contiguous()
     _slot_gemv[(S, blocks * split)](h_SF.contiguous(), W_ERF.contiguous(), slot, y, S, R, F_, split,
-                                    _chunk(F_, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN, num_warps=GEMV_WARPS)
+                                    _chunk(F_, split, block_in), BLOCK_R=rows, BLOCK_I=block_in, num_warps=warps)
     return y, slot, split
 
 
@@ -269,12 +278,13 @@ def _slot_group_sum_call(h_SF: torch.Tensor, A_ERF: torch.Tensor, B_GDR: torch.T
     L = A_ERF.shape[1]
     G, D = B_GDR.shape[:2]
     y, slot, split_y = _slot_gemvs(h_SF, A_ERF, slot_TK)
-    blocks = triton.cdiv(D, BLOCK_ROWS)
+    rows, block_in, warps = _launch("group_sum_slots")
+    blocks = triton.cdiv(D, rows)
     split = _split(T * blocks, L, h_SF.device)
     out, finish = _split_out((T, D), split, h_SF.dtype, h_SF.device)
     _group_sum_slots[(T, blocks * split)](y, B_GDR.contiguous(), slot, out, T * K, G, L, D, per_group, K, split_y,
-                                          split, _chunk(L, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
-                                          BLOCK_K=_block_k(slot_TK), num_warps=GEMV_WARPS)
+                                          split, _chunk(L, split, block_in), BLOCK_R=rows, BLOCK_I=block_in,
+                                          BLOCK_K=_block_k(slot_TK), num_warps=warps)
     return finish(out)
 
 
@@ -283,13 +293,14 @@ def _group_sum_call(u_TGI: torch.Tensor, W_GRI: torch.Tensor, slot_TK: torch.Ten
         return group_sum_reference(u_TGI, W_GRI, slot_TK, per_group)
     T, G, n_in = u_TGI.shape
     R = W_GRI.shape[1]
-    blocks = triton.cdiv(R, BLOCK_ROWS)
+    rows, block_in, warps = _launch("group_sum")
+    blocks = triton.cdiv(R, rows)
     split = _split(T * blocks, n_in, u_TGI.device)
     y, finish = _split_out((T, R), split, W_GRI.dtype, u_TGI.device)
     _group_sum[(T, blocks * split)](
         u_TGI.contiguous(), W_GRI.contiguous(), slot_TK.contiguous(), y, G, n_in, R, per_group,
-        slot_TK.shape[1], split, _chunk(n_in, split), BLOCK_R=BLOCK_ROWS, BLOCK_I=BLOCK_IN,
-        BLOCK_K=_block_k(slot_TK), num_warps=GEMV_WARPS)
+        slot_TK.shape[1], split, _chunk(n_in, split, block_in), BLOCK_R=rows, BLOCK_I=block_in,
+        BLOCK_K=_block_k(slot_TK), num_warps=warps)
     return finish(y)
 
 
@@ -330,7 +341,11 @@ GEMV_WARPS = 4  # warps per decode GEMV program (Triton's default)
 # other: off until scripts/gpu/decode_sweep.py has timed it (the probe at 8b7a785: _slot_swiglu, 17 us a
 # Qwen3-30B-A3B layer for 19 MB, is the decode path's largest kernel, a quarter of the copy bandwidth)
 SWIGLU_ONE_LOOP = False
-# (scripts/gpu/decode_sweep.py times whole decode layers over these five constants on the GPU)
+# per decode kernel (group_gemv, slot_swiglu, slot_gemv, group_sum_slots, group_sum): (rows, block_in, warps) in
+# place of the three shared constants above; none until decode_sweep.py --per-kernel has timed them
+LAUNCH_OVERRIDES: dict[str, tuple[int, int, int]] = {}
+DECODE_KERNELS = ("group_gemv", "slot_swiglu", "slot_gemv", "group_sum_slots", "group_sum")
+# (scripts/gpu/decode_sweep.py times whole decode layers over these constants on the GPU)
 BLOCK_REDUCE = 1024  # output columns per program of the per-group slot sum
 
 

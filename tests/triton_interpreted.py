@@ -117,6 +117,21 @@ def test_experts_decode_path(latent, groups, permuted):
         torch.testing.assert_close(out, m.forward_reference(x, idx, w), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [2, 3])  # the down projection fused, then in two kernels (FUSED_SUM_TOKENS)
+def test_each_decode_kernels_own_launch_constants_compute_the_same_layer(T, monkeypatch):
+    """LAUNCH_OVERRIDES (decode_sweep.py --per-kernel): every decode kernel at launch constants of its own, other
+    than the shared ones, still computes the layer (rows, columns and splits all change)."""
+    g = rng()
+    m = Experts(300, 40, 8, {"gate": 24, "up": 24, "down": 20}, 2)
+    x, idx, w = torch.randn(T, 300, generator=g), slots(T, 8, 2, g), torch.rand(T, 2, generator=g)
+    with torch.no_grad():
+        shared = m.forward_decode(x, idx, w)
+        monkeypatch.setattr(K, "LAUNCH_OVERRIDES", {k: (8, 128, 8) for k in K.DECODE_KERNELS})
+        own = m.forward_decode(x, idx, w)
+        torch.testing.assert_close(own, m.forward_reference(x, idx, w), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(own, shared, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("S,F_", [(1, 8), (5, 1100)])
 def test_swiglu_forward_and_backward(S, F_):
     g = rng()
