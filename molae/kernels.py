@@ -411,14 +411,20 @@ if triton is not None:
         tl.store(dw_ptr + row, tl.sum(acc, axis=0))
 
     @triton.jit
+    def _tile(W_ptr, v_ptr, rows, R, n_in, cols, hi):
+        """One step of a row-block dot product, loaded as float32: (W[rows, cols] [BLOCK_R, BLOCK_I] of a row-major
+        [R, n_in] block at W_ptr, v[cols]), zero outside rows < R and cols < hi."""
+        v = tl.load(v_ptr + cols, mask=cols < hi, other=0.0).to(tl.float32)
+        mask = (rows[:, None] < R) & (cols[None, :] < hi)
+        w = tl.load(W_ptr + rows[:, None] * n_in + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        return w, v
+
+    @triton.jit
     def _rows_dot(W_ptr, v_ptr, rows, R, n_in, lo, hi, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
         """[BLOCK_R] float32: W[rows, lo:hi] @ v[lo:hi] for a row-major [R, n_in] block at W_ptr, v at v_ptr."""
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
         for start in range(lo, hi, BLOCK_I):
-            cols = start + tl.arange(0, BLOCK_I)
-            v = tl.load(v_ptr + cols, mask=cols < hi, other=0.0).to(tl.float32)
-            mask = (rows[:, None] < R) & (cols[None, :] < hi)
-            w = tl.load(W_ptr + rows[:, None] * n_in + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            w, v = _tile(W_ptr, v_ptr, rows, R, n_in, start + tl.arange(0, BLOCK_I), hi)
             acc += tl.sum(w * v[None, :], axis=1)
         return acc
 
@@ -431,12 +437,8 @@ if triton is not None:
         acc_b = tl.zeros([BLOCK_R], dtype=tl.float32)
         for start in range(0, tl.maximum(na, nb), BLOCK_I):
             cols = start + tl.arange(0, BLOCK_I)
-            va = tl.load(va_ptr + cols, mask=cols < na, other=0.0).to(tl.float32)
-            vb = tl.load(vb_ptr + cols, mask=cols < nb, other=0.0).to(tl.float32)
-            wa = tl.load(Wa_ptr + rows[:, None] * na + cols[None, :], mask=(rows[:, None] < R) & (cols[None, :] < na),
-                         other=0.0).to(tl.float32)
-            wb = tl.load(Wb_ptr + rows[:, None] * nb + cols[None, :], mask=(rows[:, None] < R) & (cols[None, :] < nb),
-                         other=0.0).to(tl.float32)
+            wa, va = _tile(Wa_ptr, va_ptr, rows, R, na, cols, na)
+            wb, vb = _tile(Wb_ptr, vb_ptr, rows, R, nb, cols, nb)
             acc_a += tl.sum(wa * va[None, :], axis=1)
             acc_b += tl.sum(wb * vb[None, :], axis=1)
         return acc_a, acc_b

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from molae import kernels as K
-from molae.layers import Experts
+from molae.layers import FUSED_SUM_TOKENS, Experts
 
 assert os.environ.get("TRITON_INTERPRET") == "1" and K.INTERPRET, "run me with TRITON_INTERPRET=1"
 
@@ -117,7 +117,7 @@ def test_experts_decode_path(latent, groups, permuted):
         torch.testing.assert_close(out, m.forward_reference(x, idx, w), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("T", [2, 3])  # the down projection fused, then in two kernels (FUSED_SUM_TOKENS)
+@pytest.mark.parametrize("T", [FUSED_SUM_TOKENS, FUSED_SUM_TOKENS + 1])  # down fused, then two kernels
 def test_each_decode_kernels_own_launch_constants_compute_the_same_layer(T, monkeypatch):
     """LAUNCH_OVERRIDES (decode_sweep.py --per-kernel): every decode kernel at launch constants of its own, other
     than the shared ones, still computes the layer (rows, columns and splits all change)."""
